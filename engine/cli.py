@@ -1,0 +1,156 @@
+"""``specjax`` command line: ``generate`` (the main job) and ``replay`` (suffix-drafting traces).
+
+With no ``--model`` and no ``--prompt``, ``generate`` runs the embedded tiny
+text-to-SQL model on demo prompts: no download, a few seconds on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Optional, Sequence
+
+DRAFTERS = ("suffix", "prompt-lookup", "none")
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors); "
+                                   "default: the embedded tiny text-to-SQL model")
+    p.add_argument("--drafter", choices=DRAFTERS, default="suffix")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: demo SQL prompts")
+    p.add_argument("--num-demo-prompts", type=int, default=8, help="demo prompts when no --prompt is given")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--draft-capacity", type=int, default=16, help="tree slots per sequence and step (T)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: float32 on CPU, bfloat16 on accelerators")
+    p.add_argument("--compare-baseline", action="store_true",
+                   help="also run plain decoding (--drafter none), check outputs match, report the speedup")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text and a table")
+
+
+def make_drafter(name: str):
+    if name == "none":
+        return None
+    if name == "prompt-lookup":
+        from specjax.drafters.prompt_lookup import PromptLookupDrafter
+
+        return PromptLookupDrafter(max_ngram=3, max_branches=4)
+    from specjax.drafters.suffix_index import SuffixDecodingDrafter
+
+    return SuffixDecodingDrafter()
+
+
+def _load(args):
+    import jax
+    import jax.numpy as jnp
+
+    from specjax.models.loading import load_model
+
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    model_dir = args.model
+    if model_dir is None:
+        from specjax.models.embedded import default_model_dir
+
+        model_dir = default_model_dir()
+    return load_model(model_dir, dtype=getattr(jnp, dtype))
+
+
+def _prompts(args) -> list[str]:
+    if args.prompt:
+        return args.prompt
+    from specjax.models.toy_corpus import sql_prompts
+
+    return sql_prompts(args.num_demo_prompts, seed=args.seed)
+
+
+def _run(model, drafter_name, prompts, args, show_progress: bool):
+    from tqdm.auto import tqdm
+
+    from specjax.engine.engine import Engine
+
+    engine = Engine(model, make_drafter(drafter_name), draft_capacity=args.draft_capacity,
+                    attention=args.attention, max_batch_size=args.batch_size)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed, stop=args.stop)
+    # Warm-up on the same shapes so the timed run measures decoding, not compilation.
+    engine.generate(prompts, **kwargs)
+    if drafter_name != "none":  # a fresh drafter: the suffix index must not have seen these outputs
+        engine.drafter = make_drafter(drafter_name)
+    bar = tqdm(total=len(prompts) * args.max_new_tokens, desc=f"generate ({drafter_name})", unit="tok",
+               disable=not show_progress, file=sys.stderr)
+    start = time.perf_counter()
+    results = engine.generate(prompts, progress=bar, **kwargs)
+    wall = time.perf_counter() - start
+    bar.close()
+    return results, wall
+
+
+def _summary(results, wall: float) -> dict:
+    tokens = sum(len(r.token_ids) for r in results)
+    passes = sum(r.target_passes for r in results)
+    return {"text": [r.text for r in results], "token_ids": [r.token_ids for r in results],
+            "tokens": tokens, "target_passes": passes, "tokens_per_pass": tokens / max(passes, 1),
+            "wall_s": wall, "tokens_per_s": tokens / max(wall, 1e-9)}
+
+
+def _table(rows: list[tuple[str, dict]]) -> str:
+    header = f"{'run':<16}{'tokens':>8}{'target passes':>15}{'tokens/pass':>13}{'wall s':>9}{'tok/s':>9}"
+    lines = [header, "-" * len(header)]
+    for name, s in rows:
+        lines.append(f"{name:<16}{s['tokens']:>8}{s['target_passes']:>15}{s['tokens_per_pass']:>13.2f}"
+                     f"{s['wall_s']:>9.2f}{s['tokens_per_s']:>9.1f}")
+    return "\n".join(lines)
+
+
+def generate_main(args) -> int:
+    model = _load(args)
+    prompts = _prompts(args)
+    results, wall = _run(model, args.drafter, prompts, args, show_progress=not args.json)
+    summary = dict(_summary(results, wall), drafter=args.drafter)
+    rows = [(args.drafter, summary)]
+    if args.compare_baseline:
+        base_results, base_wall = _run(model, "none", prompts, args, show_progress=not args.json)
+        base = _summary(base_results, base_wall)
+        summary["baseline"] = {k: v for k, v in base.items() if k not in ("text", "token_ids")}
+        summary["speedup"] = base_wall / max(wall, 1e-9)
+        summary["identical_to_baseline"] = base["token_ids"] == summary["token_ids"]
+        rows.append(("none (baseline)", base))
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    for prompt, res in zip(prompts, results):
+        print(f"\n>>> {prompt.strip()[-120:]}\n{res.text}")
+    print("\n" + _table(rows))
+    if args.compare_baseline:
+        same = "identical" if summary["identical_to_baseline"] else "DIFFERENT (please report a bug)"
+        print(f"speedup vs baseline: {summary['speedup']:.2f}x; outputs {same}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "replay":
+        from specjax.drafters.replay import main as replay_main
+
+        return replay_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="specjax", description="Lossless speculative decoding in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate_args(sub.add_parser("generate", help="generate text (speculatively) with a model"))
+    sub.add_parser("replay", help="replay recorded traces through the suffix drafter (see replay --help)")
+    args = parser.parse_args(argv)
+    return generate_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
