@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from specjax.drafters.base import HostDrafter
 from specjax.engine.plain import pad_prompts
@@ -24,6 +25,7 @@ from specjax.engine.sampling import Sampling
 from specjax.engine.steps import accept, prefill, verify
 from specjax.engine.tree import DraftTree, validate_tree
 from specjax.models.loading import Model
+from specjax.models.sharding import DATA, cache_sharding, shard_params
 
 Prompt = Union[str, Sequence[int]]
 
@@ -60,12 +62,17 @@ class Engine:
       draft_capacity: T, the fixed number of tree slots per sequence and step.
       attention: "auto" | "xla" | "pallas" (see ``specjax.tpu_kernels``).
       max_batch_size: prompts are processed in batches of at most this size.
+      mesh: a ("data", "model") ``jax.sharding.Mesh``: the target is tensor-parallel
+        over "model" (see ``specjax.models.sharding``), the batch split over "data".
     """
 
     def __init__(self, target: Model, drafter: Optional[HostDrafter] = None, *, draft_capacity: int = 16,
-                 attention: str = "auto", max_batch_size: int = 16):
+                 attention: str = "auto", max_batch_size: int = 16, mesh: Optional[Mesh] = None):
         if draft_capacity < 0:
             raise ValueError(f"draft_capacity must be >= 0, got {draft_capacity}")
+        if mesh is not None:
+            target = dataclasses.replace(target, params=shard_params(target.params, target.config, mesh))
+        self.mesh = mesh
         self.target = target
         self.drafter = drafter
         self.capacity = draft_capacity if drafter is not None else 0
@@ -114,21 +121,25 @@ class Engine:
     def _generate_batch(self, prompts, max_new_tokens, sampling, seed, stop, progress):
         cfg, params = self.target.config, self.target.params
         t0 = time.perf_counter()
+        n_requests = len(prompts)
+        prompts = self._pad_batch(prompts)
         tokens, lengths = pad_prompts(prompts, cfg.vocab_size)
         b = len(prompts)
         budget = jnp.full(b, max_new_tokens, jnp.int32)
         state, first = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), budget,
                                jax.random.key(seed), sampling=sampling,
-                               max_len=self._max_len(tokens.shape[1], max_new_tokens), attention=self.attention)
+                               max_len=self._max_len(tokens.shape[1], max_new_tokens), attention=self.attention,
+                               cache_sharding=None if self.mesh is None else cache_sharding(cfg, self.mesh, b))
         outputs = [[int(t)] for t in np.asarray(first)]
         finished = np.asarray(state.finished).copy()
+        finished[n_requests:] = True  # rows that only pad the batch to the data axis
         passes = np.ones(b, np.int64)
         accepted = np.zeros(b, np.int64)
         draft_s = np.zeros(b)
         verify_s = np.zeros(b)
         rids = [next(self._request_ids) for _ in range(b)]
         if self.drafter is not None:
-            for rid, prompt, out in zip(rids, prompts, outputs):
+            for rid, prompt, out in zip(rids[:n_requests], prompts, outputs):
                 self.drafter.start_request(rid, prompt)
                 self.drafter.observe(rid, out)
         finished |= self._apply_stop_strings(outputs, stop)
@@ -156,11 +167,19 @@ class Engine:
             self._report(progress, int(num.sum()))
             finished = device_finished | self._apply_stop_strings(outputs, stop)
         if self.drafter is not None:
-            for rid in rids:
+            for rid in rids[:n_requests]:
                 self.drafter.stop_request(rid)
         wall = time.perf_counter() - t0
+        outputs = self._cut_stops(outputs[:n_requests], stop)
         return [GenerationResult(out, self.decode(out), int(passes[i]), int(accepted[i]), float(draft_s[i]),
-                                 float(verify_s[i]), wall) for i, out in enumerate(self._cut_stops(outputs, stop))]
+                                 float(verify_s[i]), wall) for i, out in enumerate(outputs)]
+
+    def _pad_batch(self, prompts: list) -> list:
+        """Repeat the last prompt so the batch divides the mesh's data axis."""
+        if self.mesh is None:
+            return prompts
+        extra = -len(prompts) % self.mesh.shape[DATA]
+        return list(prompts) + [prompts[-1]] * extra
 
     def _draft(self, rids, active) -> DraftTree:
         b, t = len(rids), self.capacity

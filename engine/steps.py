@@ -22,6 +22,7 @@ from specjax.engine.state import DecodeState
 from specjax.engine.tree import DraftTree, ancestor_mask, depths, parents_with_root
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward
+from specjax.models.sharding import shard_cache
 
 
 @jax.tree_util.register_dataclass
@@ -34,16 +35,19 @@ class Accepted:
     num_draft_accepted: jax.Array  # int32[B], draft tokens among them
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_len", "attention"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_len", "attention", "cache_sharding"))
 def prefill(params, cfg: ModelConfig, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
             max_new_tokens: jax.Array, rng: jax.Array, *, sampling: Sampling, max_len: int,
-            attention: str = "xla") -> tuple[DecodeState, jax.Array]:
+            attention: str = "xla", cache_sharding=None) -> tuple[DecodeState, jax.Array]:
     """Run right-padded prompts [B, P] through the target and pick each first new token.
 
     Returns the state and the first tokens (already counted against the budget).
+    ``cache_sharding`` (a NamedSharding) lays the new cache out over a mesh.
     """
     b, p = prompt_tokens.shape
     cache = KVCache.zeros(cfg, b, max_len, params["embed"].dtype)
+    if cache_sharding is not None:
+        cache = shard_cache(cache, cache_sharding)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     out = forward(params, cfg, prompt_tokens, positions, cache, jnp.zeros(b, jnp.int32),
                   causal_mask(b, p, prompt_lengths), attention=attention)

@@ -148,12 +148,20 @@ def load_tokenizer(model_dir: str):
         raise CheckpointError(f"{path}: cannot load tokenizer: {e}") from e
 
 
-def load_model(model_dir: str, dtype=jnp.bfloat16, place=None) -> Model:
-    """Config, weights and tokenizer of a Hugging Face model directory."""
+def load_model(model_dir: str, dtype=jnp.bfloat16, mesh=None) -> Model:
+    """Config, weights and tokenizer of a Hugging Face model directory.
+
+    With a ``mesh`` each tensor goes straight onto its shards (see ``specjax.models.sharding``).
+    """
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"model directory {model_dir!r} does not exist")
     cfg = read_config(model_dir)
     cfg = _with_generation_eos(model_dir, cfg)
+    place = None
+    if mesh is not None:
+        from specjax.models.sharding import placer
+
+        place = placer(cfg, mesh)
     return Model(config=cfg, params=load_params(model_dir, cfg, dtype, place),
                  tokenizer=load_tokenizer(model_dir), path=model_dir)
 

@@ -1,8 +1,12 @@
 import os
 import sys
 
+# Eight virtual CPU devices for the sharding tests; must be set before jax initializes.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 sys.path.insert(0, os.path.dirname(__file__))
 
-import jax
+import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
