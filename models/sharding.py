@@ -39,9 +39,16 @@ def make_mesh(data: int = 1, model: Optional[int] = None, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
 
 
-def _spec(shape: tuple[int, ...], dim: Optional[int], model_size: int) -> P:
+# Attention projections split whole heads: these count heads, not rows.
+_HEADS = {"wq": "num_heads", "bq": "num_heads", "wo": "num_heads",
+          "wk": "num_kv_heads", "bk": "num_kv_heads", "wv": "num_kv_heads", "bv": "num_kv_heads"}
+
+
+def _spec(cfg: ModelConfig, name: str, shape: tuple[int, ...], model_size: int) -> P:
     axes = [None] * len(shape)
-    if dim is not None and shape[dim] % model_size == 0:
+    dim = MODEL_AXIS_DIM[name]
+    units = getattr(cfg, _HEADS[name]) if name in _HEADS else (shape[dim] if dim is not None else 0)
+    if dim is not None and units % model_size == 0:
         axes[dim] = MODEL
     return P(*axes)
 
@@ -50,8 +57,8 @@ def param_specs(cfg: ModelConfig, mesh: Mesh) -> dict:
     """PartitionSpecs with the same tree structure as the params."""
     m = mesh.shape[MODEL]
     shapes = param_shapes(cfg)
-    specs = {k: _spec(v, MODEL_AXIS_DIM[k], m) for k, v in shapes.items() if k != "layers"}
-    specs["layers"] = {k: _spec(v, MODEL_AXIS_DIM[k], m) for k, v in shapes["layers"].items()}
+    specs = {k: _spec(cfg, k, v, m) for k, v in shapes.items() if k != "layers"}
+    specs["layers"] = {k: _spec(cfg, k, v, m) for k, v in shapes["layers"].items()}
     return specs
 
 

@@ -57,7 +57,8 @@ def test_param_shardings_follow_the_rule_table(tmp_path):
     assert layers["w_gate"].sharding.spec == P(None, "model", None)
     assert layers["w_down"].sharding.spec == P(None, None, "model")
     assert layers["bq"].sharding.spec == P(None, "model")
-    assert layers["wk"].sharding.spec == P(None, "model", None)  # 2 kv heads * 16 dims = 32 rows, divisible
+    assert layers["wk"].sharding.spec == P(None, None, None)  # 2 kv heads < 4 devices: replicated
+    assert layers["bv"].sharding.spec == P(None, None)
     assert model.params["embed"].sharding.spec == P("model", None)
     assert layers["attn_norm"].sharding.spec == P(None, None)
     assert param_specs(model.config, make_mesh(1, 8))["embed"] == P("model", None)
