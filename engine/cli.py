@@ -19,6 +19,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors); "
                                    "default: the embedded tiny text-to-SQL model")
     p.add_argument("--drafter", choices=DRAFTERS, default="suffix")
+    p.add_argument("--no-spec", action="store_true", help="plain decoding (same as --drafter none)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: demo SQL prompts")
     p.add_argument("--num-demo-prompts", type=int, default=8, help="demo prompts when no --prompt is given")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -114,6 +115,8 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 
 
 def generate_main(args) -> int:
+    if args.no_spec:
+        args.drafter = "none"
     model = _load(args)
     prompts = _prompts(args)
     results, wall = _run(model, args.drafter, prompts, args, show_progress=not args.json)
