@@ -37,6 +37,7 @@ import collections
 import dataclasses
 import heapq
 import itertools
+import operator
 from array import array
 from typing import Hashable, Iterable, Iterator, Optional, Sequence
 
@@ -45,9 +46,11 @@ import numpy as np
 from specjax.drafters.base import Proposal
 
 _ROOT = 0
-# Pruning compares an upper bound with the best score so far; the slack keeps float
-# rounding in the bound from discarding a draft that would win by an ulp.
-_PRUNE_SLACK = 1e-9
+_NO_EDGE, _BRANCHES = -1, -2  # edge_token values for states without a single inline transition
+# Scores closer than this are ties: float rounding makes mathematically equal
+# scores (sums of count ratios) differ by an ulp, and ties must follow the rule
+# (longer match, then the local index), not the rounding.
+_TIE_TOLERANCE = 1e-9
 
 
 def token_list(tokens: Iterable[int] | np.ndarray, what: str = "token ids") -> list[int]:
@@ -57,10 +60,10 @@ def token_list(tokens: Iterable[int] | np.ndarray, what: str = "token ids") -> l
             raise ValueError(f"{what} must be a 1-D integer array, got {tokens.dtype} with shape {tokens.shape}")
         out = tokens.tolist()
     else:
-        out = list(tokens)
-        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in out):
-            raise ValueError(f"{what} must be integers, got {out[:8]}")
-        out = [int(t) for t in out]
+        try:
+            out = [operator.index(t) for t in tokens]
+        except TypeError as err:
+            raise ValueError(f"{what} must be integers ({err})") from None
     if out and min(out) < 0:
         raise ValueError(f"{what} must be non-negative, got {min(out)}")
     return out
@@ -117,6 +120,11 @@ class SuffixAutomaton:
     latest one (ties between equally frequent continuations go to the most
     recent). Sequences are appended token by token (``extend``) and separated
     with ``end_sequence``; ``remove`` subtracts a previously added sequence.
+
+    Storage is flat arrays. Most states have exactly one outgoing transition,
+    so it lives inline in ``edge_token``/``edge_target``; only states with
+    several get a dict (in ``branches``), which is what keeps memory per
+    token below a pointer-based suffix tree's.
     """
 
     def __init__(self, count_depth: int):
@@ -127,8 +135,11 @@ class SuffixAutomaton:
         self.link = array("i", [-1])
         self.count = array("i", [0])
         self.stamp = array("q", [0])
-        self.next: list[dict[int, int]] = [{}]
+        self.edge_token = array("i", [_NO_EDGE])  # the only transition's token, or _NO_EDGE / _BRANCHES
+        self.edge_target = array("i", [0])
+        self.branches: dict[int, dict[int, int]] = {}  # token -> state, for states with several transitions
         self.clock = 0
+        self._ranked: dict[int, list[tuple[int, int, int, int]]] = {}  # until the next change
         self._last = _ROOT  # state of the whole sequence being written
         self._window = _ROOT  # state of its suffix of min(length, count_depth) tokens
         self._written = 0
@@ -137,6 +148,41 @@ class SuffixAutomaton:
     def num_states(self) -> int:
         return len(self.length)
 
+    def child(self, state: int, token: int) -> int:
+        """The transition from ``state`` on ``token``, or -1."""
+        edge = self.edge_token[state]
+        if edge == token:
+            return self.edge_target[state]
+        if edge == _BRANCHES:
+            return self.branches[state].get(token, -1)
+        return -1
+
+    def children(self, state: int) -> Iterable[tuple[int, int]]:
+        """(token, state) for every transition, dead ones (count 0) included."""
+        edge = self.edge_token[state]
+        if edge >= 0:
+            return ((edge, self.edge_target[state]),)
+        if edge == _BRANCHES:
+            return self.branches[state].items()
+        return ()
+
+    def _add_child(self, state: int, token: int, target: int) -> None:
+        edge = self.edge_token[state]
+        if edge == _NO_EDGE:
+            self.edge_token[state] = token
+            self.edge_target[state] = target
+        elif edge == _BRANCHES:
+            self.branches[state][token] = target
+        else:
+            self.branches[state] = {edge: self.edge_target[state], token: target}
+            self.edge_token[state] = _BRANCHES
+
+    def _redirect(self, state: int, token: int, target: int) -> None:
+        if self.edge_token[state] == token:
+            self.edge_target[state] = target
+        else:
+            self.branches[state][token] = target
+
     def end_sequence(self) -> None:
         """Start a new sequence: later tokens do not continue the previous one."""
         self._last = self._window = _ROOT
@@ -144,47 +190,60 @@ class SuffixAutomaton:
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Append tokens to the current sequence (ids already validated)."""
+        self._ranked.clear()
         for token in tokens:
             self._append(token)
 
-    def _new_state(self, length: int, link: int, count: int, stamp: int, nxt: dict[int, int]) -> int:
+    def _new_state(self, length: int, link: int, count: int, stamp: int) -> int:
         self.length.append(length)
         self.link.append(link)
         self.count.append(count)
         self.stamp.append(stamp)
-        self.next.append(nxt)
+        self.edge_token.append(_NO_EDGE)
+        self.edge_target.append(0)
         return len(self.length) - 1
 
     def _split(self, p: int, q: int, token: int) -> int:
         """Clone q as the state of its suffixes up to length(p) + 1; redirect p's chain to it."""
-        nxt, link = self.next, self.link
-        clone = self._new_state(self.length[p] + 1, link[q], self.count[q], self.stamp[q], dict(nxt[q]))
+        link = self.link
+        clone = self._new_state(self.length[p] + 1, link[q], self.count[q], self.stamp[q])
+        self.edge_token[clone] = self.edge_token[q]
+        self.edge_target[clone] = self.edge_target[q]
+        if self.edge_token[q] == _BRANCHES:
+            self.branches[clone] = dict(self.branches[q])
         link[q] = clone
-        while p != -1 and nxt[p].get(token) == q:
-            nxt[p][token] = clone
+        while p != -1 and self.child(p, token) == q:
+            self._redirect(p, token, clone)
             p = link[p]
         return clone
 
     def _append(self, token: int) -> None:
-        nxt, length, link = self.next, self.length, self.link
+        length, link = self.length, self.link
         last = self._last
-        q = nxt[last].get(token)
-        if q is not None:  # the sequence so far already occurred: reuse or split
+        q = self.child(last, token)
+        if q >= 0:  # the sequence so far already occurred: reuse or split
             cur = q if length[q] == length[last] + 1 else self._split(last, q, token)
         else:
-            cur = self._new_state(length[last] + 1, 0, 0, 0, {})
+            cur = self._new_state(length[last] + 1, 0, 0, 0)
             p = last
-            while p != -1 and token not in nxt[p]:
-                nxt[p][token] = cur
+            while p != -1:
+                q = self.child(p, token)
+                if q >= 0:
+                    link[cur] = q if length[p] + 1 == length[q] else self._split(p, q, token)
+                    break
+                self._add_child(p, token, cur)
                 p = link[p]
-            if p != -1:
-                q = nxt[p][token]
-                link[cur] = q if length[p] + 1 == length[q] else self._split(p, q, token)
         self._last = cur
         self._written += 1
-        self._window = cur if self._written <= self.count_depth else self._slide(self._window, token)
+        window = cur if self._written <= self.count_depth else self._slide(self._window, token)
+        self._window = window
+        # The new end position is an occurrence of every suffix up to count_depth tokens.
         self.clock += 1
-        self._add_occurrence(self._window, 1)
+        count, stamp, clock = self.count, self.stamp, self.clock
+        while window > _ROOT:
+            count[window] += 1
+            stamp[window] = clock
+            window = link[window]
 
     def _slide(self, window: int, token: int) -> int:
         """The state of the new last ``count_depth`` tokens, from the previous window state."""
@@ -192,45 +251,48 @@ class SuffixAutomaton:
         shorter = self.count_depth - 1
         while length[link[window]] >= shorter:  # at most two steps (one split per append)
             window = link[window]
-        return self.next[window][token]
-
-    def _add_occurrence(self, state: int, delta: int) -> None:
-        """Add delta to the count of every suffix of ``state``'s strings (one end position)."""
-        count, stamp, link, clock = self.count, self.stamp, self.link, self.clock
-        while state > _ROOT:
-            count[state] += delta
-            if delta > 0:
-                stamp[state] = clock
-            state = link[state]
+        return self.child(window, token)
 
     def remove(self, tokens: Sequence[int]) -> None:
         """Subtract one previously added sequence from the counts (the states stay)."""
-        nxt, length, link, depth = self.next, self.length, self.link, self.count_depth
+        self._ranked.clear()
+        length, link, count, depth = self.length, self.link, self.count, self.count_depth
         state, matched = _ROOT, 0
         for token in tokens:
-            state = nxt[state][token]
+            state = self.child(state, token)
             matched += 1
             if matched > depth:
                 matched = depth
                 if length[link[state]] >= depth:
                     state = link[state]
-            self._add_occurrence(state, -1)
+            suffix = state
+            while suffix > _ROOT:
+                count[suffix] -= 1
+                suffix = link[suffix]
 
     def count_of(self, pattern: Sequence[int]) -> int:
-        """Occurrences of a pattern (exact up to ``count_depth`` tokens)."""
+        """Occurrences of a non-empty pattern (exact up to ``count_depth`` tokens)."""
+        if not pattern:
+            raise ValueError("count_of needs a non-empty pattern")
         state = _ROOT
         for token in pattern:
-            state = self.next[state].get(token, -1)
+            state = self.child(state, token)
             if state < 0:
                 return 0
-        return self.count[state] if pattern else sum(self.count[s] for s in self.next[_ROOT].values())
+        return self.count[state]
 
     def advance(self, state: int, matched: int, token: int, max_len: int) -> tuple[int, int]:
         """Extend a match of the context by one token: the longest suffix still occurring, capped."""
-        nxt, count, link, length = self.next, self.count, self.link, self.length
+        edge_token, count, link, length = self.edge_token, self.count, self.link, self.length
         while True:
-            child = nxt[state].get(token)
-            if child is not None and count[child] > 0:
+            edge = edge_token[state]  # self.child(state, token), inlined: this runs per context token
+            if edge == token:
+                child = self.edge_target[state]
+            elif edge == _BRANCHES:
+                child = self.branches[state].get(token, -1)
+            else:
+                child = -1
+            if child >= 0 and count[child] > 0:
                 state, matched = child, matched + 1
                 break
             if state == _ROOT:
@@ -257,50 +319,56 @@ class SuffixAutomaton:
             state = link[state]
         return state
 
-    def candidates(self, state: int, matched: int) -> Iterable[tuple[int, int]]:
-        """(state, match length) for each distinct occurrence set among the match's suffixes, longest first."""
-        length, link = self.length, self.link
-        while state > _ROOT:
-            yield state, matched
-            state = link[state]
-            matched = length[state]
+    def tail_state(self, max_len: int) -> tuple[int, int]:
+        """State and length of the current sequence's suffix of at most ``max_len`` tokens (<= count_depth)."""
+        return self.suffix_of_length(self._window, max_len), min(self._written, max_len)
 
     def ranked_children(self, state: int) -> list[tuple[int, int, int, int]]:
         """Live continuations as (count, stamp, token, state), most frequent (then most recent) first."""
-        count, stamp = self.count, self.stamp
-        ranked = [(count[s], stamp[s], t, s) for t, s in self.next[state].items() if count[s] > 0]
-        ranked.sort(reverse=True)
+        ranked = self._ranked.get(state)
+        if ranked is None:
+            count, stamp = self.count, self.stamp
+            ranked = [(count[s], stamp[s], t, s) for t, s in self.children(state) if count[s] > 0]
+            ranked.sort(reverse=True)
+            self._ranked[state] = ranked
         return ranked
 
     def draft_chain(self, state: int, budget: int, min_prob: float, to_beat: float) -> Optional[Draft]:
-        """The most likely path from ``state``, or None when it cannot score above ``to_beat``."""
-        nxt, count, stamp = self.next, self.count, self.stamp
+        """The most likely path from ``state``, or None unless it scores above ``to_beat`` (beyond a tie).
+
+        The probability (and with it the pruning bound) only changes where the
+        count drops, so a continuation that keeps the whole count costs a lookup.
+        """
+        edge_token, edge_target, count = self.edge_token, self.edge_target, self.count
         tokens: list[int] = []
         probs: list[float] = []
         prob, score = 1.0, 0.0
-        while len(tokens) < budget:
-            children = nxt[state]
-            if len(children) == 1:
-                (token, child), = children.items()
-                best = count[child]
+        total = count[state]
+        for drafted in range(budget):
+            token = edge_token[state]
+            if token >= 0:
+                child = edge_target[state]
+                c = count[child]
+                if c == 0:
+                    break
+            elif token == _BRANCHES:
+                ranked = self.ranked_children(state)
+                if not ranked:
+                    break
+                c, _, token, child = ranked[0]
             else:
-                best, best_stamp, token, child = 0, -1, -1, -1
-                for t, s in children.items():
-                    c = count[s]
-                    if c > best or (c == best and c > 0 and stamp[s] > best_stamp):
-                        best, best_stamp, token, child = c, stamp[s], t, s
-            if best == 0:
                 break
-            prob = prob * best / count[state]
-            if prob < min_prob:
-                break
-            if score + prob * (budget - len(tokens)) + _PRUNE_SLACK <= to_beat:
-                return None
+            if c != total:
+                prob = prob * c / total
+                if prob < min_prob:
+                    break
+                if score + prob * (budget - drafted) <= to_beat:
+                    return None
             tokens.append(token)
             probs.append(prob)
             score += prob
-            state = child
-        if score <= to_beat:
+            state, total = child, c
+        if score <= to_beat + _TIE_TOLERANCE:
             return None
         return Draft(tokens, list(range(-1, len(tokens) - 1)), probs, score, 0)
 
@@ -311,51 +379,62 @@ class SuffixAutomaton:
         (the best sibling is pushed last), so a continuation that keeps the
         whole probability is drafted at once, without a heap round trip.
         """
-        nxt, count = self.next, self.count
+        edge_token, edge_target, count = self.edge_token, self.edge_target, self.count
         tokens: list[int] = []
         parents: list[int] = []
         probs: list[float] = []
-        score = 0.0
+        score, prob, parent = 0.0, 1.0, -1
         heap: list[tuple[float, int, int, int, int]] = []  # (-prob, -push number, token, state, parent)
         pushes = itertools.count()
-        self._push_children(heap, pushes, state, 1.0, -1, min_prob)
-        while heap and len(tokens) < budget:
-            neg_prob, _, token, state, parent = heap[0]
-            prob = -neg_prob
-            if score + prob * (budget - len(tokens)) + _PRUNE_SLACK <= to_beat:
-                return None
-            heapq.heappop(heap)
-            while True:
+        while True:
+            # ``state`` is expanded: follow its continuation while it keeps the whole count.
+            while len(tokens) < budget:
+                token = edge_token[state]
+                if token < 0:
+                    break
+                child = edge_target[state]
+                if count[child] != count[state]:
+                    break
                 parents.append(parent)
                 tokens.append(token)
                 probs.append(prob)
                 score += prob
-                parent = len(tokens) - 1
-                children = nxt[state]
-                if len(tokens) == budget or len(children) != 1:
-                    break
-                (token, child), = children.items()
-                if count[child] != count[state]:
-                    break
-                state = child
-            if len(tokens) < budget:
-                self._push_children(heap, pushes, state, prob, parent, min_prob)
-        if score <= to_beat:
+                parent, state = len(tokens) - 1, child
+            if len(tokens) == budget:
+                break
+            self._push_children(heap, pushes, state, prob, parent, min_prob)
+            if not heap:
+                break
+            neg_prob, _, token, state, parent = heap[0]
+            prob = -neg_prob
+            if score + prob * (budget - len(tokens)) <= to_beat:
+                return None
+            heapq.heappop(heap)
+            parents.append(parent)
+            tokens.append(token)
+            probs.append(prob)
+            score += prob
+            parent = len(tokens) - 1
+        if score <= to_beat + _TIE_TOLERANCE:
             return None
         return Draft(tokens, parents, probs, score, 0)
 
     def _push_children(self, heap: list, pushes: Iterator[int], state: int, prob: float, parent: int,
                        min_prob: float) -> None:
         total = self.count[state]
+        token = self.edge_token[state]
+        if token >= 0:
+            child = self.edge_target[state]
+            ranked = [(self.count[child], 0, token, child)] if self.count[child] else []
+        elif token == _BRANCHES:
+            ranked = self.ranked_children(state)
+        else:
+            return
         # Least likely first: among equal probabilities the last pushed pops first.
-        for c, _, token, child in reversed(self.ranked_children(state)):
-            child_prob = prob * c / total
+        for c, _, token, child in reversed(ranked):
+            child_prob = prob if c == total else prob * c / total
             if child_prob >= min_prob:
                 heapq.heappush(heap, (-child_prob, -next(pushes), token, child, parent))
-
-    def tail_state(self, max_len: int) -> tuple[int, int]:
-        """State and length of the current sequence's suffix of at most ``max_len`` tokens (<= count_depth)."""
-        return self.suffix_of_length(self._window, max_len), min(self._written, max_len)
 
 
 @dataclasses.dataclass
@@ -504,17 +583,25 @@ class SuffixIndex:
         return self._best_draft(self._global, state, matched, limit, best)
 
     def _best_draft(self, automaton: SuffixAutomaton, state: int, matched: int, limit: int, best: Draft) -> Draft:
-        """Keep ``best`` unless a candidate of this index scores strictly higher (longest match first)."""
+        """Keep ``best`` unless a candidate of this index scores strictly higher (longest match first).
+
+        The candidates are the states on the match's suffix-link path: each is one
+        distinct occurrence set, tried at its longest length (the largest budget).
+        """
         spec = self.spec
         draft = automaton.draft_tree if spec.tree else automaton.draft_chain
-        for candidate, match_len in automaton.candidates(state, matched):
-            budget = spec.budget(match_len, limit)
-            if budget <= best.score:  # budgets only shrink along the candidates
+        length, link, edge_token = automaton.length, automaton.link, automaton.edge_token
+        while state > _ROOT:
+            budget = spec.budget(matched, limit)
+            if budget <= best.score + _TIE_TOLERANCE:  # budgets only shrink along the path
                 break
-            found = draft(candidate, budget, spec.min_token_prob, best.score)
-            if found is not None:
-                found.match_len = match_len
-                best = found
+            if edge_token[state] != _NO_EDGE:  # else nothing ever followed this match
+                found = draft(state, budget, spec.min_token_prob, best.score)
+                if found is not None:
+                    found.match_len = matched
+                    best = found
+            state = link[state]
+            matched = length[state]
         return best
 
 

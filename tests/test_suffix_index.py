@@ -40,7 +40,8 @@ def brute_chain(texts, pattern, budget, min_prob):
         count, _, token = max(scored)
         if count == 0:
             break
-        prob = prob * count / occurrences(texts, here)
+        total = occurrences(texts, here)
+        prob = prob if count == total else prob * count / total
         if prob < min_prob:
             break
         tokens.append(token)
@@ -58,8 +59,8 @@ def brute_tree_score(texts, pattern, budget, min_prob):
         if len(path) == budget:
             return
         for t in alphabet:
-            c = occurrences(texts, pattern + path + [t])
-            p = prob * c / occurrences(texts, pattern + path)
+            c, total = occurrences(texts, pattern + path + [t]), occurrences(texts, pattern + path)
+            p = prob if c == total else prob * c / total
             if c and p >= min_prob:
                 found.append(p)
                 visit(path + [t], p)
