@@ -10,7 +10,16 @@ over the count of the pattern, multiplied down the path, dropping nodes below
 ``min_token_prob``. The candidate with the highest score (sum of the drafted
 probabilities) wins; ties go to the longer match, then to the local index.
 This is the speculation rule of SuffixDecoding (Oliaro et al., 2024) as
-ArcticInference implements it.
+ArcticInference implements it, with these deliberate differences:
+
+- a request's output joins the global index when it finishes; in flight it is
+  served by its local index (ArcticInference adds it to both as it grows, so
+  its own occurrences also dilute the global probabilities);
+- a match may use all ``max_depth`` tokens (there: ``max_depth - 1``), and a
+  draft is limited by its budget only (there: by the tree depth too, so a
+  match of m tokens drafts at most ``max_depth - m``);
+- among equally frequent continuations the most recent wins, and among equally
+  likely tree nodes the most recently reached is expanded first.
 
 Why a suffix automaton rather than a suffix tree: it has at most 2n states for
 n tokens and appends in amortized O(1) instead of touching one node per depth
@@ -51,6 +60,7 @@ _NO_EDGE, _BRANCHES = -1, -2  # edge_token values for states without a single in
 # scores (sums of count ratios) differ by an ulp, and ties must follow the rule
 # (longer match, then the local index), not the rounding.
 _TIE_TOLERANCE = 1e-9
+_MAX_TOKEN_ID = 2**31 - 1  # ids are stored as int32
 
 
 def token_list(tokens: Iterable[int] | np.ndarray, what: str = "token ids") -> list[int]:
@@ -66,6 +76,8 @@ def token_list(tokens: Iterable[int] | np.ndarray, what: str = "token ids") -> l
             raise ValueError(f"{what} must be integers ({err})") from None
     if out and min(out) < 0:
         raise ValueError(f"{what} must be non-negative, got {min(out)}")
+    if out and max(out) > _MAX_TOKEN_ID:
+        raise ValueError(f"{what} must be below 2**31, got {max(out)}")
     return out
 
 
@@ -166,16 +178,33 @@ class SuffixAutomaton:
             return self.branches[state].items()
         return ()
 
-    def _add_child(self, state: int, token: int, target: int) -> None:
-        edge = self.edge_token[state]
-        if edge == _NO_EDGE:
-            self.edge_token[state] = token
-            self.edge_target[state] = target
-        elif edge == _BRANCHES:
-            self.branches[state][token] = target
+    def _link_new_state(self, p: int, token: int, cur: int) -> None:
+        """Give every state on p's suffix path without a ``token`` transition one to ``cur``; set cur's link.
+
+        The lookup and the insert share one branch per state: this is the hot loop of appending.
+        """
+        edge_token, edge_target, branches, length, link = (self.edge_token, self.edge_target, self.branches,
+                                                           self.length, self.link)
+        while p != -1:
+            edge = edge_token[p]
+            if edge == _NO_EDGE:
+                edge_token[p] = token
+                edge_target[p] = cur
+            elif edge == _BRANCHES:
+                q = branches[p].get(token, -1)
+                if q >= 0:
+                    break
+                branches[p][token] = cur
+            elif edge == token:
+                q = edge_target[p]
+                break
+            else:
+                branches[p] = {edge: edge_target[p], token: cur}
+                edge_token[p] = _BRANCHES
+            p = link[p]
         else:
-            self.branches[state] = {edge: self.edge_target[state], token: target}
-            self.edge_token[state] = _BRANCHES
+            return  # cur's link stays the root
+        link[cur] = q if length[p] + 1 == length[q] else self._split(p, q, token)
 
     def _redirect(self, state: int, token: int, target: int) -> None:
         if self.edge_token[state] == token:
@@ -225,14 +254,7 @@ class SuffixAutomaton:
             cur = q if length[q] == length[last] + 1 else self._split(last, q, token)
         else:
             cur = self._new_state(length[last] + 1, 0, 0, 0)
-            p = last
-            while p != -1:
-                q = self.child(p, token)
-                if q >= 0:
-                    link[cur] = q if length[p] + 1 == length[q] else self._split(p, q, token)
-                    break
-                self._add_child(p, token, cur)
-                p = link[p]
+            self._link_new_state(last, token, cur)
         self._last = cur
         self._written += 1
         window = cur if self._written <= self.count_depth else self._slide(self._window, token)
@@ -503,7 +525,9 @@ class SuffixIndex:
         local = SuffixAutomaton(self._count_depth)
         local.extend(prompt)
         tail = collections.deque(prompt[-self.max_depth:], maxlen=self.max_depth)
-        self._active[request_id] = _ActiveRequest(local, tail, [])
+        request = _ActiveRequest(local, tail, [])
+        self._active[request_id] = request
+        self._global_match(request)  # at admission, like the prompt's own index
 
     def extend(self, request_id: Hashable, token_ids: Sequence[int]) -> None:
         """Append tokens the target produced to the request's context."""
@@ -565,6 +589,7 @@ class SuffixIndex:
         return request
 
     def _global_match(self, request: _ActiveRequest) -> tuple[int, int]:
+        """The request's match in the global index, redone from its context tail after the index changed."""
         if request.global_version != self._version:
             state, matched = self._global.match(list(request.tail), self.max_depth)
             request.global_state, request.global_matched = state, matched

@@ -217,7 +217,7 @@ def test_degenerate_repetition_stays_cheap_and_exact():
 # ---------------------------------------------------------------- input errors
 
 
-@pytest.mark.parametrize("bad", [[1, -2], [1.5], ["a"], np.array([[1, 2]]), np.array([0.5])])
+@pytest.mark.parametrize("bad", [[1, -2], [1.5], ["a"], [2**31], np.array([[1, 2]]), np.array([0.5])])
 def test_bad_token_ids_are_rejected(bad):
     with pytest.raises(ValueError, match="token ids|prompt_ids"):
         make_index().start_request("r", bad)
