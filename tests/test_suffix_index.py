@@ -344,3 +344,29 @@ def test_eviction_equals_a_rebuild_from_the_remaining_responses(responses, max_c
         rebuilt.start_request(i, probe)
         assert evicting.speculate(i) == rebuilt.speculate(i)
 
+
+
+@settings(max_examples=40, deadline=None)
+@given(prompts=st.lists(small_texts, min_size=2, max_size=3), events=st.lists(st.tuples(st.integers(0, 2),
+       st.integers(0, 3)), max_size=40), max_cached=st.sampled_from([None, 1, 2]), tree=st.booleans())
+def test_interleaved_requests_match_brute_force(prompts, events, max_cached, tree):
+    """Requests finish (and get evicted) while others are mid-flight: their global matches must follow."""
+    index = make_index(max_depth=4, max_spec_tokens=4, tree=tree, max_cached=max_cached)
+    contexts = {i: list(p) for i, p in enumerate(prompts)}
+    responses = {i: [] for i in contexts}
+    for i, prompt in enumerate(prompts):
+        index.start_request(i, prompt)
+    for who, token in events:
+        if who not in contexts:
+            continue
+        if token == 3 and responses[who]:  # finish this request, start a fresh one in its place
+            index.stop_request(who)
+            index.start_request(who, contexts[who][:2])
+            contexts[who], responses[who] = contexts[who][:2], []
+            continue
+        cached = index.cached_responses
+        assert index.speculate(who).score == pytest.approx(brute_best(contexts[who], cached, index.spec, 4, 4)[0],
+                                                           abs=1e-9)
+        index.extend(who, [token])
+        contexts[who].append(token)
+        responses[who].append(token)
