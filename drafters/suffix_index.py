@@ -475,8 +475,8 @@ class SuffixIndex:
     """The global index of finished responses plus one local index per active request.
 
     Args:
-      max_depth: longest context suffix matched (the pattern length).
       spec: the draft budget and pruning rule.
+      max_depth: longest context suffix matched (the pattern length).
       max_cached_requests: responses kept in the global index; the oldest is
         evicted first (FIFO). None keeps all; 0 disables the global index.
     """
