@@ -61,11 +61,18 @@ def test_tree_forward_equals_causal_path(pair):
     tree_out = decoder.forward(model.params, cfg, jnp.asarray(node_tokens[None]),
                                jnp.asarray(prefix_len + depth)[None], pre.cache,
                                jnp.full(1, prefix_len, jnp.int32), jnp.asarray(anc[None]))
-    for i in range(n):
-        path = [j for j in range(n) if anc[i, j]]  # ancestors precede descendants
-        seq = np.concatenate([prefix, node_tokens[path]])
-        causal = _prefill_logits(model, seq[None])[0, -1]
-        np.testing.assert_allclose(np.asarray(tree_out.logits[0, i]), causal, atol=1e-4, rtol=1e-4)
+    # Every root-to-node path as its own causal sequence, right-padded into one batch.
+    paths = [np.concatenate([prefix, node_tokens[anc[i]]]) for i in range(n)]  # ancestors come first
+    width = max(len(p) for p in paths)
+    batch = np.zeros((n, width), np.int64)
+    for i, p in enumerate(paths):
+        batch[i, : len(p)] = p
+    lengths = jnp.asarray([len(p) for p in paths])
+    causal = decoder.forward(model.params, cfg, jnp.asarray(batch), jnp.broadcast_to(jnp.arange(width), (n, width)),
+                             decoder.KVCache.zeros(cfg, n, width), jnp.zeros(n, jnp.int32),
+                             decoder.causal_mask(n, width, lengths)).logits
+    last = np.asarray(causal)[np.arange(n), np.asarray(lengths) - 1]
+    np.testing.assert_allclose(np.asarray(tree_out.logits[0]), last, atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_continuation_matches_generate(pair):
