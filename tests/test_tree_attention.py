@@ -128,7 +128,7 @@ KERNEL_CASES = [
     Case("ragged_lengths_gqa4", 3, 6, 8, 2, 32, 150, [0, 77, 150]),
     Case("single_token", 2, 1, 8, 1, 32, 100, [64, 99]),  # T=1, GQA group 8
     Case("chain_group1", 1, 8, 2, 2, 64, 96, [65], shape="chain"),  # S a multiple of the block
-    Case("star_two_mask_words", 2, 40, 4, 1, 16, 70, [33, 1], shape="star"),  # T > 32
+    Case("star_three_mask_words", 2, 65, 2, 1, 16, 70, [33, 1], shape="star"),  # T > 64: W=3, padded to 4
 ]
 KERNEL_BLOCKS = {"tpu": {"block_k": 32}, "gpu": {"block_k": 32, "block_r": 16, "num_splits": 3}}
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}

@@ -16,7 +16,9 @@ part, never widening it over the cache length.
 
 `tree_attention` is the one entry point: impl="xla" runs the jnp reference,
 impl="pallas" the Pallas kernel of a backend (tree_attention_tpu: Mosaic,
-tree_attention_gpu: Triton), impl="auto" picks by platform.
+tree_attention_gpu: Triton), impl="auto" picks by platform.  The cache is
+contiguous per sequence for now; each kernel module notes where a page table
+would go for a paged layout.
 """
 
 from __future__ import annotations
