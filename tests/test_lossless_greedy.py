@@ -78,3 +78,10 @@ def test_verify_and_accept_compile_once_per_shape():
     engine.generate([p[::-1] for p in PROMPTS], max_new_tokens=8)
     engine.generate(PROMPTS, max_new_tokens=12)
     assert (steps.verify._cache_size(), steps.accept._cache_size()) == before
+
+
+def test_pallas_tree_attention_in_the_loop_is_lossless():
+    """The Pallas kernel (interpret mode on CPU) behind verify and prefill gives the same tokens."""
+    engine = Engine(MODELS["llama"], PromptLookupDrafter(max_branches=2), draft_capacity=4, attention="pallas")
+    got = [r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=12)]
+    assert got == [ref[:12] for ref in (reference("llama")[tuple(p)] for p in PROMPTS)]

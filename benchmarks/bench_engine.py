@@ -1,0 +1,86 @@
+"""End-to-end speculative decoding on one model: drafters side by side in one run.
+
+For each drafter (none = plain decoding, prompt lookup, suffix chain, suffix
+tree) it generates the same requests, checks the greedy outputs are identical
+to plain decoding, and reports tokens per target pass and wall-clock time
+relative to plain decoding (compilation excluded by a warm-up on the same
+shapes). Prints a table and writes JSON.
+
+    python benchmarks/bench_engine.py                       # embedded tiny SQL model, CPU ok
+    python benchmarks/bench_engine.py --model DIR --requests 64 --max-new-tokens 128
+
+On CPU a tiny model is dominated by per-step overhead, so the wall ratio there
+says little; tokens per pass carries over to real models. Absolute times are
+only meaningful on a GPU or TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from specjax.drafters.prompt_lookup import PromptLookupDrafter
+from specjax.drafters.suffix_index import SuffixDecodingDrafter
+from specjax.engine.engine import Engine
+from specjax.models.embedded import default_model_dir
+from specjax.models.loading import load_model
+from specjax.models.toy_corpus import sql_prompts
+
+DRAFTERS = {
+    "none": lambda: None,
+    "prompt-lookup": lambda: PromptLookupDrafter(max_ngram=3, max_branches=4),
+    "suffix-chain": lambda: SuffixDecodingDrafter(),
+    "suffix-tree": lambda: SuffixDecodingDrafter(tree=True),
+}
+
+
+def run(model, prompts, name: str, args) -> dict:
+    engine = Engine(model, DRAFTERS[name](), draft_capacity=args.draft_capacity, max_batch_size=args.batch_size)
+    engine.generate(prompts[: args.batch_size], max_new_tokens=args.max_new_tokens)  # compile
+    engine.drafter = DRAFTERS[name]()  # a fresh index: no memory of the warm-up outputs
+    start = time.perf_counter()
+    results = engine.generate(prompts, max_new_tokens=args.max_new_tokens)
+    wall = time.perf_counter() - start
+    tokens = sum(len(r.token_ids) for r in results)
+    passes = sum(r.target_passes for r in results)
+    return {"drafter": name, "tokens": tokens, "target_passes": passes, "tokens_per_pass": tokens / passes,
+            "wall_s": wall, "draft_s": sum(r.draft_s for r in results) / max(len(results), 1),
+            "token_ids": [r.token_ids for r in results]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="HF model directory (default: the embedded tiny SQL model)")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--draft-capacity", type=int, default=16)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "engine.json"))
+    args = p.parse_args()
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    model = load_model(args.model or default_model_dir(), dtype=dtype)
+    prompts = sql_prompts(args.requests, seed=1)
+    rows = [run(model, prompts, name, args) for name in DRAFTERS]
+    base = rows[0]
+    print(f"backend: {jax.default_backend()}  model: {args.model or 'embedded tiny-sql'}  "
+          f"requests: {args.requests}  max_new_tokens: {args.max_new_tokens}  T: {args.draft_capacity}")
+    print(f"{'drafter':<15}{'tokens':>8}{'passes':>8}{'tok/pass':>10}{'wall s':>9}{'speedup':>9}{'identical':>11}")
+    for r in rows:
+        r["speedup"] = base["wall_s"] / r["wall_s"]
+        r["identical_to_plain"] = r["token_ids"] == base["token_ids"]
+        print(f"{r['drafter']:<15}{r['tokens']:>8}{r['target_passes']:>8}{r['tokens_per_pass']:>10.2f}"
+              f"{r['wall_s']:>9.2f}{r['speedup']:>9.2f}{str(r['identical_to_plain']):>11}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"backend": jax.default_backend(), "args": vars(args),
+                   "rows": [{k: v for k, v in r.items() if k != "token_ids"} for r in rows]}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
