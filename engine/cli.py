@@ -21,7 +21,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", choices=DRAFTERS, default="suffix")
     p.add_argument("--no-spec", action="store_true", help="plain decoding (same as --drafter none)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: demo SQL prompts")
-    p.add_argument("--num-demo-prompts", type=int, default=8, help="demo prompts when no --prompt is given")
+    p.add_argument("--num-demo-prompts", type=int, default=32, help="demo prompts when no --prompt is given")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -186,7 +186,7 @@ class Engine:
         tokens = np.zeros((b, t), np.int32)
         parents = np.full((b, t), -1, np.int32)
         valid = np.zeros((b, t), bool)
-        for i in np.flatnonzero(active):
+        for i in np.flatnonzero(active) if self.drafter is not None else ():
             prop = self.drafter.propose(rids[i], t)
             n = len(prop)
             tokens[i, :n], parents[i, :n], valid[i, :n] = prop.tokens, prop.parents, True

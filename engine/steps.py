@@ -45,7 +45,8 @@ def prefill(params, cfg: ModelConfig, prompt_tokens: jax.Array, prompt_lengths: 
     ``cache_sharding`` (a NamedSharding) lays the new cache out over a mesh.
     """
     b, p = prompt_tokens.shape
-    cache = KVCache.zeros(cfg, b, max_len, params["embed"].dtype)
+    # A buffer, not a constant: stops XLA from constant-folding attention over the zeros.
+    cache = lax.optimization_barrier(KVCache.zeros(cfg, b, max_len, params["embed"].dtype))
     if cache_sharding is not None:
         cache = shard_cache(cache, cache_sharding)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
@@ -64,7 +65,7 @@ def tree_inputs(state: DecodeState, tree: DraftTree):
     """Root-prepended tokens, parents, ancestor mask and depths of a batch of trees."""
     tokens = jnp.concatenate([state.last_tokens[:, None], tree.tokens.astype(jnp.int32)], axis=1)
     parents = parents_with_root(tree.parents, tree.valid)
-    valid = jnp.concatenate([jnp.ones_like(tree.valid[:, :1]), tree.valid], axis=1)
+    valid = jnp.concatenate([jnp.ones((tree.valid.shape[0], 1), bool), tree.valid.astype(bool)], axis=1)
     anc = ancestor_mask(parents)
     return tokens, parents, valid, anc, depths(anc)
 

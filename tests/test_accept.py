@@ -84,3 +84,9 @@ def test_invalid_slots_are_never_accepted():
     _, out = accept(_state(), tree, _logits([1, 2, 3]), sampling=GREEDY)
     assert out.tokens[0, : out.num[0]].tolist() == [1, 2]  # node1 invalid: 2 comes as the bonus
     assert out.num_draft_accepted.tolist() == [1]
+
+
+def test_capacity_zero_tree_is_one_plain_step():
+    tree = DraftTree(jnp.zeros((1, 0), jnp.int32), jnp.zeros((1, 0), jnp.int32), jnp.zeros((1, 0), bool))
+    state, out = accept(_state(), tree, _logits([4]), sampling=GREEDY)
+    assert out.num.tolist() == [1] and out.tokens[0, 0] == 4 and state.lengths.tolist() == [4]
