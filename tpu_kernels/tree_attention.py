@@ -2,8 +2,11 @@
 
 Layout (shared by the reference and every kernel):
   q:        [B, T, Hq, D]   queries of the T tree tokens (Hq a multiple of Hkv)
-  k_cache:  [B, Hkv, S, D]  cached keys; only slots [0, lengths[b]) are read
-  v_cache:  [B, Hkv, S, D]
+  k_cache:  [B, Hkv, S, D]  cached keys; only slots [0, lengths[b]) are read;
+            or the whole stacked cache [L, B, Hkv, S, D] with `layer` (a traced
+            int32 scalar) naming the layer to read: the model's layer scan passes
+            the stack so that no layer is ever sliced out (copied) per step
+  v_cache:  like k_cache
   lengths:  int32[B]        valid prefix length per sequence
   tree_k:   [B, T, Hkv, D]  keys of the tree tokens themselves
   tree_v:   [B, T, Hkv, D]
@@ -27,6 +30,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
 from .tree_attention_gpu import tree_attention_gpu
@@ -41,10 +45,22 @@ KERNEL_OPTIONS = {
 # The kernels hold a whole tree in one block: built for draft trees, not for
 # prefill-sized T (compute-bound and quadratic in T), which goes to XLA.
 MAX_KERNEL_TREE = 128
+# The reference reads the prefix in blocks of this many keys (online softmax):
+# memory O(T x block) instead of O(T x S), and blocks past the longest sequence
+# are never read.
+REF_BLOCK_K = 512
 
 
-def check_shapes(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask) -> None:
+def check_shapes(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, layer=None) -> None:
     """Raise ValueError naming the first operand whose shape or dtype breaks the layout."""
+    if layer is not None:
+        if k_cache.ndim != 5:
+            raise ValueError(f"with `layer`, k_cache must be the stacked [L, B, Hkv, S, D], got shape {k_cache.shape}")
+        if jnp.shape(layer) != () or not jnp.issubdtype(jnp.asarray(layer).dtype, jnp.integer):
+            raise ValueError(f"layer must be an integer scalar, got {layer!r}")
+        if v_cache.shape != k_cache.shape:
+            raise ValueError(f"v_cache shape {v_cache.shape} differs from k_cache shape {k_cache.shape}")
+        k_cache = v_cache = jax.ShapeDtypeStruct(k_cache.shape[1:], k_cache.dtype)
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, Hq, D], got shape {q.shape}")
     b, t, hq, d = q.shape
@@ -75,28 +91,62 @@ def tree_attention_ref(
     tree_v: jax.Array,
     tree_mask: jax.Array,
     *,
+    layer: Optional[jax.Array] = None,
     sm_scale: Optional[float] = None,
+    block_k: int = REF_BLOCK_K,
 ) -> jax.Array:
-    """Plain-jnp reference: one softmax over [prefix ++ tree] keys, in fp32."""
-    check_shapes(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask)
+    """Plain-jnp reference in fp32: the prefix streamed in blocks, then the tree keys.
+
+    One online softmax over [prefix ++ tree] keys (flash-attention style), so
+    prefill chunks and long caches need memory O(T x block_k), and only the
+    blocks below the longest sequence are read (with `layer`, straight out of
+    the stacked cache).
+    """
+    check_shapes(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, layer)
+    if layer is None:
+        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
     b, t, hq, d = q.shape
-    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    hkv, s = k_cache.shape[2], k_cache.shape[3]
     group = hq // hkv
     scale = d ** -0.5 if sm_scale is None else sm_scale
     qg = q.reshape(b, t, hkv, group, d).astype(jnp.float32) * scale
-    s_prefix = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache.astype(jnp.float32))
-    prefix_ok = jnp.arange(s)[None, :] < lengths[:, None]  # [B, S]
-    s_prefix = jnp.where(prefix_ok[:, None, None, None, :], s_prefix, -jnp.inf)
+    block = min(block_k, s)
+    carry = (jnp.full((b, hkv, group, t), _MASK_VALUE, jnp.float32), jnp.zeros((b, hkv, group, t), jnp.float32),
+             jnp.zeros((b, hkv, group, t, d), jnp.float32))
+
+    def prefix_block(j, carry):
+        # The last block is shifted back to fit in S; keys it shares with the
+        # previous block are masked so each key is counted once.
+        start = jnp.minimum(j * block, s - block)
+        k_blk = lax.dynamic_slice(k_cache, (layer, 0, 0, start, 0), (1, b, hkv, block, d))[0]
+        v_blk = lax.dynamic_slice(v_cache, (layer, 0, 0, start, 0), (1, b, hkv, block, d))[0]
+        pos = start + jnp.arange(block)
+        ok = (pos[None, :] < lengths[:, None]) & (pos[None, :] >= j * block)  # [B, block]
+        scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_blk.astype(jnp.float32))
+        return _online_softmax(carry, scores, ok[:, None, None, None, :], v_blk, "bkgts,bksd->bkgtd")
+
+    num_blocks = (jnp.max(lengths) + block - 1) // block
+    carry = lax.fori_loop(0, num_blocks, prefix_block, carry)
     s_tree = jnp.einsum("btkgd,bukd->bkgtu", qg, tree_k.astype(jnp.float32))
-    s_tree = jnp.where(tree_mask[:, None, None, :, :], s_tree, -jnp.inf)
-    scores = jnp.concatenate([s_prefix, s_tree], axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1)
+    m, l, acc = _online_softmax(carry, s_tree, tree_mask[:, None, None, :, :], tree_v.transpose(0, 2, 1, 3),
+                                "bkgtu,bkud->bkgtd")
     # A query with nothing to attend to (fully masked padding) yields zeros, not NaN.
-    probs = jnp.where(jnp.isnan(probs), 0.0, probs)
-    p_prefix, p_tree = probs[..., :s], probs[..., s:]
-    out = jnp.einsum("bkgts,bksd->btkgd", p_prefix, v_cache.astype(jnp.float32))
-    out = out + jnp.einsum("bkgtu,bukd->btkgd", p_tree, tree_v.astype(jnp.float32))
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
+
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _online_softmax(carry, scores, valid, values, pv_subscripts: str):
+    """Fold one block of keys into the running (max, denominator, numerator) per query."""
+    m_prev, l_prev, acc_prev = carry
+    scores = jnp.where(valid, scores, _MASK_VALUE)
+    m_next = jnp.maximum(m_prev, scores.max(axis=-1))
+    alpha = jnp.exp(m_prev - m_next)
+    p = jnp.where(valid, jnp.exp(scores - m_next[..., None]), 0.0)
+    pv = jnp.einsum(pv_subscripts, p, values.astype(jnp.float32))
+    return m_next, alpha * l_prev + p.sum(axis=-1), alpha[..., None] * acc_prev + pv
 
 
 def _kernel_backend(impl: str, backend: Optional[str], platform: str, num_tree: int) -> Optional[str]:
@@ -123,6 +173,7 @@ def tree_attention(
     *,
     impl: str = "auto",
     backend: Optional[str] = None,
+    layer: Optional[jax.Array] = None,
     sm_scale: Optional[float] = None,
     interpret: bool = False,
     **block_sizes: int,
@@ -137,16 +188,20 @@ def tree_attention(
                 interpret mode.
       "auto":   TPU -> Mosaic kernel, GPU -> Triton kernel, anything else -> reference.
     Trees larger than MAX_KERNEL_TREE tokens (prefill) always take the reference.
+    layer: with a stacked cache [L, B, Hkv, S, D], the layer to read (traced int32).
     interpret: run the kernel in Pallas interpret mode even on its own platform.
     block_sizes: static kernel tuning, by backend: tpu {block_k}; gpu {block_k,
       block_r, num_splits, num_warps, num_stages}.  Ignored when the reference runs.
     """
-    check_shapes(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask)
+    check_shapes(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, layer)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     platform = jax.default_backend()
     kernel_backend = _kernel_backend(impl, backend, platform, q.shape[1])
     if kernel_backend is None:
-        return tree_attention_ref(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, sm_scale=scale)
+        return tree_attention_ref(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, layer=layer,
+                                  sm_scale=scale)
+    if layer is not None:  # TODO(kernels): read the stacked layer through the index map instead
+        k_cache, v_cache = k_cache[layer], v_cache[layer]
     unknown = set(block_sizes) - KERNEL_OPTIONS[kernel_backend]
     if unknown:
         raise ValueError(
