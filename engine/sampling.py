@@ -2,64 +2,174 @@
 
 Plain sampling and speculative acceptance both call ``target_probs``, so the
 speculative output follows exactly the distribution plain sampling draws from.
+
+The settings are per-row runtime arrays (``SamplingParams``), not static
+arguments: rows of one batch may differ, and changing a value never recompiles.
+The filters are sort-free: each threshold is found by bisection over the
+order-preserving integer key of the float32 values (32 steps of O(V)
+reductions, exact), and runs only when some row asks for it, so greedy batches
+pay nothing for them. One exp pass per node: the top-p masses reuse the weights
+the final normalization divides.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+PerRow = Union[float, int, Sequence[float], Sequence[int], np.ndarray]
+
+# Bisection over uint32 keys: each step halves the candidate range, which starts below 2**32.
+_BISECTION_STEPS = 32
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Sampling:
-    """Static sampling settings; ``temperature == 0`` means greedy."""
+class SamplingParams:
+    """Per-row sampling settings (HF order: temperature, then top-k, then top-p).
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float32[B], 0 = greedy row (argmax, other fields ignored).
+    top_k: int32[B], 0 = off; keeps every token whose logit is >= the k-th largest.
+    top_p: float32[B] in (0, 1], 1 = off; see ``target_probs`` for the exact rule.
+    """
 
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+    @classmethod
+    def make(cls, batch_size: int, temperature: PerRow = 0.0, top_k: PerRow = 0,
+             top_p: PerRow = 1.0) -> "SamplingParams":
+        """Validated params from scalars (same for every row) or per-row sequences."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        temperature = _per_row("temperature", temperature, batch_size, np.float32)
+        top_k = _per_row("top_k", top_k, batch_size, np.int32)
+        top_p = _per_row("top_p", top_p, batch_size, np.float32)
+        if not np.all(np.isfinite(temperature) & (temperature >= 0)):
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature.tolist()}")
+        if np.any(top_k < 0):
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k.tolist()}")
+        if not np.all((top_p > 0) & (top_p <= 1)):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p.tolist()}")
+        return cls(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p))
 
-
-GREEDY = Sampling()
-
-
-def target_probs(logits: jax.Array, sampling: Sampling) -> jax.Array:
-    """float32[..., V] probabilities after temperature, top-k, then top-p (HF order)."""
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k and sampling.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1.0:
-        logits = _top_p_filter(logits, sampling.top_p)
-    return jax.nn.softmax(logits, axis=-1)
-
-
-def _top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    # The number of tokens kept: those whose preceding mass is still below top_p.
-    keep = jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < top_p, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(sorted_logits, jnp.maximum(keep - 1, 0), axis=-1)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+    def any_sampled(self) -> jax.Array:
+        """bool scalar: some row samples (temperature > 0)."""
+        return jnp.any(self.temperature > 0)
 
 
-def sample_or_argmax(key: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
-    """int32[...] next tokens from logits [..., V]."""
-    if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    probs = target_probs(logits, sampling)
-    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+def _per_row(name: str, value: PerRow, batch_size: int, dtype) -> np.ndarray:
+    """Broadcast a scalar or check a per-row sequence; integers only for an int field."""
+    array = np.asarray(value)
+    if array.ndim > 1 or (array.ndim == 1 and array.shape[0] != batch_size):
+        raise ValueError(f"{name} must be a scalar or have one value per row ({batch_size}), "
+                         f"got shape {array.shape}")
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.number)):
+        raise ValueError(f"{name} must be numeric, got {value!r}")
+    if np.issubdtype(dtype, np.integer):
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if np.any(np.abs(array) > np.iinfo(dtype).max):
+            raise ValueError(f"{name} must fit in {np.dtype(dtype).name}, got {value!r}")
+    return np.broadcast_to(array.astype(dtype), (batch_size,)).copy()
+
+
+def target_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """float32[B, ..., V] probabilities of the next token after each position of logits[B, ..., V].
+
+    Row b's settings apply to all of logits[b] (the middle axes, e.g. tree nodes).
+    Greedy rows give the one-hot of the argmax (the first index on ties, as
+    ``jnp.argmax``). Sampled rows: logits / temperature; top-k keeps the tokens
+    whose scaled logit is >= the k-th largest (ties at the k-th value all kept,
+    as transformers' ``TopKLogitsWarper``; k >= V is off); top-p then keeps token
+    x iff the top-k distribution's mass of tokens strictly more likely than x is
+    < top_p. That is the smallest set of most likely tokens whose mass reaches
+    top_p (never empty: the argmax always stays), extended by every token tied
+    with its least likely member; on tie-free logits it is exactly transformers'
+    ``TopPLogitsWarper`` (which breaks such ties by its sort order instead).
+    The filters run under ``lax.cond`` only when some row uses them (under
+    ``vmap`` both branches run; call it on the whole batch instead).
+    """
+    logits = logits.astype(jnp.float32)
+    shape, vocab = logits.shape, logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    temperature, top_k, top_p = (_per_node(x, shape[:-1]) for x in (sp.temperature, sp.top_k, sp.top_p))
+    greedy = temperature <= 0
+    scaled = flat / jnp.where(greedy, 1.0, temperature)[:, None]  # guard: greedy rows never divide by 0
+    weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))  # the only exp: softmax numerators
+    keys = _ordered_keys(scaled)
+    top_k_on = ~greedy & (top_k > 0) & (top_k < vocab)
+    top_p_on = ~greedy & (top_p < 1)
+    keep_k = lax.cond(jnp.any(top_k_on), lambda: _top_k_keep(keys, top_k, top_k_on),
+                      lambda: jnp.ones(keys.shape, bool))
+    weights = jnp.where(keep_k, weights, 0.0)
+    keep_p = lax.cond(jnp.any(top_p_on), lambda: _top_p_keep(keys, weights, top_p, top_p_on),
+                      lambda: jnp.ones(keys.shape, bool))
+    weights = jnp.where(keep_p, weights, 0.0)
+    probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    one_hot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), vocab, dtype=jnp.float32)
+    return jnp.where(greedy[:, None], one_hot, probs).reshape(shape)
+
+
+def sample_or_argmax(key: jax.Array, logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """int32[B, ...] next tokens from logits[B, ..., V]: argmax for greedy rows, else a draw
+    from ``target_probs``. An all-greedy batch skips the filters and the random draw."""
+    greedy = _per_node(sp.temperature, logits.shape[:-1]).reshape(logits.shape[:-1]) <= 0
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw():
+        sampled = jax.random.categorical(key, jnp.log(target_probs(logits, sp)), axis=-1).astype(jnp.int32)
+        return jnp.where(greedy, argmax, sampled)
+
+    return lax.cond(sp.any_sampled(), draw, lambda: argmax)
+
+
+def _per_node(row_values: jax.Array, lead_shape: tuple[int, ...]) -> jax.Array:
+    """[B] -> flat [prod(lead_shape)]: each row's value repeated over the middle axes."""
+    if row_values.shape != lead_shape[:1]:
+        raise ValueError(f"sampling params have {row_values.shape[0]} rows, logits have batch {lead_shape[:1]}")
+    expanded = row_values.reshape(row_values.shape + (1,) * (len(lead_shape) - 1))
+    return jnp.broadcast_to(expanded, lead_shape).reshape(-1)
+
+
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys with key(a) < key(b) iff a < b for non-NaN float32 (and -0.0 == +0.0)."""
+    bits = lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _top_k_keep(keys: jax.Array, top_k: jax.Array, on: jax.Array) -> jax.Array:
+    """bool[R, V]: key >= the k-th largest key, found as the largest t with #(key >= t) >= k."""
+    lo, hi = keys.min(axis=-1), keys.max(axis=-1)  # count(key >= lo) = V >= k holds at lo
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo + 1) // 2  # upper middle, so lo = mid always moves
+        enough = jnp.sum(keys >= mid[:, None], axis=-1) >= top_k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    threshold, _ = lax.fori_loop(0, _BISECTION_STEPS, halve, (lo, hi))
+    return ~on[:, None] | (keys >= threshold[:, None])
+
+
+def _top_p_keep(keys: jax.Array, weights: jax.Array, top_p: jax.Array, on: jax.Array) -> jax.Array:
+    """bool[R, V]: mass strictly above the token < top_p; the threshold is the smallest t with
+    mass(key > t) < top_p * total (true at the max key, where the mass above is 0)."""
+    budget = top_p * jnp.sum(weights, axis=-1)
+    lo, hi = keys.min(axis=-1), keys.max(axis=-1)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        below_budget = jnp.sum(jnp.where(keys > mid[:, None], weights, 0.0), axis=-1) < budget
+        return jnp.where(below_budget, lo, mid + 1), jnp.where(below_budget, mid, hi)
+
+    threshold, _ = lax.fori_loop(0, _BISECTION_STEPS, halve, (lo, hi))
+    return ~on[:, None] | (keys >= threshold[:, None])
