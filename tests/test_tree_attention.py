@@ -151,6 +151,32 @@ def test_kernel_matches_reference(case, backend, dtype):
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=tol, atol=tol)
 
 
+# The model's stacked cache [L, B, Hkv, S, D] read at a traced layer index: each
+# layer holds different values, so a kernel that ignored `layer` (or read a
+# neighbour) fails for every layer but one.
+STACKED_CASES = [Case("stacked_ragged_gqa2", 2, 5, 4, 2, 32, 70, [70, 33], num_invalid=1)]
+NUM_LAYERS = 3
+
+
+def stacked_caches(case: Case, dtype, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    shape = (NUM_LAYERS, case.batch, case.kv_heads, case.cache_len, case.head_dim)
+    return tuple(jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("case", STACKED_CASES, ids=lambda c: c.name)
+def test_kernel_reads_stacked_cache_layer(case, backend, dtype):
+    q, _, _, lengths, tree_k, tree_v, mask = make_inputs(case, dtype)
+    k_stack, v_stack = stacked_caches(case, dtype)
+    tol = TOLERANCE[dtype]
+    for layer in (2, 1):  # reading layer 0 (or one layer for all) would fail
+        out = jitted_pallas(backend)(q, k_stack, v_stack, lengths, tree_k, tree_v, mask, layer=jnp.int32(layer))
+        expected = ta.tree_attention_ref(q, k_stack[layer], v_stack[layer], lengths, tree_k, tree_v, mask)
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), rtol=tol, atol=tol)
+
+
 def test_gpu_kernel_default_blocks_and_splits():
     """Default tiling: one row block, split count from the heuristic."""
     args = make_inputs(KERNEL_CASES[1], jnp.float32)
@@ -245,25 +271,60 @@ def test_benchmark_smoke_writes_table_and_json(tmp_path, capsys):
 # ---------------------------------------------------------------- lowering for real hardware
 
 LLAMA3_8B_VERIFY = Case("llama3_8b", 2, 65, 32, 8, 128, 1000, [0, 0])  # abstract shapes only
+LLAMA3_8B_LAYERS = 32
 
 
-def abstract_inputs(case: Case, dtype):
+def abstract_inputs(case: Case, dtype, num_layers: int | None = None):
+    """Shapes only; with num_layers the stacked cache [L, B, Hkv, S, D] and a layer index."""
     b, t, hq, hkv, d, s = case.batch, case.num_tree, case.q_heads, case.kv_heads, case.head_dim, case.cache_len
     spec = jax.ShapeDtypeStruct
-    return (spec((b, t, hq, d), dtype), spec((b, hkv, s, d), dtype), spec((b, hkv, s, d), dtype),
+    cache = (b, hkv, s, d) if num_layers is None else (num_layers, b, hkv, s, d)
+    args = (spec((b, t, hq, d), dtype), spec(cache, dtype), spec(cache, dtype),
             spec((b,), jnp.int32), spec((b, t, hkv, d), dtype), spec((b, t, hkv, d), dtype),
             spec((b, t, t), jnp.bool_))
+    return args if num_layers is None else args + (spec((), jnp.int32),)
 
 
+def assert_stack_read_in_place(stablehlo: str, cache_len: int, dtype) -> None:
+    """The kernel's custom call takes the whole stack, and no layer is sliced out first."""
+    stack_type = f"tensor<{LLAMA3_8B_LAYERS}x2x8x{cache_len}x128x{jnp.dtype(dtype).name.replace('float', 'f')}>"
+    calls = [line for line in stablehlo.splitlines() if "stablehlo.custom_call" in line]
+    assert len(calls) == 1 and stack_type in calls[0], calls
+    slices_of_stack = [line for line in stablehlo.splitlines() if "slice" in line and stack_type in line]
+    assert not slices_of_stack, slices_of_stack
+
+
+@pytest.mark.parametrize("num_layers", [None, LLAMA3_8B_LAYERS], ids=["one_layer", "stacked"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_kernel_lowers_to_triton(dtype):
+def test_gpu_kernel_lowers_to_triton(dtype, num_layers):
     """Interpret mode cannot catch Triton-only limits (power-of-two tiles, supported ops)."""
     kernel = functools.partial(ta.tree_attention_gpu, sm_scale=0.1)
-    jax.jit(kernel).trace(*abstract_inputs(LLAMA3_8B_VERIFY, dtype)).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(kernel).trace(*abstract_inputs(LLAMA3_8B_VERIFY, dtype, num_layers))
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    if num_layers:
+        assert_stack_read_in_place(text, LLAMA3_8B_VERIFY.cache_len, dtype)
 
 
-@pytest.mark.parametrize("num_tree", [1, 65])
-def test_tpu_kernel_lowers_to_mosaic(num_tree):
+def test_stack_check_rejects_a_sliced_layer():
+    """Negative control: slicing the layer out before the kernel (the old dispatcher) must fail the check."""
+    def sliced(q, k, v, lengths, tree_k, tree_v, mask, layer):
+        return ta.tree_attention_gpu(q, k[layer], v[layer], lengths, tree_k, tree_v, mask, sm_scale=0.1)
+
+    text = jax.jit(sliced).trace(*abstract_inputs(LLAMA3_8B_VERIFY, jnp.bfloat16, LLAMA3_8B_LAYERS))
+    with pytest.raises(AssertionError):
+        assert_stack_read_in_place(text.lower(lowering_platforms=("cuda",)).as_text(), 1000, jnp.bfloat16)
+
+
+def test_gpu_kernel_lowers_with_64_bit_offsets_past_4_gib():
+    """A 32k-slot stack of 32 layers is 17 GB: Triton offsets must not wrap at 2^32."""
+    case = LLAMA3_8B_VERIFY._replace(cache_len=32768)
+    kernel = functools.partial(ta.tree_attention_gpu, sm_scale=0.1)
+    text = jax.jit(kernel).trace(*abstract_inputs(case, jnp.bfloat16, LLAMA3_8B_LAYERS))
+    assert_stack_read_in_place(text.lower(lowering_platforms=("cuda",)).as_text(), 32768, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("num_tree, num_layers", [(1, None), (65, None), (1, LLAMA3_8B_LAYERS), (65, LLAMA3_8B_LAYERS)])
+def test_tpu_kernel_lowers_to_mosaic(num_tree, num_layers):
     """Mosaic lowering needs a TPU generation; pretend to be a v5e (a private hook, hence the skip)."""
     tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
     if not hasattr(tpu_info, "get_device_kind"):
@@ -273,4 +334,7 @@ def test_tpu_kernel_lowers_to_mosaic(num_tree):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5 lite")
         patch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
-        jax.jit(kernel).trace(*abstract_inputs(case, jnp.bfloat16)).lower(lowering_platforms=("tpu",))
+        lowered = jax.jit(kernel).trace(*abstract_inputs(case, jnp.bfloat16, num_layers))
+        text = lowered.lower(lowering_platforms=("tpu",)).as_text()
+    if num_layers:
+        assert_stack_read_in_place(text, case.cache_len, jnp.bfloat16)

@@ -4,7 +4,8 @@ Both kernels see one KV head per program and all query heads of its group as
 rows of a single [R, D] matrix, R = T * G with rows ordered (tree token, group
 head).  The wrapper code here builds that layout from the public one (a few
 small transposes of q and the tree K/V; the cache is never copied) and packs the
-T x T tree mask into int32 bit words, one row per query row.
+T x T tree mask into int32 bit words, one row per query row.  Both kernels take
+the cache stacked over layers, [L, B, Hkv, S, D], and read one layer in place.
 """
 
 from __future__ import annotations
@@ -17,6 +18,19 @@ from jax.experimental import pallas as pl
 # Finite "minus infinity": keeps the online-softmax arithmetic free of inf - inf.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 BITS_PER_WORD = 32
+
+
+def stacked_cache(k_cache: jax.Array, v_cache: jax.Array, layer) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(k, v, layer) in the kernels' stacked form: [L, B, Hkv, S, D] and int32[1].
+
+    A single-layer [B, Hkv, S, D] cache becomes a stack of one (a free reshape)
+    read at layer 0.  The layer is clamped into [0, L) like lax.dynamic_slice
+    (the reference) does, so no index map can address memory outside the stack.
+    """
+    if layer is None:
+        return k_cache[None], v_cache[None], jnp.zeros((1,), jnp.int32)
+    layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, k_cache.shape[0] - 1)
+    return k_cache, v_cache, layer.reshape(1)
 
 
 def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:

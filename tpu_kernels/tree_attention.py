@@ -200,8 +200,6 @@ def tree_attention(
     if kernel_backend is None:
         return tree_attention_ref(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, layer=layer,
                                   sm_scale=scale)
-    if layer is not None:  # TODO(kernels): read the stacked layer through the index map instead
-        k_cache, v_cache = k_cache[layer], v_cache[layer]
     unknown = set(block_sizes) - KERNEL_OPTIONS[kernel_backend]
     if unknown:
         raise ValueError(
@@ -211,4 +209,4 @@ def tree_attention(
     if interpret or kernel_backend != platform:
         block_sizes["interpret"] = pltpu.InterpretParams() if kernel_backend == "tpu" else True
     kernel = KERNELS[kernel_backend]
-    return kernel(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, sm_scale=scale, **block_sizes)
+    return kernel(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, layer, sm_scale=scale, **block_sizes)

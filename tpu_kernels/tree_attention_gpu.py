@@ -10,7 +10,10 @@ row max, row denominator) are merged afterwards with their log-sum-exp weights.
 
 Triton needs power-of-two tiles, at least 16 wide for a matmul: the wrapper
 pads the query rows and tree keys (small tensors); the cache is read in place,
-with masked loads past the live prefix.  Only plain loads, masked `plgpu.load`,
+with masked loads past the live prefix.  The cache is the model's stacked
+[L, B, Hkv, S, D]: each program's cache block spans all layers of its (batch,
+head), and the kernel offsets its loads by the `layer` operand, so no layer is
+sliced out (copied); offsets switch to 64 bits when the stack passes 4 GiB.  Only plain loads, masked `plgpu.load`,
 dots and elementwise ops are used, so `interpret=True` runs it on CPU.
 
 Paged KV: the kernel would take a page table [B, pages] as one more input and
@@ -38,6 +41,7 @@ MIN_CHUNK_PER_ROW = 8  # keys per query row a split must cover to pay for its pa
 
 def _tree_attention_kernel(
     lengths_ref,
+    layer_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -54,6 +58,7 @@ def _tree_attention_kernel(
 ):
     split = pl.program_id(3)
     length = lengths_ref[0]
+    layer = layer_ref[0]
     chunk = pl.cdiv(pl.cdiv(length, num_splits), block_k) * block_k
     start = split * chunk
     stop = jnp.minimum(start + chunk, length)
@@ -64,8 +69,8 @@ def _tree_attention_kernel(
         key_pos = start + j * block_k + jnp.arange(block_k)
         live = key_pos < stop
         block = pl.ds(start + j * block_k, block_k)
-        k = plgpu.load(k_ref.at[block, :], mask=live[:, None], other=0.0)
-        v = plgpu.load(v_ref.at[block, :], mask=live[:, None], other=0.0)
+        k = plgpu.load(k_ref.at[layer, block, :], mask=live[:, None], other=0.0)
+        v = plgpu.load(v_ref.at[layer, block, :], mask=live[:, None], other=0.0)
         scores = common.scores_of(q, k, sm_scale)
         return common.online_softmax_update(*carry, scores, jnp.broadcast_to(live[None, :], scores.shape), v)
 
@@ -114,6 +119,7 @@ def tree_attention_gpu(
     tree_k: jax.Array,
     tree_v: jax.Array,
     tree_mask: jax.Array,
+    layer: jax.Array | None = None,
     *,
     sm_scale: float,
     block_k: int = DEFAULT_BLOCK_K,
@@ -125,12 +131,15 @@ def tree_attention_gpu(
 ) -> jax.Array:
     """Triton tree attention; layout and semantics as tree_attention_ref.
 
+    k_cache/v_cache: [B, Hkv, S, D], or the stacked [L, B, Hkv, S, D] with
+    `layer` (traced int32 scalar) naming the layer read in place.
     block_k: prefix keys per loop step; block_r: query rows (T*G, padded) per
     program; num_splits: prefix chunks per sequence (default: default_num_splits).
     All tiles are powers of two; head_dim must be one too.
     """
+    k_cache, v_cache, layer = common.stacked_cache(k_cache, v_cache, layer)
     b, t, hq, d = q.shape
-    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    num_layers, hkv, s = k_cache.shape[0], k_cache.shape[2], k_cache.shape[3]
     if d & (d - 1) or d < MIN_DOT_DIM:
         raise ValueError(f"the GPU kernel needs a power-of-two head_dim >= {MIN_DOT_DIM}, got {d}")
     if block_k & (block_k - 1) or block_r & (block_r - 1):
@@ -150,6 +159,7 @@ def tree_attention_gpu(
     mask_words = common.pad_axis(common.pack_tree_mask(tree_mask, hq // hkv), 1, rows_padded)
 
     per_group = lambda b, h, r, c: (b, h, 0, 0)
+    kv_spec = pl.BlockSpec((num_layers, None, None, s, d), lambda b, h, r, c: (0, b, h, 0, 0))
     row_block = lambda b, h, r, c: (b, h, c, r, 0)
     out_shape = lambda dt, last: jax.ShapeDtypeStruct((b, hkv, num_splits, rows_padded, last), dt)
     o, m, l = pl.pallas_call(
@@ -157,9 +167,10 @@ def tree_attention_gpu(
         grid=(b, hkv, row_blocks, num_splits),
         in_specs=[
             pl.BlockSpec((1,), lambda b, h, r, c: (b,)),
+            pl.BlockSpec((1,), lambda b, h, r, c: (0,)),
             pl.BlockSpec((None, None, block_r, d), lambda b, h, r, c: (b, h, r, 0)),
-            pl.BlockSpec((None, None, s, d), per_group),
-            pl.BlockSpec((None, None, s, d), per_group),
+            kv_spec,
+            kv_spec,
             pl.BlockSpec((None, None, tree_padded, d), per_group),
             pl.BlockSpec((None, None, tree_padded, d), per_group),
             pl.BlockSpec((None, block_r, mask_words.shape[-1]), lambda b, h, r, c: (b, r, 0)),
@@ -173,6 +184,6 @@ def tree_attention_gpu(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="tree_attention_gpu",
-    )(lengths.astype(jnp.int32), qg, k_cache, v_cache, tk, tv, mask_words)
+    )(lengths.astype(jnp.int32), layer, qg, k_cache, v_cache, tk, tv, mask_words)
     out = merge_splits(o, m, l)[:, :, :rows].astype(q.dtype)
     return common.ungroup_output(out, t)

@@ -8,6 +8,10 @@ pipeline sees a repeated index and skips the DMA) nor computed.  The last grid
 step folds in the T tree keys under the bit-packed T x T mask and writes the
 normalized output.
 
+The cache is the model's stacked [L, B, Hkv, S, D]; the layer to read is a
+scalar-prefetch operand next to `lengths`, so the index map DMAs that layer's
+blocks straight out of the stack and no layer is ever sliced out (copied).
+
 Paged KV: a page table would be a second scalar-prefetch operand next to
 `lengths`, the cache a page pool [P, Hkv, page, D], and `_kv_index_map` would
 return (page_table[b, block], h, 0, 0) with block_k == page size.
@@ -16,7 +20,7 @@ return (page_table[b, block], h, 0, 0) with block_k == page size.
 from __future__ import annotations
 
 import functools
-from typing import Union
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +36,7 @@ SUBLANES = 8
 
 def _tree_attention_kernel(
     lengths_ref,
+    layer_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -77,9 +82,9 @@ def _tree_attention_kernel(
         o_ref[...] = common.normalize(acc_scratch[...], l_scratch[...]).astype(o_ref.dtype)
 
 
-def _kv_index_map(b, h, i, lengths_ref, *, block_k: int):
+def _kv_index_map(b, h, i, lengths_ref, layer_ref, *, block_k: int):
     last_live_block = jnp.maximum(pl.cdiv(lengths_ref[b], block_k) - 1, 0)
-    return b, h, jnp.minimum(i, last_live_block), 0
+    return layer_ref[0], b, h, jnp.minimum(i, last_live_block), 0
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_k", "interpret"))
@@ -91,6 +96,7 @@ def tree_attention_tpu(
     tree_k: jax.Array,
     tree_v: jax.Array,
     tree_mask: jax.Array,
+    layer: Optional[jax.Array] = None,
     *,
     sm_scale: float,
     block_k: int = DEFAULT_BLOCK_K,
@@ -98,11 +104,14 @@ def tree_attention_tpu(
 ) -> jax.Array:
     """Mosaic tree attention; layout and semantics as tree_attention_ref.
 
+    k_cache/v_cache: [B, Hkv, S, D], or the stacked [L, B, Hkv, S, D] with
+    `layer` (traced int32 scalar) naming the layer read in place.
     block_k: prefix keys per grid step; clipped to S.  Keep it a multiple of 128
     (or >= S) so the K/V blocks tile VMEM.
     """
+    k_cache, v_cache, layer = common.stacked_cache(k_cache, v_cache, layer)
     b, t, hq, d = q.shape
-    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    hkv, s = k_cache.shape[2], k_cache.shape[3]
     rows = t * (hq // hkv)
     block_k = min(block_k, s)
     num_blocks = pl.cdiv(s, block_k)
@@ -114,11 +123,11 @@ def tree_attention_tpu(
     tv = common.pad_axis(common.heads_major(tree_v.astype(dtype)), 2, tree_padded)
     mask_words = common.pack_tree_mask(tree_mask, hq // hkv)
 
-    per_group = lambda b, h, i, lengths_ref: (b, h, 0, 0)
+    per_group = lambda b, h, i, *prefetch: (b, h, 0, 0)
     kv_map = functools.partial(_kv_index_map, block_k=block_k)
-    kv_spec = pl.BlockSpec((None, None, block_k, d), kv_map)
+    kv_spec = pl.BlockSpec((None, None, None, block_k, d), kv_map)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
+        num_scalar_prefetch=2,
         grid=(b, hkv, num_blocks),
         in_specs=[
             pl.BlockSpec((None, None, rows, d), per_group),
@@ -126,7 +135,7 @@ def tree_attention_tpu(
             kv_spec,
             pl.BlockSpec((None, None, tree_padded, d), per_group),
             pl.BlockSpec((None, None, tree_padded, d), per_group),
-            pl.BlockSpec((None, rows, mask_words.shape[-1]), lambda b, h, i, lengths_ref: (b, 0, 0)),
+            pl.BlockSpec((None, rows, mask_words.shape[-1]), lambda b, h, i, *prefetch: (b, 0, 0)),
         ],
         out_specs=pl.BlockSpec((None, None, rows, d), per_group),
         scratch_shapes=[
@@ -145,5 +154,5 @@ def tree_attention_tpu(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="tree_attention_tpu",
-    )(lengths.astype(jnp.int32), qg, k_cache, v_cache, tk, tv, mask_words)
+    )(lengths.astype(jnp.int32), layer, qg, k_cache, v_cache, tk, tv, mask_words)
     return common.ungroup_output(out, t)
