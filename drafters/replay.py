@@ -49,10 +49,13 @@ class ReplayConfig:
     max_spec_offset: float = 0.0
     min_token_prob: float = 0.1
     max_cached_requests: Optional[int] = None  # None: unbounded
+    budget: Optional[int] = None  # nodes per step for specjax's budgeted trees; None: the SuffixDecoding rule
 
     @property
     def spec_tokens(self) -> int:
-        return self.max_depth if self.max_spec_tokens is None else self.max_spec_tokens
+        if self.max_spec_tokens is not None:
+            return self.max_spec_tokens
+        return self.max_depth if self.budget is None else self.budget
 
 
 def load_traces(path: str) -> list[TraceRequest]:
@@ -113,14 +116,15 @@ class SpecjaxBackend:
         self.drafter = SuffixDecodingDrafter(
             max_depth=config.max_depth, max_spec_tokens=config.spec_tokens, max_spec_factor=config.max_spec_factor,
             max_spec_offset=config.max_spec_offset, min_token_prob=config.min_token_prob, tree=config.tree,
-            max_cached_requests=config.max_cached_requests)
+            max_cached_requests=config.max_cached_requests, budget_mode=config.budget is not None)
 
     def start(self, request_id: int, prompt: list[int]) -> None:
         self.drafter.start_request(request_id, prompt)
 
     def speculate(self, request_id: int) -> tuple[list[int], list[int], float]:
         start = time.perf_counter()
-        proposal = self.drafter.propose(request_id, self.config.spec_tokens)
+        proposal = self.drafter.propose(request_id, self.config.spec_tokens if self.config.budget is None
+                                        else self.config.budget)
         elapsed = time.perf_counter() - start
         return proposal.tokens.tolist(), proposal.parents.tolist(), elapsed
 
@@ -229,12 +233,14 @@ class TaskStats:
 
     response_tokens: int = 0
     accepted: list[int] = dataclasses.field(default_factory=list)
+    drafted: list[int] = dataclasses.field(default_factory=list)
     spec_s: list[float] = dataclasses.field(default_factory=list)
     update_s: list[float] = dataclasses.field(default_factory=list)
 
     def add(self, other: "TaskStats") -> None:
         self.response_tokens += other.response_tokens
         self.accepted += other.accepted
+        self.drafted += other.drafted
         self.spec_s += other.spec_s
         self.update_s += other.update_s
 
@@ -247,6 +253,7 @@ class TaskStats:
             "response_tokens": self.response_tokens,
             "tokens_per_step": self.response_tokens / steps,
             "mean_accepted": float(np.sum(self.accepted)) / steps,
+            "mean_drafted": float(np.sum(self.drafted)) / steps,
             "spec_us_p50": _percentile(spec_us, 50),
             "spec_us_p99": _percentile(spec_us, 99),
             "update_us_p50": _percentile(update_us, 50),
@@ -269,6 +276,7 @@ def replay_request(backend: Backend, request_id: int, request: TraceRequest, sta
         stats.update_s.append(backend.extend(request_id, emitted))
         stats.spec_s.append(spec_s)
         stats.accepted.append(accepted)
+        stats.drafted.append(len(tokens))
         done += len(emitted)
     backend.stop(request_id)
     stats.response_tokens += len(truth)
@@ -317,6 +325,7 @@ def run(requests: Sequence[TraceRequest], backends: Sequence[Backend], prefill: 
 
 
 _COLUMNS = [("tokens/step", "tokens_per_step", "{:.3f}"), ("accepted", "mean_accepted", "{:.3f}"),
+            ("drafted", "mean_drafted", "{:.2f}"),
             ("spec p50 us", "spec_us_p50", "{:.1f}"), ("spec p99 us", "spec_us_p99", "{:.1f}"),
             ("update p50 us", "update_us_p50", "{:.1f}"), ("bytes/token", "bytes_per_token", "{:.0f}")]
 

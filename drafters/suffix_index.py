@@ -459,6 +459,112 @@ class SuffixAutomaton:
                 heapq.heappush(heap, (-child_prob, -next(pushes), token, child, parent))
 
 
+def _match_bucket(match_len: int) -> int:
+    """Lengths and counts grouped by powers of two (1, 2-3, 4-7, ...)."""
+    return match_len.bit_length()
+
+
+def _ratio_bin(ratio: float) -> int:
+    return 4 if ratio >= 1.0 else 3 if ratio >= 0.5 else 2 if ratio >= 0.25 else 1 if ratio >= 0.1 else 0
+
+
+class NodeCalibration:
+    """How often a drafted node is accepted once its parent is, learned online per kind of node.
+
+    A suffix of m tokens that occurred once predicts its continuation with
+    count ratio 1 whether m is 2 or 60: the ratio alone over-trusts short and
+    rare matches, and says nothing about which index is more reliable on this
+    workload. Nodes are grouped by (source, matched length at the node,
+    pattern count, ratio bin), and each group's estimate is its acceptance
+    rate with the ratio itself as the prior (``prior_weight`` pseudo-tests),
+    so a fresh index drafts by the plain ratios.
+    """
+
+    def __init__(self, prior_weight: float = 4.0):
+        self.prior_weight = prior_weight
+        self._stats: dict[tuple, list[float]] = {}  # key -> [accepted, tested]
+
+    def estimate(self, key: tuple, ratio: float) -> float:
+        stats = self._stats.get(key)
+        if stats is None:
+            return ratio
+        return (stats[0] + self.prior_weight * ratio) / (stats[1] + self.prior_weight)
+
+    def learn(self, draft_parents: Sequence[int], draft_tokens: Sequence[int], keys: Sequence[tuple],
+              accepted_ids: Sequence[int]) -> None:
+        """Count every tested node (a child of the root or of an accepted node whose next token is known)."""
+        children: dict[int, list[int]] = collections.defaultdict(list)
+        for node, parent in enumerate(draft_parents):
+            children[parent].append(node)
+        parent = -1
+        for truth in accepted_ids:
+            nxt = -1
+            for node in children.get(parent, ()):
+                hit = draft_tokens[node] == truth
+                stats = self._stats.get(keys[node])
+                if stats is None:
+                    stats = self._stats[keys[node]] = [0.0, 0.0]
+                stats[0] += hit
+                stats[1] += 1.0
+                if hit:
+                    nxt = node
+            if nxt < 0:
+                break
+            parent = nxt
+
+
+_LOCAL, _GLOBAL = 0, 1  # sources of a budgeted draft's candidates
+
+
+def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], calibration: NodeCalibration,
+                 budget: int, min_prob: float) -> tuple[Draft, list[tuple]]:
+    """One best-first tree of up to ``budget`` nodes over several (automaton, state, source, match length) candidates.
+
+    A candidate gives a path the product of its calibrated count ratios (a
+    drafted token that is accepted extends the match, so a node at depth d of
+    a candidate matching m tokens is calibrated as a match of m + d). A node's
+    value is the largest any candidate gives its path (values only shrink down
+    a path, so parents are placed before their children). Candidates that
+    agree on a path share its nodes; where they disagree, each adds its own
+    branches. Returns the draft and each node's calibration key.
+    """
+    tokens: list[int] = []
+    parents: list[int] = []
+    probs: list[float] = []
+    keys: list[tuple] = []
+    nodes: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    heap: list = []  # (-value, -push number, parent node, token, candidate, state, depth, key, prob)
+    pushes = itertools.count()
+    heappush, heappop = heapq.heappush, heapq.heappop
+
+    def push_children(candidate: int, state: int, value: float, prob: float, parent: int, depth: int) -> None:
+        automaton, _, source, matched = candidates[candidate]
+        total = automaton.count[state]
+        prefix = (source, _match_bucket(matched + depth), _match_bucket(total))
+        for c, _, token, child in reversed(automaton.ranked_children(state)):
+            ratio = c / total
+            child_prob = prob * ratio
+            if child_prob >= min_prob:
+                key = prefix + (_ratio_bin(ratio),)
+                child_value = value * min(1.0, calibration.estimate(key, ratio))
+                heappush(heap, (-child_value, -next(pushes), parent, token, candidate, child, depth + 1, key,
+                                child_prob))
+
+    for i, (_, state, _, _) in enumerate(candidates):
+        push_children(i, state, 1.0, 1.0, -1, 0)
+    while heap and len(tokens) < budget:
+        neg_value, _, parent, token, candidate, state, depth, key, prob = heappop(heap)
+        node = nodes.get((parent, token))
+        if node is None:
+            node = nodes[parent, token] = len(tokens)
+            tokens.append(token)
+            parents.append(parent)
+            probs.append(-neg_value)
+            keys.append(key)
+        push_children(candidate, state, -neg_value, prob, node, depth)
+    return Draft(tokens, parents, probs, sum(probs), 0), keys
+
+
 @dataclasses.dataclass
 class _ActiveRequest:
     """One request's local index and its incremental match against the global index."""
@@ -469,6 +575,7 @@ class _ActiveRequest:
     global_state: int = _ROOT
     global_matched: int = 0
     global_version: int = -1
+    pending: Optional[tuple] = None  # budgeted mode: the last draft's parents, tokens and calibration keys
 
 
 class SuffixIndex:
@@ -479,9 +586,14 @@ class SuffixIndex:
       max_depth: longest context suffix matched (the pattern length).
       max_cached_requests: responses kept in the global index; the oldest is
         evicted first (FIFO). None keeps all; 0 disables the global index.
+      budgeted: fill the whole ``max_tokens`` of each speculation with one tree
+        over both indexes and every matched suffix (``draft_merged``), each
+        candidate weighted by its ``NodeCalibration``, instead of the
+        SuffixDecoding rule (one candidate, size capped by its match length).
     """
 
-    def __init__(self, spec: SpecParams, max_depth: int = 64, max_cached_requests: Optional[int] = None):
+    def __init__(self, spec: SpecParams, max_depth: int = 64, max_cached_requests: Optional[int] = None,
+                 budgeted: bool = False):
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         if max_cached_requests is not None and max_cached_requests < 0:
@@ -496,6 +608,8 @@ class SuffixIndex:
         self._cached_tokens = 0
         self._evicted_tokens = 0  # still inside the automaton until the next rebuild
         self._active: dict[Hashable, _ActiveRequest] = {}
+        self.budgeted = budgeted
+        self.calibration = NodeCalibration()
 
     @property
     def num_cached_requests(self) -> int:
@@ -536,6 +650,9 @@ class SuffixIndex:
         request.local.extend(tokens)
         request.tail.extend(tokens)
         request.response.extend(tokens)
+        if request.pending is not None:
+            self.calibration.learn(*request.pending, tokens)
+            request.pending = None
         if request.global_version == self._version:
             state, matched, automaton = request.global_state, request.global_matched, self._global
             for token in tokens:
@@ -602,10 +719,29 @@ class SuffixIndex:
         limit = self.spec.max_spec_tokens if max_tokens is None else min(max_tokens, self.spec.max_spec_tokens)
         if limit <= 0:
             return Draft.empty()
+        if self.budgeted:
+            return self._budgeted_draft(request, limit)
         state, matched = request.local.tail_state(self.max_depth)
         best = self._best_draft(request.local, state, matched, limit, Draft.empty())
         state, matched = self._global_match(request)
         return self._best_draft(self._global, state, matched, limit, best)
+
+    def _budgeted_draft(self, request: _ActiveRequest, budget: int) -> Draft:
+        """One tree over every matched suffix of both indexes; remembers each candidate's top guess."""
+        candidates = []
+        sources = ((_LOCAL, request.local, *request.local.tail_state(self.max_depth)),
+                   (_GLOBAL, self._global, *self._global_match(request)))
+        for source, automaton, state, matched in sources:
+            length, link = automaton.length, automaton.link
+            while state > _ROOT:
+                if automaton.ranked_children(state):
+                    candidates.append((automaton, state, source, matched))
+                state = link[state]
+                matched = length[state]
+        draft, keys = draft_merged(candidates, self.calibration, budget, self.spec.min_token_prob)
+        request.pending = (draft.parents, draft.tokens, keys)
+        draft.match_len = max(matched for *_, matched in sources) if draft.tokens else 0
+        return draft
 
     def _best_draft(self, automaton: SuffixAutomaton, state: int, matched: int, limit: int, best: Draft) -> Draft:
         """Keep ``best`` unless a candidate of this index scores strictly higher (longest match first).
@@ -640,16 +776,19 @@ class SuffixDecodingDrafter:
       min_token_prob: drop draft nodes whose estimated probability is lower.
       tree: draft a best-first tree instead of a single path.
       max_cached_requests: finished responses kept (FIFO); None = unbounded, 0 = no global index.
+      budget_mode: fill up to ``max_tokens`` nodes per ``propose`` (the engine's verify
+        budget) with the most probable continuations from both indexes and every
+        matched suffix (see ``SuffixIndex``); the factor and offset then do not apply.
     """
 
     def __init__(self, *, max_depth: int = 64, max_spec_tokens: Optional[int] = None, max_spec_factor: float = 1.0,
                  max_spec_offset: float = 0.0, min_token_prob: float = 0.1, tree: bool = False,
-                 max_cached_requests: Optional[int] = 10_000):
+                 max_cached_requests: Optional[int] = 10_000, budget_mode: bool = False):
         if max_depth < 1:  # checked here too: max_spec_tokens defaults to it
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         spec = SpecParams(max_depth if max_spec_tokens is None else max_spec_tokens, max_spec_factor,
                           max_spec_offset, min_token_prob, tree)
-        self.index = SuffixIndex(spec, max_depth, max_cached_requests)
+        self.index = SuffixIndex(spec, max_depth, max_cached_requests, budgeted=budget_mode)
 
     def start_request(self, request_id: Hashable, prompt_ids: Sequence[int]) -> None:
         self.index.start_request(request_id, prompt_ids)
