@@ -1,10 +1,15 @@
 """The public API: ``Engine(target, drafter).generate(prompts, ...)``.
 
 The loop: prefill, then per step the host drafter proposes one tree per active
-sequence, ``verify`` scores all trees in one target pass, ``accept`` keeps the
-longest agreed path plus a bonus token, and the host reads back only the
-emitted tokens to feed the drafter. Sequences in a batch accept different
-numbers of tokens per step; finished ones ride along masked.
+sequence, the fused ``step`` (verify + accept, one dispatch) keeps the longest
+agreed path plus a bonus token, and the host reads back only the emitted
+tokens to feed the drafter. Sequences in a batch accept different numbers of
+tokens per step; finished ones ride along masked.
+
+Shapes come from a few buckets (batch size, prompt width, cache length, tree
+size), so a long-running engine compiles a handful of programs, not one per
+request; ``warmup`` compiles them ahead and measures the step cost of each tree
+size, which the ``"auto"`` capacity uses to pick T per step.
 """
 
 from __future__ import annotations
@@ -19,20 +24,30 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from specjax.drafters.base import HostDrafter
+from specjax.drafters.base import HostDrafter, Proposal
+from specjax.engine.autotune import CapacityPolicy, capacity_buckets, expected_accepted
+from specjax.engine.compile_cache import enable_compilation_cache
 from specjax.engine.plain import pad_prompts
-from specjax.engine.sampling import Sampling
-from specjax.engine.steps import accept, prefill, verify
-from specjax.engine.tree import DraftTree, validate_tree
+from specjax.engine.sampling import PerRow, SamplingParams
+from specjax.engine.state import DecodeState
+from specjax.engine.steps import PREFILL_CHUNK, new_cache, prefill, step
+from specjax.engine.tree import DraftTree, empty_tree, validate_tree
 from specjax.models.loading import Model
 from specjax.models.sharding import DATA, cache_sharding, shard_params
 
 Prompt = Union[str, Sequence[int]]
+AUTO = "auto"
+MIN_PROMPT_BUCKET = 16
+MIN_CACHE_BUCKET = 128
 
 
 @dataclasses.dataclass
 class GenerationResult:
-    """One request's output and what it cost."""
+    """One request's output and what it cost.
+
+    With ``stop`` strings, ``text`` ends before the first stop string while
+    ``token_ids`` run through the token that completed it (as vLLM reports).
+    """
 
     token_ids: list[int]
     text: Optional[str]
@@ -52,6 +67,10 @@ class GenerationResult:
         return self.accepted_draft_tokens / max(self.target_passes - 1, 1)
 
 
+def next_power_of_two(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
+
+
 class Engine:
     """Speculative decoding with a target model and a host drafter (or none).
 
@@ -59,26 +78,48 @@ class Engine:
       target: the loaded target ``Model``.
       drafter: a ``HostDrafter`` (prompt lookup, suffix index, ...) or None for
         plain decoding through the same loop (one token per pass).
-      draft_capacity: T, the fixed number of tree slots per sequence and step.
+      draft_capacity: T, the tree slots per sequence and step. ``"auto"`` (the
+        default) picks T per step among 0, 1, 2, 4, ... up to
+        ``max_draft_capacity`` from measured step costs and the drafter's
+        calibrated confidence: T = 0 (a plain step) whenever drafts do not pay.
+        An int fixes T for every step.
+      max_draft_capacity: the largest T ``"auto"`` may pick.
       attention: "auto" | "xla" | "pallas" (see ``specjax.tpu_kernels``).
       max_batch_size: prompts are processed in batches of at most this size.
       mesh: a ("data", "model") ``jax.sharding.Mesh``: the target is tensor-parallel
         over "model" (see ``specjax.models.sharding``), the batch split over "data".
+      prefill_chunk: prompts longer than this prefill in chunks of this many tokens.
     """
 
-    def __init__(self, target: Model, drafter: Optional[HostDrafter] = None, *, draft_capacity: int = 16,
-                 attention: str = "auto", max_batch_size: int = 16, mesh: Optional[Mesh] = None):
-        if draft_capacity < 0:
-            raise ValueError(f"draft_capacity must be >= 0, got {draft_capacity}")
+    def __init__(self, target: Model, drafter: Optional[HostDrafter] = None, *,
+                 draft_capacity: Union[int, str] = AUTO, max_draft_capacity: int = 16, attention: str = "auto",
+                 max_batch_size: int = 16, mesh: Optional[Mesh] = None, prefill_chunk: int = PREFILL_CHUNK):
+        if draft_capacity != AUTO and (not isinstance(draft_capacity, int) or draft_capacity < 0):
+            raise ValueError(f"draft_capacity must be 'auto' or an int >= 0, got {draft_capacity!r}")
+        if max_draft_capacity < 1:
+            raise ValueError(f"max_draft_capacity must be >= 1, got {max_draft_capacity}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
+        enable_compilation_cache()
         if mesh is not None:
             target = dataclasses.replace(target, params=shard_params(target.params, target.config, mesh))
         self.mesh = mesh
         self.target = target
         self.drafter = drafter
-        self.capacity = draft_capacity if drafter is not None else 0
+        self.auto = drafter is not None and draft_capacity == AUTO
+        if drafter is None:
+            self.capacity = 0
+        else:
+            self.capacity = max_draft_capacity if self.auto else int(draft_capacity)
         self.attention = attention
         self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
         self._request_ids = itertools.count()
+        self._step_costs: dict[tuple[int, int], dict[int, float]] = {}
+
+    # ------------------------------------------------------------ text
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -90,71 +131,134 @@ class Engine:
     def decode(self, ids: Sequence[int]) -> Optional[str]:
         return None if self.target.tokenizer is None else self.target.tokenizer.decode(list(ids))
 
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 128, *, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
+    # ------------------------------------------------------------ buckets
+
+    @property
+    def tree_sizes(self) -> tuple[int, ...]:
+        """The tree capacities this engine compiles a step for."""
+        return capacity_buckets(self.capacity) if self.auto else (self.capacity,)
+
+    def batch_bucket(self, n: int) -> int:
+        """Rows per compiled batch: a power of two (at most max_batch_size's), times the data axis."""
+        rows = min(next_power_of_two(n), next_power_of_two(self.max_batch_size))
+        if self.mesh is not None:
+            data = self.mesh.shape[DATA]
+            rows = -(-rows // data) * data
+        return rows
+
+    def prompt_bucket(self, longest: int) -> int:
+        """Padded prompt width: a power of two up to the prefill chunk, then chunk multiples."""
+        if longest > self.prefill_chunk:
+            return -(-longest // self.prefill_chunk) * self.prefill_chunk
+        return min(next_power_of_two(longest, MIN_PROMPT_BUCKET), self.prefill_chunk)
+
+    def cache_bucket(self, prompt_width: int, max_new_tokens: int) -> int:
+        """Cache slots: a power of two covering prompt, budget and one tree's scratch rows."""
+        longest = prompt_width + max_new_tokens
+        limit = self.target.config.max_position_embeddings
+        if longest > limit:
+            raise ValueError(f"prompt ({prompt_width} tokens, padded) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds the model's max_position_embeddings ({limit})")
+        return next_power_of_two(longest + self.capacity + 1, MIN_CACHE_BUCKET)
+
+    # ------------------------------------------------------------ warmup
+
+    def warmup(self, batch_size: int = 1, prompt_len: int = 1, max_new_tokens: int = 128,
+               timing_steps: int = 3) -> dict:
+        """Compile prefill and every tree size's step for one shape bucket; measure step costs.
+
+        Returns {"bucket": (rows, prompt width, cache slots), "compile_s": {name: seconds},
+        "step_s": {T: seconds per step}}. The step costs feed ``draft_capacity="auto"``.
+        """
+        cfg, params = self.target.config, self.target.params
+        rows, width = self.batch_bucket(batch_size), self.prompt_bucket(prompt_len)
+        max_len = self.cache_bucket(width, max_new_tokens)
+        t0 = time.perf_counter()
+        state, _ = self._prefill([[0]] * rows, width, max_len, max_new_tokens, SamplingParams.make(rows), seed=0)
+        jax.block_until_ready(state)
+        compile_s = {"prefill": time.perf_counter() - t0}
+        first_calls = self._measure_step_costs(rows, max_len, timing_steps)
+        compile_s.update({f"step T={t}": s for t, s in first_calls.items()})
+        return {"bucket": (rows, width, max_len), "compile_s": compile_s,
+                "step_s": dict(self._step_costs[(rows, max_len)])}
+
+    # ------------------------------------------------------------ generate
+
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 128, *, temperature: PerRow = 0.0,
+                 top_p: PerRow = 1.0, top_k: PerRow = 0, seed: int = 0, stop: Sequence[str] = (),
                  progress=None) -> list[GenerationResult]:
         """Generate for every prompt; greedy output equals plain greedy decoding exactly.
 
-        ``stop`` strings end a request once its decoded text contains one (the
-        text is cut before it). ``progress`` is an optional tqdm-like object
-        whose ``update(n)`` is called with the number of new tokens.
+        ``temperature``, ``top_p`` and ``top_k`` are scalars or one value per
+        prompt (runtime values: changing them never recompiles). ``stop``
+        strings end a request once its decoded text contains one (``text`` is
+        cut before it). ``progress`` is an optional tqdm-like object whose
+        ``update(n)`` is called with the number of new tokens.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        sampling = Sampling(temperature, top_k, top_p)
         encoded = [self.encode(p) for p in prompts]
+        sampling = _per_prompt(SamplingParams.make(len(encoded), temperature, top_k, top_p))
         results: list[GenerationResult] = []
         for start in range(0, len(encoded), self.max_batch_size):
-            batch = encoded[start: start + self.max_batch_size]
-            results.extend(self._generate_batch(batch, max_new_tokens, sampling, seed + start, tuple(stop),
-                                                progress))
+            end = start + self.max_batch_size
+            results.extend(self._generate_batch(encoded[start:end], max_new_tokens,
+                                                {k: v[start:end] for k, v in sampling.items()},
+                                                seed + start, tuple(stop), progress))
         return results
 
-    def _max_len(self, prompt_width: int, max_new_tokens: int) -> int:
-        needed = prompt_width + max_new_tokens + self.capacity + 1
-        limit = self.target.config.max_position_embeddings
-        if prompt_width + max_new_tokens > limit:
-            raise ValueError(f"prompt ({prompt_width} tokens, padded) + max_new_tokens ({max_new_tokens}) "
-                             f"exceeds the model's max_position_embeddings ({limit})")
-        return int(-(-needed // 128) * 128)
+    def _prefill(self, prompts, width, max_len, max_new_tokens, sampling: SamplingParams, seed: int):
+        cfg = self.target.config
+        tokens, lengths = pad_prompts(prompts, cfg.vocab_size, multiple=1)
+        tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+        sharding = None if self.mesh is None else cache_sharding(cfg, self.mesh, len(prompts))
+        return prefill(self.target.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths),
+                       jnp.full(len(prompts), max_new_tokens, jnp.int32), jax.random.key(seed), sampling,
+                       max_len=max_len, attention=self.attention, cache_sharding=sharding,
+                       chunk=self.prefill_chunk)
 
-    def _generate_batch(self, prompts, max_new_tokens, sampling, seed, stop, progress):
+    def _generate_batch(self, prompts, max_new_tokens, sampling: dict, seed, stop, progress):
         cfg, params = self.target.config, self.target.params
         t0 = time.perf_counter()
         n_requests = len(prompts)
-        prompts = self._pad_batch(prompts)
-        tokens, lengths = pad_prompts(prompts, cfg.vocab_size)
-        b = len(prompts)
-        budget = jnp.full(b, max_new_tokens, jnp.int32)
-        state, first = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), budget,
-                               jax.random.key(seed), sampling=sampling,
-                               max_len=self._max_len(tokens.shape[1], max_new_tokens), attention=self.attention,
-                               cache_sharding=None if self.mesh is None else cache_sharding(cfg, self.mesh, b))
+        rows = self.batch_bucket(n_requests)
+        padded = list(prompts) + [prompts[-1]] * (rows - n_requests)  # padding rows finish at once
+        width = self.prompt_bucket(max(len(p) for p in prompts))
+        max_len = self.cache_bucket(width, max_new_tokens)
+        sampling = SamplingParams.make(rows, *(np.pad(sampling[k], (0, rows - n_requests), mode="edge")
+                                               for k in ("temperature", "top_k", "top_p")))
+        state, first = self._prefill(padded, width, max_len, max_new_tokens, sampling, seed)
         outputs = [[int(t)] for t in np.asarray(first)]
-        finished = np.asarray(state.finished).copy()
-        finished[n_requests:] = True  # rows that only pad the batch to the data axis
-        passes = np.ones(b, np.int64)
-        accepted = np.zeros(b, np.int64)
-        draft_s = np.zeros(b)
-        verify_s = np.zeros(b)
-        rids = [next(self._request_ids) for _ in range(b)]
+        device_finished = np.asarray(state.finished)
+        finished = device_finished.copy()
+        finished[n_requests:] = True
+        passes = np.ones(rows, np.int64)
+        accepted = np.zeros(rows, np.int64)
+        draft_s = np.zeros(rows)
+        verify_s = np.zeros(rows)
+        rids = [next(self._request_ids) for _ in range(rows)]
+        policy = self._policy(rows, max_len) if self.auto else None
         if self.drafter is not None:
             for rid, prompt, out in zip(rids[:n_requests], prompts, outputs):
                 self.drafter.start_request(rid, prompt)
                 self.drafter.observe(rid, out)
         finished |= self._apply_stop_strings(outputs, stop)
-        self._report(progress, b)
+        self._report(progress, n_requests)
         while not finished.all():
             active = ~finished
             d0 = time.perf_counter()
-            tree = self._draft(rids, active)
+            proposals = self._propose(rids, active, policy)
+            capacity = self._choose_capacity(proposals, active, policy)
+            tree = self._pack(proposals, rows, capacity)
             d1 = time.perf_counter()
-            state = state.replace(finished=jnp.asarray(finished))
-            state, logits, _ = verify(params, state, tree, cfg=cfg, attention=self.attention)
-            state, acc = accept(state, tree, logits, sampling=sampling, eos_ids=cfg.eos_token_ids)
+            if (finished != device_finished).any():  # stop strings end rows the device doesn't know of
+                state = state.replace(finished=jnp.asarray(finished))
+            state, acc = step(params, state, tree, cfg=cfg, attention=self.attention, eos_ids=cfg.eos_token_ids)
             emitted, num, n_draft, device_finished = jax.device_get(
                 (acc.tokens, acc.num, acc.num_draft_accepted, state.finished))
             d2 = time.perf_counter()
+            if policy is not None:
+                policy.record(capacity, d2 - d1, expected_accepted(_probs(proposals), capacity), int(n_draft.sum()))
             draft_s[active] += (d1 - d0) / active.sum()
             verify_s[active] += (d2 - d1) / active.sum()
             passes[active] += 1
@@ -164,52 +268,114 @@ class Engine:
                 outputs[i].extend(new)
                 if self.drafter is not None:
                     self.drafter.observe(rids[i], new)
-            self._report(progress, int(num.sum()))
+            self._report(progress, int(num[:n_requests].sum()))
             finished = device_finished | self._apply_stop_strings(outputs, stop)
         if self.drafter is not None:
             for rid in rids[:n_requests]:
                 self.drafter.stop_request(rid)
         wall = time.perf_counter() - t0
-        outputs = self._cut_stops(outputs[:n_requests], stop)
-        return [GenerationResult(out, self.decode(out), int(passes[i]), int(accepted[i]), float(draft_s[i]),
-                                 float(verify_s[i]), wall) for i, out in enumerate(outputs)]
+        outputs = outputs[:n_requests]
+        texts = [self.decode(out) for out in outputs]
+        outputs, texts = self._cut_stops(outputs, texts, stop)
+        return [GenerationResult(out, text, int(passes[i]), int(accepted[i]), float(draft_s[i]),
+                                 float(verify_s[i]), wall) for i, (out, text) in enumerate(zip(outputs, texts))]
 
-    def _pad_batch(self, prompts: list) -> list:
-        """Repeat the last prompt so the batch divides the mesh's data axis."""
-        if self.mesh is None:
-            return prompts
-        extra = -len(prompts) % self.mesh.shape[DATA]
-        return list(prompts) + [prompts[-1]] * extra
+    # ------------------------------------------------------------ drafting
 
-    def _draft(self, rids, active) -> DraftTree:
-        b, t = len(rids), self.capacity
-        tokens = np.zeros((b, t), np.int32)
-        parents = np.full((b, t), -1, np.int32)
-        valid = np.zeros((b, t), bool)
-        for i in np.flatnonzero(active) if self.drafter is not None else ():
-            prop = self.drafter.propose(rids[i], t)
-            n = len(prop)
-            tokens[i, :n], parents[i, :n], valid[i, :n] = prop.tokens, prop.parents, True
+    def _policy(self, rows: int, max_len: int) -> CapacityPolicy:
+        """A fresh per-batch policy over this bucket's measured step costs (measured now if new)."""
+        if (rows, max_len) not in self._step_costs:
+            self._measure_step_costs(rows, max_len)
+        return CapacityPolicy(costs=dict(self._step_costs[(rows, max_len)]))
+
+    def _measure_step_costs(self, rows: int, max_len: int, timing_steps: int = 3) -> dict[int, float]:
+        """Time each tree size's step on a scratch state of this bucket.
+
+        Records the median of ``timing_steps`` runs per size and returns the
+        first call's time per size (compilation, unless already compiled).
+        """
+        cfg, params = self.target.config, self.target.params
+        sharding = None if self.mesh is None else cache_sharding(cfg, self.mesh, rows)
+        state = DecodeState(cache=new_cache(cfg, rows, max_len, params["embed"].dtype, sharding),
+                            lengths=jnp.full(rows, max_len // 2, jnp.int32), last_tokens=jnp.zeros(rows, jnp.int32),
+                            remaining=jnp.full(rows, max_len, jnp.int32), finished=jnp.zeros(rows, bool),
+                            rng=jax.random.key(0), sampling=SamplingParams.make(rows))
+        costs, first_calls = {}, {}
+        for t in self.tree_sizes:
+            tree = jax.device_put(empty_tree(rows, t))
+            times = []
+            for _ in range(timing_steps + 1):
+                t0 = time.perf_counter()
+                state, acc = step(params, state, tree, cfg=cfg, attention=self.attention, eos_ids=())
+                jax.device_get(acc.tokens)
+                times.append(time.perf_counter() - t0)
+                state = state.replace(lengths=jnp.full(rows, max_len // 2, jnp.int32))
+            costs[t], first_calls[t] = float(np.median(times[1:])), times[0]
+        self._step_costs[(rows, max_len)] = costs
+        return first_calls
+
+    def _propose(self, rids, active, policy: Optional[CapacityPolicy]) -> list[Optional[Proposal]]:
+        """Each active row's proposal (None for rows not drafted this step)."""
+        proposals: list[Optional[Proposal]] = [None] * len(rids)
+        if self.drafter is None or self.capacity == 0 or (policy is not None and not policy.should_draft()):
+            return proposals
+        for i in np.flatnonzero(active):
+            proposals[i] = self.drafter.propose(rids[i], self.capacity)
+        return proposals
+
+    def _choose_capacity(self, proposals, active, policy: Optional[CapacityPolicy]) -> int:
+        if policy is None:
+            return self.capacity
+        return policy.choose(_probs(proposals), int(active.sum()))
+
+    def _pack(self, proposals, rows: int, capacity: int) -> DraftTree:
+        """The proposals truncated to ``capacity`` nodes (best-first order keeps the best ones)."""
+        tokens = np.zeros((rows, capacity), np.int32)
+        parents = np.full((rows, capacity), -1, np.int32)
+        valid = np.zeros((rows, capacity), bool)
+        for i, prop in enumerate(proposals):
+            if prop is None or capacity == 0:
+                continue
+            n = min(len(prop), capacity)
+            tokens[i, :n], parents[i, :n], valid[i, :n] = prop.tokens[:n], prop.parents[:n], True
         tree = DraftTree(tokens, parents, valid)
         validate_tree(tree, self.target.config.vocab_size)
         return tree
+
+    # ------------------------------------------------------------ stops
 
     def _apply_stop_strings(self, outputs, stop) -> np.ndarray:
         if not stop or self.target.tokenizer is None:
             return np.zeros(len(outputs), bool)
         return np.array([any(s in self.decode(o) for s in stop) for o in outputs])
 
-    def _cut_stops(self, outputs, stop):
-        """Drop tokens from the first one whose text completes a stop string."""
+    def _cut_stops(self, outputs, texts, stop):
+        """Token ids through the one completing a stop string; text cut before the stop string."""
         if not stop or self.target.tokenizer is None:
-            return outputs
-        cut = []
-        for out in outputs:
-            end = next((k for k in range(1, len(out) + 1) if any(s in self.decode(out[:k]) for s in stop)), None)
-            cut.append(out if end is None else out[:end])
-        return cut
+            return outputs, texts
+        cut_ids, cut_texts = [], []
+        for out, text in zip(outputs, texts):
+            hits = [text.find(s) for s in stop if s in text]
+            if not hits:
+                cut_ids.append(out)
+                cut_texts.append(text)
+                continue
+            end = next(k for k in range(1, len(out) + 1) if any(s in self.decode(out[:k]) for s in stop))
+            cut_ids.append(out[:end])
+            cut_texts.append(text[: min(hits)])
+        return cut_ids, cut_texts
 
     @staticmethod
     def _report(progress, n: int) -> None:
         if progress is not None:
             progress.update(n)
+
+
+def _per_prompt(sampling: SamplingParams) -> dict[str, np.ndarray]:
+    """Validated per-prompt sampling values as numpy arrays, to slice into batches."""
+    return {"temperature": np.asarray(sampling.temperature), "top_k": np.asarray(sampling.top_k),
+            "top_p": np.asarray(sampling.top_p)}
+
+
+def _probs(proposals) -> list[np.ndarray]:
+    return [p.probs for p in proposals if p is not None]

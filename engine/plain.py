@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.engine.sampling import GREEDY, Sampling, sample_or_argmax
+from specjax.engine.sampling import SamplingParams, sample_or_argmax
 from specjax.engine.state import DecodeState
 from specjax.engine.steps import _is_eos, prefill
 from specjax.models.config import ModelConfig
@@ -21,15 +21,14 @@ from specjax.models.decoder import forward
 from specjax.models.loading import Model
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "attention"), donate_argnums=(1,))
-def decode_step(params, state: DecodeState, *, cfg: ModelConfig, sampling: Sampling,
-                attention: str = "xla") -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("cfg", "attention"), donate_argnums=(1,))
+def decode_step(params, state: DecodeState, *, cfg: ModelConfig, attention: str = "xla") -> DecodeState:
     """Feed each sequence's last token, pick the next one."""
     b = state.lengths.shape[0]
     out = forward(params, cfg, state.last_tokens[:, None], state.lengths[:, None], state.cache,
                   state.lengths, jnp.ones((b, 1, 1), bool), attention=attention)
     rng, key = jax.random.split(state.rng)
-    nxt = sample_or_argmax(key, out.logits[:, 0], sampling)
+    nxt = sample_or_argmax(key, out.logits[:, 0], state.sampling)
     active = ~state.finished
     remaining = state.remaining - active.astype(jnp.int32)
     return state.replace(
@@ -64,8 +63,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, multiple: int
 
 
 def generate_plain(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   sampling: Sampling = GREEDY, seed: int = 0, stop_at_eos: bool = True,
-                   attention: str = "xla") -> list[list[int]]:
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                   stop_at_eos: bool = True, attention: str = "xla") -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt, one target pass per token."""
     cfg = model.config
     if not stop_at_eos:
@@ -75,12 +74,13 @@ def generate_plain(model: Model, prompts: Sequence[Sequence[int]], max_new_token
     tokens, lengths = pad_prompts(prompts, cfg.vocab_size)
     max_len = int(-(-(tokens.shape[1] + max_new_tokens + 1) // 64) * 64)
     budget = jnp.full(len(prompts), max_new_tokens, jnp.int32)
+    sampling = SamplingParams.make(len(prompts), temperature, top_k, top_p)
     state, first = prefill(model.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), budget,
-                           jax.random.key(seed), sampling=sampling, max_len=max_len, attention=attention)
+                           jax.random.key(seed), sampling, max_len=max_len, attention=attention)
     outputs = [[int(t)] for t in np.asarray(first)]
     finished = np.asarray(state.finished)
     while not finished.all():
-        state = decode_step(model.params, state, cfg=cfg, sampling=sampling, attention=attention)
+        state = decode_step(model.params, state, cfg=cfg, attention=attention)
         new, finished_now = jax.device_get((state.last_tokens, state.finished))
         for i in np.flatnonzero(~finished):
             outputs[i].append(int(new[i]))
@@ -89,4 +89,4 @@ def generate_plain(model: Model, prompts: Sequence[Sequence[int]], max_new_token
 
 
 def greedy_generate(model: Model, prompts, max_new_tokens: int, stop_at_eos: bool = True) -> list[list[int]]:
-    return generate_plain(model, prompts, max_new_tokens, GREEDY, stop_at_eos=stop_at_eos)
+    return generate_plain(model, prompts, max_new_tokens, stop_at_eos=stop_at_eos)

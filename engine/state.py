@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 
+from specjax.engine.sampling import SamplingParams
 from specjax.models.decoder import KVCache
 
 
@@ -17,6 +18,7 @@ class DecodeState:
     ``lengths[b]`` tokens are in the cache; ``last_tokens[b]`` is the newest
     generated token, not yet in the cache: it is the root of the next draft tree.
     ``remaining[b]`` counts tokens still allowed (max_new_tokens budget).
+    ``sampling`` holds each row's temperature / top-k / top-p as runtime arrays.
     """
 
     cache: KVCache
@@ -25,6 +27,7 @@ class DecodeState:
     remaining: jax.Array  # int32[B]
     finished: jax.Array  # bool[B]
     rng: jax.Array  # PRNG key
+    sampling: SamplingParams
 
     def replace(self, **changes) -> "DecodeState":
         return dataclasses.replace(self, **changes)

@@ -7,6 +7,11 @@ the caller passes explicit positions and a T x T mask saying which of the new
 tokens each new token sees; every new token also sees the cached prefix
 ``[0, cache_lengths[b])``. The new tokens' K/V are written at
 ``[cache_lengths[b], cache_lengths[b] + T)``.
+
+The KV cache is written in place: attention reads each layer straight out of
+the stacked cache (``tree_attention(..., layer=i)``), the layer scan only
+collects the T new K/V rows per layer, and one scatter writes those rows into
+the (donated) cache after the scan. No step copies or rewrites a whole layer.
 """
 
 from __future__ import annotations
@@ -102,13 +107,29 @@ def _linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Ar
     return y if b is None else y + b
 
 
-def _write_kv(cache_layer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write new [B, T, Hkv, D] into cache_layer [B, Hkv, S, D] at per-sequence offsets."""
-    new = new.transpose(0, 2, 1, 3).astype(cache_layer.dtype)
-    return jax.vmap(lambda c, n, s: lax.dynamic_update_slice(c, n, (0, s, 0)))(cache_layer, new, starts)
+def write_rows(cache: jax.Array, rows: jax.Array, slots: jax.Array) -> jax.Array:
+    """Scatter rows [L, B, Hkv, N, D] into cache [L, B, Hkv, S, D] at slots int32[B, N].
+
+    Only those L*B*Hkv*N rows are touched; with the cache donated XLA updates it
+    in place. Slots past the cache's end are dropped.
+    """
+    n_layers, b, hkv, n, _ = rows.shape
+    layer = jnp.arange(n_layers)[:, None, None, None]
+    batch = jnp.arange(b)[None, :, None, None]
+    head = jnp.arange(hkv)[None, None, :, None]
+    return cache.at[layer, batch, head, slots[None, :, None, :]].set(rows.astype(cache.dtype), mode="drop")
 
 
-def _attention_block(cfg, lp, x, positions, inv_freq, k_cache, v_cache, lengths, tree_mask, attention):
+def read_rows(cache: jax.Array, slots: jax.Array) -> jax.Array:
+    """Gather rows at slots int32[B, N] from cache [L, B, Hkv, S, D] -> [L, B, Hkv, N, D]."""
+    n_layers, b, hkv = cache.shape[:3]
+    layer = jnp.arange(n_layers)[:, None, None, None]
+    batch = jnp.arange(b)[None, :, None, None]
+    head = jnp.arange(hkv)[None, None, :, None]
+    return cache.at[layer, batch, head, slots[None, :, None, :]].get(mode="clip")
+
+
+def _attention_block(cfg, lp, x, positions, inv_freq, cache, layer, lengths, tree_mask, attention):
     b, t, _ = x.shape
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q = _linear(h, lp["wq"], lp.get("bq")).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -119,8 +140,8 @@ def _attention_block(cfg, lp, x, positions, inv_freq, k_cache, v_cache, lengths,
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    out = tree_attention(q, k_cache, v_cache, lengths, k.astype(k_cache.dtype), v.astype(v_cache.dtype),
-                         tree_mask, impl=attention)
+    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+    out = tree_attention(q, cache.k, cache.v, lengths, k, v, tree_mask, impl=attention, layer=layer)
     out = _linear(out.reshape(b, t, -1).astype(x.dtype), lp["wo"], lp.get("bo"))
     return x + out, k, v
 
@@ -130,6 +151,51 @@ def _mlp_block(cfg, lp, x):
     gate = _linear(h, lp["w_gate"], lp.get("b_gate"))
     up = _linear(h, lp["w_up"], lp.get("b_up"))
     return x + _linear(jax.nn.silu(gate) * up, lp["w_down"], lp.get("b_down"))
+
+
+def forward_hidden(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    cache_lengths: jax.Array,
+    tree_mask: jax.Array,
+    *,
+    attention: str = "xla",
+    hidden_layers: Sequence[int] = (),
+) -> tuple[jax.Array, KVCache, Optional[jax.Array]]:
+    """The decoder up to the final norm: (normed hidden [B, T, H], cache, hidden states).
+
+    Callers that need logits for a few positions only (prefill) apply ``lm_head``
+    to those, instead of materializing [B, T, V].
+    """
+    inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)
+    x = params["embed"][tokens]
+    lengths = cache_lengths.astype(jnp.int32)
+
+    def layer(carry, lp):
+        x, i = carry
+        x, k, v = _attention_block(cfg, lp, x, positions, inv_freq, cache, i, lengths, tree_mask, attention)
+        x = _mlp_block(cfg, lp, x)
+        return (x, i + 1), (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), x if hidden_layers else None)
+
+    embeddings = x
+    (x, _), (k_new, v_new, per_layer) = lax.scan(layer, (x, jnp.int32(0)), params["layers"])
+    slots = lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    cache = KVCache(write_rows(cache.k, k_new, slots), write_rows(cache.v, v_new, slots))
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    hidden = None
+    if hidden_layers:
+        stacked = jnp.concatenate([embeddings[None], per_layer], axis=0)
+        hidden = stacked[np.asarray(hidden_layers)]
+    return x, cache, hidden
+
+
+def lm_head(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """fp32 logits [..., V] of final-normed hidden states [..., H]."""
+    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...h,vh->...v", x, head, preferred_element_type=jnp.float32)
 
 
 def forward(
@@ -157,31 +223,9 @@ def forward(
     Returns logits (fp32) for every new token, the cache with their K/V written,
     and the requested hidden states.
     """
-    inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)
-    x = params["embed"][tokens]
-    lengths = cache_lengths.astype(jnp.int32)
-
-    def layer(carry, lp):
-        x, k_all, v_all, i = carry
-        k_layer = lax.dynamic_index_in_dim(k_all, i, keepdims=False)
-        v_layer = lax.dynamic_index_in_dim(v_all, i, keepdims=False)
-        x, k, v = _attention_block(cfg, lp, x, positions, inv_freq, k_layer, v_layer, lengths,
-                                   tree_mask, attention)
-        x = _mlp_block(cfg, lp, x)
-        k_all = lax.dynamic_update_index_in_dim(k_all, _write_kv(k_layer, k, lengths), i, 0)
-        v_all = lax.dynamic_update_index_in_dim(v_all, _write_kv(v_layer, v, lengths), i, 0)
-        return (x, k_all, v_all, i + 1), (x if hidden_layers else None)
-
-    embeddings = x
-    (x, k_all, v_all, _), per_layer = lax.scan(layer, (x, cache.k, cache.v, 0), params["layers"])
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("bth,vh->btv", x, head, preferred_element_type=jnp.float32)
-    hidden = None
-    if hidden_layers:
-        stacked = jnp.concatenate([embeddings[None], per_layer], axis=0)
-        hidden = stacked[np.asarray(hidden_layers)]
-    return ForwardOutput(logits=logits, cache=KVCache(k_all, v_all), hidden=hidden)
+    x, cache, hidden = forward_hidden(params, cfg, tokens, positions, cache, cache_lengths, tree_mask,
+                                      attention=attention, hidden_layers=hidden_layers)
+    return ForwardOutput(logits=lm_head(params, cfg, x), cache=cache, hidden=hidden)
 
 
 def causal_mask(batch_size: int, length: int, valid_lengths: Optional[jax.Array] = None) -> jax.Array:

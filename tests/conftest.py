@@ -6,6 +6,8 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 sys.path.insert(0, os.path.dirname(__file__))
+# Hermetic tests: no persistent compilation cache unless a test turns it on.
+os.environ.setdefault("SPECJAX_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402
 

@@ -1,0 +1,98 @@
+"""Choosing the draft capacity T per step so that speculation never costs time.
+
+On any hardware, verifying a tree of T nodes costs ``cost[T]`` seconds per step
+(measured, not assumed: about one decode step for small T on a TPU or GPU,
+growing with T on a CPU), and yields ``1 + accepted`` tokens per sequence. The
+drafter's proposal carries its own estimate of each node's probability; after
+each step the policy compares the predicted accepted tokens with the real ones
+and keeps a running calibration factor, so an over-confident drafter is
+discounted. Per step it picks the T (0 = a plain step) that maximizes expected
+tokens per second. When several steps in a row choose 0, it stops asking the
+drafter for proposals and only probes now and then, so a drafter that never
+pays costs (almost) nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+
+def capacity_buckets(max_capacity: int) -> tuple[int, ...]:
+    """0, then powers of two below max_capacity, then max_capacity: the compiled tree sizes."""
+    if max_capacity < 0:
+        raise ValueError(f"max_capacity must be >= 0, got {max_capacity}")
+    sizes = {0, max_capacity}
+    t = 1
+    while t < max_capacity:
+        sizes.add(t)
+        t *= 2
+    return tuple(sorted(sizes))
+
+
+def expected_accepted(node_probs: Sequence[np.ndarray], capacity: int) -> float:
+    """Sum over sequences of the drafter's path probabilities of the first ``capacity`` nodes.
+
+    A node is accepted only with its whole path, and ``probs[i]`` estimates
+    exactly that path's probability, so the sum is the expected accepted count.
+    """
+    return float(sum(np.sum(p[:capacity]) for p in node_probs))
+
+
+@dataclasses.dataclass
+class CapacityPolicy:
+    """Per-step choice of T from measured step costs and calibrated drafter confidence.
+
+    ``costs[T]`` are seconds per step for each bucket (see ``Engine.warmup``);
+    they are refreshed by a running average of the steps actually taken.
+    """
+
+    costs: dict[int, float]
+    smoothing: float = 0.2
+    calibration: float = 1.0
+    idle_steps: int = 0  # consecutive steps that chose T = 0
+    probe_every: int = 8  # while idle, ask the drafter only every this many steps
+    patience: int = 4  # idle steps before drafting is skipped
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(self.costs))
+
+    def should_draft(self) -> bool:
+        """False while speculation has not paid recently (except periodic probes)."""
+        if self.idle_steps < self.patience:
+            return True
+        return (self.idle_steps - self.patience) % self.probe_every == 0
+
+    def choose(self, node_probs: Sequence[np.ndarray], num_active: int) -> int:
+        """The bucket T maximizing expected emitted tokens per second for this step.
+
+        A probe step (drafting had been paused) verifies the whole proposal
+        instead, so the calibration can recover when the drafter starts to pay.
+        """
+        longest = max((len(p) for p in node_probs), default=0)
+        if longest and self.idle_steps >= self.patience:
+            return self._fit(longest)
+        best_t, best_rate = 0, num_active / self.costs[0]
+        for t in self.buckets:
+            if t == 0 or (t > longest and t != self._fit(longest)):
+                continue
+            tokens = num_active + self.calibration * expected_accepted(node_probs, t)
+            rate = tokens / self.costs[t]
+            if rate > best_rate:
+                best_t, best_rate = t, rate
+        return best_t
+
+    def _fit(self, n: int) -> int:
+        """The smallest bucket holding n nodes (the largest bucket if none does)."""
+        return next((t for t in self.buckets if t >= n), self.buckets[-1])
+
+    def record(self, capacity: int, seconds: float, predicted: float, accepted: int) -> None:
+        """Fold one step's measured cost and acceptance into the running estimates."""
+        a = self.smoothing
+        self.costs[capacity] = (1 - a) * self.costs[capacity] + a * seconds
+        if predicted > 0:
+            self.calibration = (1 - a) * self.calibration + a * min(accepted / predicted, 2.0)
+        self.idle_steps = self.idle_steps + 1 if capacity == 0 else 0
