@@ -1,0 +1,318 @@
+"""The contract for drafters that run on the device, and the pieces they share.
+
+A device drafter is pure functions over its own params and its own state (a KV
+cache, fed target features, an adjacency table), so that draft -> verify ->
+accept -> drafter update compiles into one step and ``lax.while_loop`` can run
+many steps per host sync (``specjax.engine.device_loop``).
+
+Shapes are static: a batch of B rows with different lengths, a tree of fixed
+capacity T. The drafter's cache follows the target's: true context at slots
+``[0, dlen)``, drafting writes a scratch region above it, and ``update`` feeds
+the accepted tokens so the next step starts from a compact prefix again.
+
+Shared here: the EAGLE-2 dynamic tree builder (top-k expansion of the top-k
+frontier by cumulative draft log-probability, then the best T candidates),
+used by the draft-model and EAGLE-3 drafters, and attention over a cache with
+an explicit visibility mask (a frontier node sees the prefix and its ancestors
+among the scratch rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from specjax.engine.tree import DraftTree
+
+
+class DeviceDrafter(Protocol):
+    """What the on-device loop needs from a drafter (all methods jittable, shapes static).
+
+    Attributes:
+      capacity: T, tree slots per row and step.
+      hidden_layers: target layers whose hidden states the drafter feeds on
+        (0 = embeddings, i = after layer i); () when it needs none.
+      params: the drafter's own parameter pytree (passed back into every method,
+        so it is a jit argument, never a baked-in constant).
+    """
+
+    capacity: int
+    hidden_layers: tuple[int, ...]
+    params: Any
+
+    def init_state(self, batch_size: int, max_len: int) -> Any:
+        """Empty drafter state for B rows whose target cache has ``max_len`` slots."""
+        ...
+
+    def prefill(self, params, dstate, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
+                first_tokens: jax.Array, hidden: Optional[jax.Array]) -> Any:
+        """Feed the right-padded prompts [B, P], the first generated tokens [B] and (if
+        ``hidden_layers``) the target's prompt hidden states [n, B, P, H]."""
+        ...
+
+    def propose(self, params, dstate, root_tokens: jax.Array, lengths: jax.Array, sampling, key: jax.Array,
+                *, with_q: bool = False) -> tuple[DraftTree, Any]:
+        """A tree continuing each row's root token (target cache length ``lengths``).
+
+        ``with_q`` (static): some row samples, so children of those rows are drawn
+        i.i.d. from q at the row's temperature and the tree carries ``q_dists``.
+        """
+        ...
+
+    def update(self, params, dstate, accepted, aux) -> Any:
+        """Absorb one step's ``Accepted`` (tokens, num, path) and ``StepAux`` (logits, hidden)."""
+        ...
+
+    def end_batch(self, dstate) -> None:
+        """Keep what should outlive the batch (Token Recycling's table); a no-op for models."""
+        ...
+
+
+def row_temperature(sampling, batch_size: int) -> jax.Array:
+    """float32[B] temperatures from per-row sampling params (or a scalar setting)."""
+    return jnp.broadcast_to(jnp.asarray(sampling.temperature, jnp.float32), (batch_size,))
+
+
+# ------------------------------------------------------------------ attention over a masked cache
+
+
+def scratch_visibility(prefix_len: jax.Array, base: jax.Array, scratch_mask: jax.Array,
+                       num_slots: int) -> jax.Array:
+    """bool[B, t, S]: query i sees slots ``< prefix_len[b]`` and scratch slot
+    ``base[b] + j`` where ``scratch_mask[b, i, j]``."""
+    m = scratch_mask.shape[-1]
+    slots = jnp.arange(num_slots, dtype=jnp.int32)
+    rel = slots[None, :] - base[:, None]  # [B, S]
+    in_scratch = (rel >= 0) & (rel < m)
+    index = jnp.broadcast_to(jnp.clip(rel, 0, m - 1)[:, None, :], scratch_mask.shape[:2] + (num_slots,))
+    picked = jnp.take_along_axis(scratch_mask, index, axis=2)
+    return (slots[None, None, :] < prefix_len[:, None, None]) | (in_scratch[:, None, :] & picked)
+
+
+def masked_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visible: jax.Array,
+                     k_self: jax.Array, v_self: jax.Array) -> jax.Array:
+    """Attention of q [B, t, Hq, D] over cache rows [B, Hkv, S, D] where ``visible`` [B, t, S],
+    plus each query's own new key/value [B, t, Hkv, D] (not yet in the cache). fp32 softmax."""
+    b, t, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    qg = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32) * d ** -0.5
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache.astype(jnp.float32))
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    own = jnp.einsum("btkgd,btkd->bkgt", qg, k_self.astype(jnp.float32))[..., None]
+    weights = jax.nn.softmax(jnp.concatenate([scores, own], axis=-1), axis=-1)
+    out = jnp.einsum("bkgts,bksd->btkgd", weights[..., :-1], v_cache.astype(jnp.float32))
+    out = out + jnp.einsum("bkgt,btkd->btkgd", weights[..., -1], v_self.astype(jnp.float32))
+    return out.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def write_block(cache: jax.Array, rows: jax.Array, starts: jax.Array) -> jax.Array:
+    """Write rows [L, B, t, Hkv, D] into a stacked cache [L, B, Hkv, S, D] at slots
+    ``[starts[b], starts[b] + t)``; rows past the end are dropped."""
+    n_layers, b, t = rows.shape[:3]
+    hkv = cache.shape[2]
+    slots = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, t]
+    layer = jnp.arange(n_layers)[:, None, None, None]
+    batch = jnp.arange(b)[None, :, None, None]
+    head = jnp.arange(hkv)[None, None, :, None]
+    rows = rows.transpose(0, 1, 3, 2, 4).astype(cache.dtype)  # [L, B, Hkv, t, D]
+    return cache.at[layer, batch, head, slots[None, :, None, :]].set(rows, mode="drop")
+
+
+# ------------------------------------------------------------------ the EAGLE-2 dynamic tree
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeShape:
+    """Dynamic-tree settings: ``topk`` children per expanded node and nodes per frontier,
+    ``depth`` levels of draft tokens, the best ``capacity`` (T) candidates kept.
+    ``topk == 1`` is a chain of ``depth`` tokens."""
+
+    capacity: int
+    topk: int = 10
+    depth: int = 7
+
+    def __post_init__(self):
+        for name in ("capacity", "topk", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"tree {name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_candidates(self) -> int:
+        return self.topk + (self.depth - 1) * self.topk * self.topk
+
+    @property
+    def scratch_rows(self) -> int:
+        """Drafter cache rows written while drafting: every frontier node but the last level."""
+        return (self.depth - 1) * self.topk
+
+
+# expand(carry, tokens[B, K], feats[B, K, F], positions[B, K], scratch_offset, scratch_mask[B, K, M])
+#   -> (draft logits [B, K, Vd], new feats [B, K, F], carry)
+ExpandFn = Callable[..., tuple[jax.Array, jax.Array, Any]]
+
+
+def _children(key, logits: jax.Array, temperature: jax.Array, k: int, with_q: bool):
+    """Children of each node: greedy rows the top-k, sampled rows k i.i.d. draws from q.
+
+    logits [B, K, Vd] -> (ids [B, K, k], log q of them [B, K, k], q [B, K, Vd] or None).
+    Scores use the draft's log-probabilities at temperature 1 for greedy rows and
+    at the row's temperature for sampled rows (the q the children came from).
+    """
+    greedy_logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_logp, top_ids = lax.top_k(greedy_logp, k)
+    if not with_q:
+        return top_ids.astype(jnp.int32), top_logp, None
+    temp = jnp.where(temperature > 0, temperature, 1.0)[:, None, None]
+    logq = jax.nn.log_softmax(logits.astype(jnp.float32) / temp, axis=-1)
+    drawn = jax.random.categorical(key, logq[:, :, None, :], axis=-1,
+                                   shape=logq.shape[:2] + (k,)).astype(jnp.int32)
+    drawn_logq = jnp.take_along_axis(logq, drawn, axis=-1)
+    sampled = (temperature > 0)[:, None, None]
+    return (jnp.where(sampled, drawn, top_ids.astype(jnp.int32)), jnp.where(sampled, drawn_logq, top_logp),
+            jnp.exp(logq))
+
+
+def build_dynamic_tree(expand: ExpandFn, carry: Any, root_logits: jax.Array, root_feats: jax.Array,
+                       base: jax.Array, shape: TreeShape, temperature: jax.Array, key: jax.Array, *,
+                       to_target: Callable[[jax.Array], jax.Array] = lambda ids: ids,
+                       q_to_target: Callable[[jax.Array], jax.Array] = lambda q: q,
+                       with_q: bool = False) -> tuple[DraftTree, Any]:
+    """EAGLE-2's dynamic tree, batched with static shapes.
+
+    Depth 1: the root's top-k children. Then depth - 1 times: feed the frontier
+    (the k best nodes of the newest level by cumulative log-probability) through
+    ``expand``, score each frontier node's top-k children, keep the best k as
+    the next frontier. Finally rerank every candidate and keep the best T (sorted
+    by creation, so parents precede children).
+
+    Sampled rows (``with_q``, temperature > 0) draw children i.i.d. from q, and
+    the final cut keeps whole sibling groups in draw order (ranked by the
+    parent's score), never filtering children by their own values: each node's
+    children stay i.i.d. draws from its q, which lossless acceptance requires.
+
+    Args:
+      root_logits: [B, Vd] the drafter's logits for the root's children.
+      root_feats: [B, F] what depth-1 nodes are fed with (EAGLE: the root's hidden state).
+      base: int32[B] first scratch slot (the drafter's true length); node at depth
+        d is fed at position ``base + d - 1``, frontier j of depth d at scratch
+        row ``(d - 1) * k + j``.
+    """
+    b = root_logits.shape[0]
+    k, depth = shape.topk, shape.depth
+    m = max(shape.scratch_rows, 1)
+    keys = jax.random.split(key, depth)
+    ids, logp, q_root = _children(keys[0], root_logits[:, None, :], temperature, k, with_q)
+    ids, scores = ids[:, 0], logp[:, 0]  # [B, k]
+    level_tokens, level_scores = [ids], [scores]
+    level_parents = [jnp.full((b, k), -1, jnp.int32)]
+    level_keys = [jnp.zeros((b, k), jnp.float32)]  # sampled rows rank a group by its parent's score
+    frontier_ids = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))  # global candidate indices
+    frontier_feats = jnp.broadcast_to(root_feats[:, None, :], (b, k, root_feats.shape[-1]))
+    frontier_mask = jnp.broadcast_to(jax.nn.one_hot(jnp.arange(k), m, dtype=bool), (b, k, m))
+    q_rows, q_owner = [], []
+
+    def level(frontier, d):
+        """Feed the depth-d frontier; emit the depth-(d + 1) candidates, carry the next frontier."""
+        f_tokens, f_scores, f_ids, f_feats, f_mask, carry = frontier
+        positions = jnp.broadcast_to((base + d - 1)[:, None], (b, k))
+        logits, feats, carry = expand(carry, to_target(f_tokens), f_feats, positions, (d - 1) * k, f_mask)
+        c_ids, c_logp, q = _children(keys[d], logits, temperature, k, with_q)
+        c_scores = (f_scores[:, :, None] + c_logp).reshape(b, k * k)
+        first = k + (d - 1) * k * k
+        best = lax.top_k(c_scores, k)[1]  # next frontier, as indices into this level
+        from_node = best // k
+        nxt_mask = jnp.take_along_axis(f_mask, from_node[:, :, None], axis=1)
+        nxt_mask = nxt_mask | jax.nn.one_hot(d * k + jnp.arange(k), m, dtype=bool)[None]
+        nxt = (jnp.take_along_axis(c_ids.reshape(b, k * k), best, axis=1),
+               jnp.take_along_axis(c_scores, best, axis=1), first + best,
+               jnp.take_along_axis(feats, from_node[:, :, None], axis=1), nxt_mask, carry)
+        out = (c_ids.reshape(b, k * k), c_scores, jnp.repeat(f_ids, k, axis=1), jnp.repeat(f_scores, k, axis=1),
+               q if with_q else jnp.zeros((b, 0)), f_ids)
+        return nxt, out
+
+    frontier = (ids, scores, frontier_ids, frontier_feats, frontier_mask, carry)
+    if depth > 1:  # one scanned level per depth: compile time does not grow with depth
+        frontier, (c_ids, c_scores, parents, group_key, q, owners) = lax.scan(
+            level, frontier, jnp.arange(1, depth, dtype=jnp.int32))
+        flat = lambda x: jnp.moveaxis(x, 0, 1).reshape((b, -1) + x.shape[3:])
+        level_tokens.append(flat(c_ids))
+        level_scores.append(flat(c_scores))
+        level_parents.append(flat(parents))
+        level_keys.append(flat(group_key))
+        if with_q:
+            q_rows.append(flat(q))
+            q_owner.append(flat(owners))
+    carry = frontier[-1]
+
+    tokens = jnp.concatenate(level_tokens, axis=1)
+    scores = jnp.concatenate(level_scores, axis=1)
+    parents = jnp.concatenate(level_parents, axis=1)
+    rank_key = scores
+    if with_q:
+        rank_key = jnp.where((temperature > 0)[:, None], jnp.concatenate(level_keys, axis=1), scores)
+    chosen = _chosen_indices(rank_key, shape.capacity)
+    tree = _select_best(tokens, scores, parents, chosen, shape, to_target)
+    if with_q:
+        tree = dataclasses.replace(tree, q_dists=_tree_q(tree, q_root[:, 0], q_rows, q_owner, shape, chosen,
+                                                         q_to_target))
+    return tree, carry
+
+
+def _chosen_indices(rank_key: jax.Array, capacity: int) -> jax.Array:
+    """Global candidate indices of the kept nodes, ascending (top_k breaks ties by index)."""
+    kept = min(capacity, rank_key.shape[1])
+    return jnp.sort(lax.top_k(rank_key, kept)[1], axis=1).astype(jnp.int32)
+
+
+def _select_best(tokens, scores, parents, chosen, shape: TreeShape, to_target) -> DraftTree:
+    """Keep the ``chosen`` candidates; renumber parents into tree slots."""
+    b, c = tokens.shape
+    kept = chosen.shape[1]
+    slot_of = jnp.full((b, c), -1, jnp.int32).at[jnp.arange(b)[:, None], chosen].set(
+        jnp.arange(kept, dtype=jnp.int32)[None, :])
+    cand_parent = jnp.take_along_axis(parents, chosen, axis=1)
+    parent_slot = jnp.where(cand_parent < 0, -1,
+                            jnp.take_along_axis(slot_of, jnp.maximum(cand_parent, 0), axis=1))
+    # A child ranked above its parent cannot happen (scores only fall with depth and
+    # ties go to the lower index), but a dropped parent would orphan it: mask it out.
+    valid = jnp.ones((b, kept), bool)
+    for _ in range(shape.depth):
+        parent_ok = jnp.take_along_axis(valid, jnp.maximum(parent_slot, 0), axis=1)
+        valid = (parent_slot == -1) | ((parent_slot >= 0) & parent_ok)
+    tree_tokens = to_target(jnp.take_along_axis(tokens, chosen, axis=1))
+    probs = jnp.exp(jnp.take_along_axis(scores, chosen, axis=1))
+    pad = shape.capacity - kept
+    if pad:
+        tree_tokens = jnp.pad(tree_tokens, ((0, 0), (0, pad)))
+        parent_slot = jnp.pad(parent_slot, ((0, 0), (0, pad)), constant_values=-1)
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+        probs = jnp.pad(probs, ((0, 0), (0, pad)))
+    return DraftTree(tokens=tree_tokens.astype(jnp.int32), parents=jnp.where(valid, parent_slot, -1),
+                     valid=valid, draft_probs=jnp.where(valid, probs, 0.0))
+
+
+def _tree_q(tree: DraftTree, q_root, q_rows, q_owner, shape: TreeShape, chosen, q_to_target) -> jax.Array:
+    """q_dists [B, T + 1, V]: row 0 the root's q, row i + 1 the q node i's children came from
+    (uniform for nodes that were never expanded: they have no children)."""
+    b = q_root.shape[0]
+    c = shape.num_candidates
+    root = q_to_target(q_root)
+    v = root.shape[-1]
+    if not q_rows:
+        node_q = jnp.full((b, tree.capacity, v), 1.0 / v, jnp.float32)
+        return jnp.concatenate([root[:, None], node_q], axis=1)
+    frontier_q = jnp.concatenate(q_rows, axis=1)  # [B, (D-1)k, Vd]
+    owners = jnp.concatenate(q_owner, axis=1)  # global candidate index of each expanded node
+    row_of = jnp.full((b, c), -1, jnp.int32).at[jnp.arange(b)[:, None], owners].set(
+        jnp.arange(owners.shape[1], dtype=jnp.int32)[None, :])
+    node_row = jnp.take_along_axis(row_of, chosen, axis=1)  # [B, kept]
+    picked = jnp.take_along_axis(frontier_q, jnp.maximum(node_row, 0)[:, :, None], axis=1)
+    node_q = jnp.where((node_row >= 0)[:, :, None], q_to_target(picked), 1.0 / v)
+    pad = tree.capacity - node_q.shape[1]
+    if pad:
+        node_q = jnp.concatenate([node_q, jnp.full((b, pad, v), 1.0 / v, node_q.dtype)], axis=1)
+    return jnp.concatenate([root[:, None], node_q], axis=1).astype(jnp.float32)

@@ -1,0 +1,140 @@
+"""Token Recycling (Luo et al., 2024): a training-free device drafter.
+
+An adjacency table ``[V, k]`` holds, for every token, the top-k successors the
+target predicted the last time that token was scored. Every verify pass
+refreshes the rows of *all* tree nodes from their logits (the candidate tokens
+plain decoding throws away), and drafting walks a static tree template from
+the root token: a node that is the r-th child of its parent gets
+``table[parent_token, r]``. The table outlives requests (the paper's hot
+start): ``end_batch`` keeps it on the drafter for the next batch.
+
+Drafts are point masses (no q), so acceptance is lossless for any table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.engine.tree import DraftTree
+
+# The paper's default tree (its code's template "2.2.2"): 80 nodes in 6 levels
+# (8, 21, 25, 15, 8, 3); a node is the path of child ranks from the root.
+PAPER_TREE: tuple[tuple[int, ...], ...] = (
+    *[(i,) for i in range(8)],
+    *[(0, i) for i in range(8)], *[(1, i) for i in range(4)], *[(2, i) for i in range(3)],
+    (3, 0), (3, 1), (4, 0), (5, 0), (6, 0), (7, 0),
+    *[(0, 0, i) for i in range(8)], (0, 1, 0), (0, 1, 1), (0, 1, 2), (0, 2, 0), (0, 2, 1),
+    (0, 3, 0), (0, 4, 0), (0, 5, 0), (0, 6, 0), (0, 7, 0), (1, 0, 0), (1, 0, 1), (1, 1, 0),
+    (2, 0, 0), (3, 0, 0), (4, 0, 0), (5, 0, 0),
+    *[(0, 0, 0, i) for i in range(5)], (0, 0, 1, 0), (0, 0, 1, 1), (0, 0, 2, 0), (0, 0, 3, 0),
+    (0, 0, 4, 0), (0, 1, 0, 0), (0, 2, 0, 0), (1, 0, 0, 0), (2, 0, 0, 0), (3, 0, 0, 0),
+    (0, 0, 0, 0, 0), (0, 0, 0, 0, 1), (0, 0, 0, 0, 2), (0, 0, 0, 1, 0), (0, 0, 0, 2, 0),
+    (0, 0, 1, 0, 0), (0, 1, 0, 0, 0), (1, 0, 0, 0, 0),
+    (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1), (0, 0, 0, 1, 0, 0),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeTemplate:
+    """A static tree: ``parents[i]`` (-1 = child of the root, else an earlier node),
+    ``ranks[i]`` which successor of its parent node i takes, ``depth[i]`` from 1."""
+
+    parents: np.ndarray
+    ranks: np.ndarray
+    depth: np.ndarray
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Sequence[int]]) -> "TreeTemplate":
+        paths = sorted((tuple(p) for p in paths), key=lambda p: (len(p), p))
+        index = {p: i for i, p in enumerate(paths)}
+        missing = [p for p in paths if len(p) > 1 and p[:-1] not in index]
+        if missing or any(len(p) == 0 for p in paths):
+            raise ValueError(f"tree template paths must be non-empty and closed under prefixes; "
+                             f"parents missing for {missing[:3]}")
+        parents = np.array([index[p[:-1]] if len(p) > 1 else -1 for p in paths], np.int32)
+        return cls(parents, np.array([p[-1] for p in paths], np.int32), np.array([len(p) for p in paths], np.int32))
+
+    def truncated(self, capacity: int) -> "TreeTemplate":
+        """The first ``capacity`` nodes (breadth-first order keeps every parent)."""
+        return TreeTemplate(self.parents[:capacity], self.ranks[:capacity], self.depth[:capacity])
+
+    def __len__(self) -> int:
+        return len(self.parents)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RecyclingState:
+    table: jax.Array  # int32[V, k] latest top-k successors per token, -1 = never seen
+    tree_tokens: jax.Array  # int32[B, T + 1] the last proposed tree, root first
+    tree_valid: jax.Array  # bool[B, T + 1]
+
+
+@dataclasses.dataclass(eq=False)
+class TokenRecyclingDrafter:
+    """Token Recycling over a static template (default: the paper's 80-node tree, k = 8).
+
+    ``capacity`` below the template size keeps its first nodes (breadth first);
+    above it, the extra slots stay empty.
+    """
+
+    vocab_size: int
+    capacity: int = 80
+    k: int = 8
+    paths: Sequence[Sequence[int]] = PAPER_TREE
+    table: Optional[jax.Array] = None
+    hidden_layers: tuple[int, ...] = ()
+    params: None = None
+
+    def __post_init__(self):
+        template = TreeTemplate.from_paths(self.paths)
+        if template.ranks.max() >= self.k:
+            raise ValueError(f"the template uses successor rank {template.ranks.max()}, but k = {self.k}")
+        if self.k > self.vocab_size:
+            raise ValueError(f"k = {self.k} exceeds the vocabulary ({self.vocab_size})")
+        self.template = template.truncated(self.capacity)
+
+    def reset(self) -> None:
+        """Forget every recycled successor (a cold start)."""
+        self.table = None
+
+    def init_state(self, batch_size: int, max_len: int = 0) -> RecyclingState:
+        table = self.table if self.table is not None else jnp.full((self.vocab_size, self.k), -1, jnp.int32)
+        n = self.capacity + 1
+        return RecyclingState(table, jnp.zeros((batch_size, n), jnp.int32), jnp.zeros((batch_size, n), bool))
+
+    def prefill(self, params, dstate, prompt_tokens, prompt_lengths, first_tokens, hidden=None):
+        return dstate
+
+    def propose(self, params, dstate: RecyclingState, root_tokens, lengths, sampling, key, *,
+                with_q: bool = False) -> tuple[DraftTree, RecyclingState]:
+        b, t = root_tokens.shape[0], len(self.template)
+        tokens = jnp.zeros((b, self.capacity + 1), jnp.int32).at[:, 0].set(root_tokens.astype(jnp.int32))
+        valid = jnp.zeros((b, self.capacity + 1), bool).at[:, 0].set(True)
+        for level in range(1, int(self.template.depth.max(initial=0)) + 1):
+            nodes = np.flatnonzero(self.template.depth == level)
+            parent_r = self.template.parents[nodes] + 1  # root-indexed
+            succ = dstate.table[tokens[:, parent_r], self.template.ranks[nodes]]  # [B, n]
+            tokens = tokens.at[:, nodes + 1].set(jnp.maximum(succ, 0))
+            valid = valid.at[:, nodes + 1].set(valid[:, parent_r] & (succ >= 0))
+        parents = np.full(self.capacity, -1, np.int32)
+        parents[:t] = self.template.parents
+        tree = DraftTree(tokens=tokens[:, 1:], parents=jnp.broadcast_to(jnp.asarray(parents), (b, self.capacity)),
+                         valid=valid[:, 1:])
+        return tree, dataclasses.replace(dstate, tree_tokens=tokens, tree_valid=valid)
+
+    def update(self, params, dstate: RecyclingState, accepted, aux) -> RecyclingState:
+        """Every scored node's row becomes the target's top-k successors at that node."""
+        succ = jax.lax.top_k(aux.logits, self.k)[1].astype(jnp.int32)  # [B, T + 1, k]
+        live = dstate.tree_valid & (accepted.num > 0)[:, None]
+        rows = jnp.where(live, dstate.tree_tokens, self.vocab_size)  # out of range -> dropped
+        table = dstate.table.at[rows.reshape(-1)].set(succ.reshape(-1, self.k), mode="drop")
+        return dataclasses.replace(dstate, table=table)
+
+    def end_batch(self, dstate: RecyclingState) -> None:
+        self.table = dstate.table
