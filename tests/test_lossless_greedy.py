@@ -69,17 +69,6 @@ def test_prompt_lookup_is_lossless_and_stops_at_eos():
     assert any(len(o) < NEW_TOKENS for o in expected)  # the EOS path was exercised
 
 
-def test_verify_and_accept_compile_once_per_shape():
-    from specjax.engine import steps
-
-    engine = Engine(MODELS["llama"], PromptLookupDrafter(), draft_capacity=5, attention="xla")
-    engine.generate(PROMPTS, max_new_tokens=8)
-    before = (steps.verify._cache_size(), steps.accept._cache_size())
-    engine.generate([p[::-1] for p in PROMPTS], max_new_tokens=8)
-    engine.generate(PROMPTS, max_new_tokens=12)
-    assert (steps.verify._cache_size(), steps.accept._cache_size()) == before
-
-
 def test_pallas_tree_attention_in_the_loop_is_lossless():
     """The Pallas kernel (interpret mode on CPU) behind verify and prefill gives the same tokens."""
     engine = Engine(MODELS["llama"], PromptLookupDrafter(max_branches=2), draft_capacity=4, attention="pallas")
