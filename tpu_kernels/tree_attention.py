@@ -26,7 +26,7 @@ would go for a paged layout.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -171,7 +171,7 @@ def tree_attention(
     tree_v: jax.Array,
     tree_mask: jax.Array,
     *,
-    impl: str = "auto",
+    impl: Union[str, Callable[..., jax.Array]] = "auto",
     backend: Optional[str] = None,
     layer: Optional[jax.Array] = None,
     sm_scale: Optional[float] = None,
@@ -187,12 +187,20 @@ def tree_attention(
                 (specjax is TPU-first).  A kernel off its own platform runs in
                 interpret mode.
       "auto":   TPU -> Mosaic kernel, GPU -> Triton kernel, anything else -> reference.
+      a callable with this function's signature, such as the mesh-aware
+                `sharded_attention.sharded_tree_attention(mesh, impl)`: called
+                with the operands, `layer` and `sm_scale` (it holds its own
+                impl and kernel options), so a model runs on a mesh unchanged.
     Trees larger than MAX_KERNEL_TREE tokens (prefill) always take the reference.
     layer: with a stacked cache [L, B, Hkv, S, D], the layer to read (traced int32).
     interpret: run the kernel in Pallas interpret mode even on its own platform.
     block_sizes: static kernel tuning, by backend: tpu {block_k}; gpu {block_k,
       block_r, num_splits, num_warps, num_stages}.  Ignored when the reference runs.
     """
+    if callable(impl):
+        if backend is not None or interpret or block_sizes:
+            raise ValueError("a callable impl holds its own backend and kernel options; pass them when building it")
+        return impl(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, layer=layer, sm_scale=sm_scale)
     check_shapes(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, layer)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     platform = jax.default_backend()
