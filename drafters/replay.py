@@ -18,6 +18,7 @@ dependency.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import gzip
 import json
@@ -36,6 +37,7 @@ class TraceRequest:
     prompt_ids: list[int]
     response_ids: list[int]
     task: str = "default"
+    session: str = ""  # calls of one agent run; "" = a session of its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,7 @@ class ReplayConfig:
     min_token_prob: float = 0.1
     max_cached_requests: Optional[int] = None  # None: unbounded
     budget: Optional[int] = None  # nodes per step for specjax's budgeted trees; None: the SuffixDecoding rule
+    max_shared_requests: int = 8  # budgeted trees: other requests in flight each one drafts from
 
     @property
     def spec_tokens(self) -> int:
@@ -70,7 +73,7 @@ def load_traces(path: str) -> list[TraceRequest]:
                 row = json.loads(line)
                 requests.append(TraceRequest(token_list(row["prompt_ids"], "prompt_ids"),
                                              token_list(row["response_ids"], "response_ids"),
-                                             str(row.get("task", "default"))))
+                                             str(row.get("task", "default")), str(row.get("session", ""))))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{path}:{number}: not a trace row ({type(err).__name__}: {err})") from err
     return requests
@@ -116,7 +119,8 @@ class SpecjaxBackend:
         self.drafter = SuffixDecodingDrafter(
             max_depth=config.max_depth, max_spec_tokens=config.spec_tokens, max_spec_factor=config.max_spec_factor,
             max_spec_offset=config.max_spec_offset, min_token_prob=config.min_token_prob, tree=config.tree,
-            max_cached_requests=config.max_cached_requests, budget_mode=config.budget is not None)
+            max_cached_requests=config.max_cached_requests, budget_mode=config.budget is not None,
+            max_shared_requests=config.max_shared_requests)
 
     def start(self, request_id: int, prompt: list[int]) -> None:
         self.drafter.start_request(request_id, prompt)
@@ -264,35 +268,81 @@ def _percentile(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else 0.0
 
 
+def replay_step(backend: Backend, request_id: int, truth: Sequence[int], stats: TaskStats) -> int:
+    """One draft-verify-accept step against the rest of a recorded response; returns the tokens emitted."""
+    tokens, parents, spec_s = backend.speculate(request_id)
+    accepted = accepted_length(tokens, parents, truth)
+    emitted = list(truth[: accepted + 1])  # plus the bonus token, unless the response ended
+    stats.update_s.append(backend.extend(request_id, emitted))
+    stats.spec_s.append(spec_s)
+    stats.accepted.append(accepted)
+    stats.drafted.append(len(tokens))
+    return len(emitted)
+
+
 def replay_request(backend: Backend, request_id: int, request: TraceRequest, stats: TaskStats) -> None:
     """Replay one recorded response through a backend, step by step."""
     truth = request.response_ids
     backend.start(request_id, request.prompt_ids)
     done = 0
     while done < len(truth):
-        tokens, parents, spec_s = backend.speculate(request_id)
-        accepted = accepted_length(tokens, parents, truth[done:])
-        emitted = truth[done: done + accepted + 1]  # plus the bonus token, unless the response ended
-        stats.update_s.append(backend.extend(request_id, emitted))
-        stats.spec_s.append(spec_s)
-        stats.accepted.append(accepted)
-        stats.drafted.append(len(tokens))
-        done += len(emitted)
+        done += replay_step(backend, request_id, truth[done:], stats)
     backend.stop(request_id)
     stats.response_tokens += len(truth)
 
 
+def replay_sessions(backend: Backend, requests: Sequence[TraceRequest], concurrency: int,
+                    stats: dict[str, TaskStats]) -> None:
+    """Replay with up to ``concurrency`` sessions in flight, one step each in turn, like a batch.
+
+    A session's calls run one after the other (each prompt holds the previous
+    response); sessions start in file order as others finish, so concurrent
+    requests (the trials of one task, parallel agents) can draft from each
+    other's partial outputs.
+    """
+    sessions: dict[str, collections.deque] = {}
+    for request_id, request in enumerate(requests):
+        sessions.setdefault(request.session or f"#{request_id}", collections.deque()).append((request_id, request))
+    waiting = collections.deque(sessions.values())
+    active: list[list] = []  # [calls left, request id, request, tokens done]
+
+    def start_next(calls: collections.deque) -> None:
+        request_id, request = calls.popleft()
+        backend.start(request_id, request.prompt_ids)
+        active.append([calls, request_id, request, 0])
+
+    while active or waiting:
+        while waiting and len(active) < concurrency:
+            start_next(waiting.popleft())
+        for entry in list(active):
+            calls, request_id, request, done = entry
+            truth = request.response_ids
+            task = stats.setdefault(request.task, TaskStats())
+            entry[3] = done = done + replay_step(backend, request_id, truth[done:], task)
+            if done >= len(truth):
+                backend.stop(request_id)
+                task.response_tokens += len(truth)
+                active.remove(entry)
+                if calls:
+                    start_next(calls)
+
+
 def replay(requests: Sequence[TraceRequest], backends: Sequence[Backend], prefill: Sequence[TraceRequest] = (),
-           progress: Optional[Callable[[int], None]] = None) -> list[dict[str, TaskStats]]:
+           progress: Optional[Callable[[int], None]] = None, concurrency: int = 1) -> list[dict[str, TaskStats]]:
     """Replay every request in order through every backend; per backend, per-task step statistics.
 
-    The backends take turns request by request, so that their timings see the
-    same machine conditions (a shared machine's speed drifts within seconds).
+    One request at a time, the backends take turns request by request, so that
+    their timings see the same machine conditions (a shared machine's speed
+    drifts within seconds). With ``concurrency`` > 1, see ``replay_sessions``.
     """
     for backend in backends:
         for i, request in enumerate(prefill):
             backend.prefill(-1 - i, request)  # negative ids never collide with the replayed requests
     stats: list[dict[str, TaskStats]] = [{} for _ in backends]
+    if concurrency > 1:
+        for backend, tasks in zip(backends, stats):
+            replay_sessions(backend, requests, concurrency, tasks)
+        return stats
     for request_id, request in enumerate(requests):
         for backend, tasks in zip(backends, stats):
             replay_request(backend, request_id, request, tasks.setdefault(request.task, TaskStats()))
@@ -311,17 +361,55 @@ def report(stats: dict[str, TaskStats], bytes_per_token: Optional[float]) -> dic
 
 
 def run(requests: Sequence[TraceRequest], backends: Sequence[Backend], prefill: Sequence[TraceRequest] = (),
-        show_progress: bool = False) -> list[dict]:
+        show_progress: bool = False, concurrency: int = 1) -> list[dict]:
     """Replay and report, one result per backend."""
     bar = None
-    if show_progress:
+    if show_progress and concurrency == 1:
         from tqdm import tqdm
 
         bar = tqdm(total=len(requests), desc="replay", unit="req", file=sys.stderr)
-    stats = replay(requests, backends, prefill, bar.update if bar else None)
+    stats = replay(requests, backends, prefill, bar.update if bar else None, concurrency)
     if bar:
         bar.close()
     return [report(tasks, backend.bytes_per_token()) for backend, tasks in zip(backends, stats)]
+
+
+def arctic_at_equal_nodes(requests: Sequence[TraceRequest], config: ReplayConfig, cache_class: type,
+                          target_nodes: float, prefill: Sequence[TraceRequest] = (), concurrency: int = 1,
+                          tolerance: float = 0.01, max_runs: int = 8) -> dict:
+    """ArcticInference at the budget factor whose mean drafted nodes per step equal ``target_nodes``.
+
+    Its drafts grow with the factor (factor x match length, capped at
+    ``config.spec_tokens``), so the factor is bisected (geometrically) between
+    1 and the cap until the mean is within ``tolerance``; tokens per step is
+    then interpolated linearly in drafted nodes between the two closest runs
+    that bracket the target. Returns those runs, the factor and the
+    interpolated tokens per step (None when no factor reaches the target).
+    """
+    def at(factor: float) -> dict:
+        backend = ArcticBackend(dataclasses.replace(config, max_spec_factor=factor), cache_class)
+        result = run(requests, [backend], prefill, concurrency=concurrency)[0]
+        return dict(result, max_spec_factor=factor)
+
+    low, high = at(1.0), at(float(config.spec_tokens))
+    runs = [low, high]
+    if not low["mean_drafted"] <= target_nodes <= high["mean_drafted"]:
+        closest = low if target_nodes < low["mean_drafted"] else high
+        return dict(runs=runs, max_spec_factor=closest["max_spec_factor"], tokens_per_step=None)
+    while len(runs) < max_runs and abs(high["mean_drafted"] - target_nodes) > tolerance * target_nodes \
+            and abs(low["mean_drafted"] - target_nodes) > tolerance * target_nodes:
+        middle = at((low["max_spec_factor"] * high["max_spec_factor"]) ** 0.5)
+        runs.append(middle)
+        if middle["mean_drafted"] < target_nodes:
+            low = middle
+        else:
+            high = middle
+    span = high["mean_drafted"] - low["mean_drafted"]
+    weight = 0.5 if span <= 0 else (target_nodes - low["mean_drafted"]) / span
+    closest = low if abs(low["mean_drafted"] - target_nodes) <= abs(high["mean_drafted"] - target_nodes) else high
+    return dict(runs=runs, max_spec_factor=closest["max_spec_factor"],
+                tokens_per_step=low["tokens_per_step"] + weight * (high["tokens_per_step"] - low["tokens_per_step"]),
+                bracket=[low, high])
 
 
 _COLUMNS = [("tokens/step", "tokens_per_step", "{:.3f}"), ("accepted", "mean_accepted", "{:.3f}"),
@@ -350,50 +438,77 @@ def _cell(value, fmt: str) -> str:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="specjax replay", description=__doc__.split("\n\n")[0])
-    p.add_argument("--traces", required=True, help="JSONL(.gz) of {prompt_ids, response_ids, task?}")
+    p.add_argument("--traces", required=True, help="JSONL(.gz) of {prompt_ids, response_ids, task?, session?}")
     p.add_argument("--tree", action="store_true", help="draft best-first trees instead of single paths")
+    p.add_argument("--budget", type=int, default=None,
+                   help="nodes per step: specjax fills them with one tree over every source (budget mode); "
+                        "ArcticInference runs at the factor given and at the one giving it as many nodes")
     p.add_argument("--max-depth", type=int, default=64, help="longest context suffix matched")
-    p.add_argument("--max-spec-tokens", type=int, default=None, help="draft size cap (default: max depth)")
+    p.add_argument("--max-spec-tokens", type=int, default=None, help="draft size cap (default: budget or max depth)")
     p.add_argument("--max-spec-factor", type=float, default=1.0, help="draft budget per matched token")
     p.add_argument("--max-spec-offset", type=float, default=0.0, help="draft budget offset")
     p.add_argument("--min-token-prob", type=float, default=0.1, help="drop draft nodes below this probability")
     p.add_argument("--max-cached-requests", type=int, default=None, help="FIFO cap on cached responses")
+    p.add_argument("--concurrency", type=int, default=1, help="sessions in flight at once (default: one request)")
+    p.add_argument("--max-shared-requests", type=int, default=8,
+                   help="budget mode: other requests in flight each one drafts from (0: none)")
     p.add_argument("--prefill", help="JSONL(.gz) whose responses fill the global index first")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     p.add_argument("--no-reference", action="store_true", help="skip ArcticInference even if it is installed")
     p.add_argument("--output", help="also write the JSON result to this file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
-    if args.max_depth < 1:
-        p.error(f"--max-depth must be >= 1, got {args.max_depth}")
-    if args.limit is not None and args.limit < 0:
-        p.error(f"--limit must be >= 0, got {args.limit}")
+    for name, low in (("max_depth", 1), ("limit", 0), ("budget", 1), ("concurrency", 1), ("max_shared_requests", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     config = ReplayConfig(args.tree, args.max_depth, args.max_spec_tokens, args.max_spec_factor,
-                          args.max_spec_offset, args.min_token_prob, args.max_cached_requests)
+                          args.max_spec_offset, args.min_token_prob, args.max_cached_requests, args.budget,
+                          args.max_shared_requests)
     requests = load_traces(args.traces)[: args.limit]
     prefill = load_traces(args.prefill) if args.prefill else []
     backends: list[Backend] = [SpecjaxBackend(config)]
     cache_class = None if args.no_reference else arctic_cache_class()
     if cache_class is not None:
         backends.append(ArcticBackend(config, cache_class))
-    results = run(requests, backends, prefill, show_progress=not args.json)
+    results = run(requests, backends, prefill, show_progress=not args.json, concurrency=args.concurrency)
     result = dict(traces=args.traces, prefill=args.prefill, requests=len(requests),
                   config=dataclasses.asdict(config), **results[0],
                   reference=dict(name="arctic_inference SuffixDecodingCache", **results[1]) if cache_class else None)
+    table = {backend.name: r for backend, r in zip(backends, results)}
+    if cache_class is not None and args.budget is not None:
+        equal = arctic_at_equal_nodes(requests, config, cache_class, results[0]["mean_drafted"], prefill,
+                                      args.concurrency)
+        result["reference_equal_nodes"] = equal
+        closest = min(equal["runs"], key=lambda r: abs(r["mean_drafted"] - results[0]["mean_drafted"]))
+        table[f"arctic x{closest['max_spec_factor']:.3g}"] = closest
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
     if args.json:
         print(json.dumps(result))
-    else:
-        print(format_table({backend.name: r for backend, r in zip(backends, results)}))
-        if cache_class is None and not args.no_reference:
-            print("(arctic_inference is not installed: no reference run)")
+        return 0
+    print(format_table(table))
+    if cache_class is None and not args.no_reference:
+        print("(arctic_inference is not installed: no reference run)")
+    elif cache_class is not None:
+        print(f"specjax / arctic at factor {config.max_spec_factor:g}: "
+              f"{results[0]['tokens_per_step'] / results[1]['tokens_per_step']:.3f}x tokens per step")
+        equal = result.get("reference_equal_nodes")
+        if equal is not None and equal["tokens_per_step"] is not None:
+            print(f"specjax / arctic at equal drafted nodes ({results[0]['mean_drafted']:.2f}, factor "
+                  f"~{equal['max_spec_factor']:.3g}, interpolated): "
+                  f"{results[0]['tokens_per_step'] / equal['tokens_per_step']:.3f}x tokens per step")
+        elif equal is not None:
+            closest = min(equal["runs"], key=lambda r: abs(r["mean_drafted"] - results[0]["mean_drafted"]))
+            print(f"arctic drafts {closest['mean_drafted']:.2f} nodes per step at most (factor "
+                  f"{closest['max_spec_factor']:g}), not {results[0]['mean_drafted']:.2f}; there: "
+                  f"{results[0]['tokens_per_step'] / closest['tokens_per_step']:.3f}x tokens per step")
     return 0
 
 

@@ -151,7 +151,8 @@ class SuffixAutomaton:
         self.edge_target = array("i", [0])
         self.branches: dict[int, dict[int, int]] = {}  # token -> state, for states with several transitions
         self.clock = 0
-        self._ranked: dict[int, list[tuple[int, int, int, int]]] = {}  # until the next change
+        # state -> (clock when ranked, ranking); see ranked_children for when it is still valid
+        self._ranked: dict[int, tuple[int, list[tuple[int, int, int, int]]]] = {}
         self._last = _ROOT  # state of the whole sequence being written
         self._window = _ROOT  # state of its suffix of min(length, count_depth) tokens
         self._written = 0
@@ -219,7 +220,6 @@ class SuffixAutomaton:
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Append tokens to the current sequence (ids already validated)."""
-        self._ranked.clear()
         for token in tokens:
             self._append(token)
 
@@ -346,13 +346,20 @@ class SuffixAutomaton:
         return self.suffix_of_length(self._window, max_len), min(self._written, max_len)
 
     def ranked_children(self, state: int) -> list[tuple[int, int, int, int]]:
-        """Live continuations as (count, stamp, token, state), most frequent (then most recent) first."""
-        ranked = self._ranked.get(state)
-        if ranked is None:
-            count, stamp = self.count, self.stamp
-            ranked = [(count[s], stamp[s], t, s) for t, s in self.children(state) if count[s] > 0]
-            ranked.sort(reverse=True)
-            self._ranked[state] = ranked
+        """Live continuations as (count, stamp, token, state), most frequent (then most recent) first.
+
+        A ranking stays valid while the state does not occur again: a child's
+        count, a new transition and a split all follow an occurrence of the
+        state itself (one token earlier), which moves its stamp. So appends
+        leave most rankings valid, and only ``remove`` clears them all.
+        """
+        cached = self._ranked.get(state)
+        if cached is not None and self.stamp[state] < cached[0]:
+            return cached[1]
+        count, stamp = self.count, self.stamp
+        ranked = [(count[s], stamp[s], t, s) for t, s in self.children(state) if count[s] > 0]
+        ranked.sort(reverse=True)
+        self._ranked[state] = (self.clock, ranked)
         return ranked
 
     def draft_chain(self, state: int, budget: int, min_prob: float, to_beat: float) -> Optional[Draft]:
@@ -459,13 +466,13 @@ class SuffixAutomaton:
                 heapq.heappush(heap, (-child_prob, -next(pushes), token, child, parent))
 
 
-def _match_bucket(match_len: int) -> int:
-    """Lengths and counts grouped by powers of two (1, 2-3, 4-7, ...)."""
-    return match_len.bit_length()
-
-
 def _ratio_bin(ratio: float) -> int:
     return 4 if ratio >= 1.0 else 3 if ratio >= 0.5 else 2 if ratio >= 0.25 else 1 if ratio >= 0.1 else 0
+
+
+def calibration_prefix(source: int, matched: int, count: int) -> int:
+    """A node's calibration group, less its ratio bin: source, matched length and count by powers of two."""
+    return ((source << 5 | matched.bit_length()) << 5 | count.bit_length()) << 3
 
 
 class NodeCalibration:
@@ -474,95 +481,140 @@ class NodeCalibration:
     A suffix of m tokens that occurred once predicts its continuation with
     count ratio 1 whether m is 2 or 60: the ratio alone over-trusts short and
     rare matches, and says nothing about which index is more reliable on this
-    workload. Nodes are grouped by (source, matched length at the node,
-    pattern count, ratio bin), and each group's estimate is its acceptance
-    rate with the ratio itself as the prior (``prior_weight`` pseudo-tests),
-    so a fresh index drafts by the plain ratios.
+    workload. Nodes are grouped by source, matched length at the node and
+    pattern count (by powers of two) and ratio bin; each group's estimate is
+    its acceptance rate with the ratio itself as the prior (``prior_weight``
+    pseudo-tests), so a fresh index drafts by the plain ratios.
     """
 
     def __init__(self, prior_weight: float = 4.0):
         self.prior_weight = prior_weight
-        self._stats: dict[tuple, list[float]] = {}  # key -> [accepted, tested]
+        self.stats: dict[int, list[float]] = {}  # group -> [accepted, tested]
 
-    def estimate(self, key: tuple, ratio: float) -> float:
-        stats = self._stats.get(key)
-        if stats is None:
-            return ratio
-        return (stats[0] + self.prior_weight * ratio) / (stats[1] + self.prior_weight)
-
-    def learn(self, draft_parents: Sequence[int], draft_tokens: Sequence[int], keys: Sequence[tuple],
+    def learn(self, draft_tokens: Sequence[int], keys: Sequence[int], children: Sequence[Sequence[int]],
               accepted_ids: Sequence[int]) -> None:
-        """Count every tested node (a child of the root or of an accepted node whose next token is known)."""
-        children: dict[int, list[int]] = collections.defaultdict(list)
-        for node, parent in enumerate(draft_parents):
-            children[parent].append(node)
-        parent = -1
+        """Count every tested node: a child of the root or of an accepted node whose next token is known.
+
+        ``children[node + 1]`` lists a node's children (the root's at 0), as ``draft_merged`` returns them.
+        """
+        stats = self.stats
+        node = -1
         for truth in accepted_ids:
-            nxt = -1
-            for node in children.get(parent, ()):
-                hit = draft_tokens[node] == truth
-                stats = self._stats.get(keys[node])
-                if stats is None:
-                    stats = self._stats[keys[node]] = [0.0, 0.0]
-                stats[0] += hit
-                stats[1] += 1.0
+            accepted = -1
+            for child in children[node + 1]:
+                hit = draft_tokens[child] == truth
                 if hit:
-                    nxt = node
-            if nxt < 0:
-                break
-            parent = nxt
+                    accepted = child
+                seen = stats.get(keys[child])
+                if seen is None:
+                    stats[keys[child]] = [float(hit), 1.0]
+                else:
+                    seen[0] += hit
+                    seen[1] += 1.0
+            if accepted < 0:
+                return
+            node = accepted
 
 
-_LOCAL, _GLOBAL = 0, 1  # sources of a budgeted draft's candidates
+SOURCE_LOCAL, SOURCE_GLOBAL, SOURCE_SHARED = 0, 1, 2  # sources of a budgeted draft's candidates
 
 
 def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], calibration: NodeCalibration,
-                 budget: int, min_prob: float) -> tuple[Draft, list[tuple]]:
+                 budget: int, min_prob: float) -> tuple[Draft, list[int], list[list[int]]]:
     """One best-first tree of up to ``budget`` nodes over several (automaton, state, source, match length) candidates.
 
     A candidate gives a path the product of its calibrated count ratios (a
     drafted token that is accepted extends the match, so a node at depth d of
-    a candidate matching m tokens is calibrated as a match of m + d). A node's
-    value is the largest any candidate gives its path (values only shrink down
-    a path, so parents are placed before their children). Candidates that
-    agree on a path share its nodes; where they disagree, each adds its own
-    branches. Returns the draft and each node's calibration key.
+    a candidate matching m tokens is calibrated as a match of m + d); nodes
+    whose plain ratio product falls below ``min_prob`` are not drafted. A
+    node's value is the largest any candidate gives its path (values only
+    shrink down a path, so parents are placed before their children).
+    Candidates that agree on a path share its nodes; where they disagree, each
+    adds its own branches. Returns the draft, each node's calibration group,
+    and each node's children (the root's last), which ``NodeCalibration.learn``
+    needs.
+
+    A single continuation that is at least as likely as anything waiting in
+    the heap is drafted at once (the heap would pop it next), so long copied
+    spans cost no heap round trips.
     """
     tokens: list[int] = []
     parents: list[int] = []
     probs: list[float] = []
-    keys: list[tuple] = []
+    keys: list[int] = []
+    children: list[list[int]] = [[]]  # children[node + 1]: the root's at 0
     nodes: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
     heap: list = []  # (-value, -push number, parent node, token, candidate, state, depth, key, prob)
     pushes = itertools.count()
     heappush, heappop = heapq.heappush, heapq.heappop
+    stats, prior = calibration.stats, calibration.prior_weight
 
     def push_children(candidate: int, state: int, value: float, prob: float, parent: int, depth: int) -> None:
         automaton, _, source, matched = candidates[candidate]
         total = automaton.count[state]
-        prefix = (source, _match_bucket(matched + depth), _match_bucket(total))
-        for c, _, token, child in reversed(automaton.ranked_children(state)):
+        prefix = calibration_prefix(source, matched + depth, total)
+        kept = []
+        for c, _, token, child in automaton.ranked_children(state):  # most frequent first
+            child_prob = prob * c / total
+            if child_prob < min_prob:
+                break
+            kept.append((c, token, child, child_prob))
+        for c, token, child, child_prob in reversed(kept):  # the best is pushed last, to pop first among equals
             ratio = c / total
-            child_prob = prob * ratio
-            if child_prob >= min_prob:
-                key = prefix + (_ratio_bin(ratio),)
-                child_value = value * min(1.0, calibration.estimate(key, ratio))
-                heappush(heap, (-child_value, -next(pushes), parent, token, candidate, child, depth + 1, key,
-                                child_prob))
+            key = prefix | _ratio_bin(ratio)
+            seen = stats.get(key)
+            estimate = ratio if seen is None else (seen[0] + prior * ratio) / (seen[1] + prior)
+            child_value = value * estimate if estimate < 1.0 else value
+            heappush(heap, (-child_value, -next(pushes), parent, token, candidate, child, depth + 1, key, child_prob))
 
     for i, (_, state, _, _) in enumerate(candidates):
         push_children(i, state, 1.0, 1.0, -1, 0)
     while heap and len(tokens) < budget:
         neg_value, _, parent, token, candidate, state, depth, key, prob = heappop(heap)
-        node = nodes.get((parent, token))
-        if node is None:
-            node = nodes[parent, token] = len(tokens)
-            tokens.append(token)
-            parents.append(parent)
-            probs.append(-neg_value)
-            keys.append(key)
-        push_children(candidate, state, -neg_value, prob, node, depth)
-    return Draft(tokens, parents, probs, sum(probs), 0), keys
+        value = -neg_value
+        automaton, _, source, matched = candidates[candidate]
+        edge_token, edge_target, count = automaton.edge_token, automaton.edge_target, automaton.count
+        while True:
+            node = nodes.get((parent, token))
+            if node is None:
+                node = nodes[parent, token] = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+                probs.append(value)
+                keys.append(key)
+                children[parent + 1].append(node)
+                children.append([])
+                if node + 1 == budget:
+                    break
+            token = edge_token[state]
+            if token < 0:  # none or several continuations
+                if token == _BRANCHES:
+                    push_children(candidate, state, value, prob, node, depth)
+                break
+            child = edge_target[state]
+            total, c = count[state], count[child]
+            if c == total:
+                ratio_bin = 4
+                key = ((source << 5 | (matched + depth).bit_length()) << 5 | total.bit_length()) << 3 | 4
+                seen = stats.get(key)
+                estimate = 1.0 if seen is None else (seen[0] + prior) / (seen[1] + prior)
+            else:
+                if c == 0:
+                    break
+                prob = prob * c / total
+                if prob < min_prob:
+                    break
+                ratio = c / total
+                key = calibration_prefix(source, matched + depth, total) | _ratio_bin(ratio)
+                seen = stats.get(key)
+                estimate = ratio if seen is None else (seen[0] + prior * ratio) / (seen[1] + prior)
+            child_value = value * estimate if estimate < 1.0 else value
+            depth += 1
+            if heap and child_value < -heap[0][0]:
+                heappush(heap, (-child_value, -next(pushes), node, token, candidate, child, depth, key, prob))
+                break
+            parent, state, value = node, child, child_value
+    return Draft(tokens, parents, probs, sum(probs), 0), keys, children
 
 
 @dataclasses.dataclass
@@ -575,7 +627,15 @@ class _ActiveRequest:
     global_state: int = _ROOT
     global_matched: int = 0
     global_version: int = -1
-    pending: Optional[tuple] = None  # budgeted mode: the last draft's parents, tokens and calibration keys
+    # Budgeted mode: the last draft (tokens, calibration groups, children) and the tokens accepted after it.
+    # The calibration learns from them at the next speculation, so an update stays an index update.
+    last_draft: Optional[tuple] = None
+    outcome: Optional[list[int]] = None
+
+    def learn_from_last_draft(self, calibration: "NodeCalibration") -> None:
+        if self.last_draft is not None and self.outcome is not None:
+            calibration.learn(*self.last_draft, self.outcome)
+        self.last_draft = self.outcome = None
 
 
 class SuffixIndex:
@@ -590,14 +650,20 @@ class SuffixIndex:
         over both indexes and every matched suffix (``draft_merged``), each
         candidate weighted by its ``NodeCalibration``, instead of the
         SuffixDecoding rule (one candidate, size capped by its match length).
+      max_shared_requests: budgeted mode only: how many other active requests
+        (the most recently started) a request also drafts from, in flight.
+        Each is a candidate source of its own (its prompt and output so far),
+        so a request's own occurrences never dilute what the others offer.
     """
 
     def __init__(self, spec: SpecParams, max_depth: int = 64, max_cached_requests: Optional[int] = None,
-                 budgeted: bool = False):
+                 budgeted: bool = False, max_shared_requests: int = 8):
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         if max_cached_requests is not None and max_cached_requests < 0:
             raise ValueError(f"max_cached_requests must be >= 0 or None, got {max_cached_requests}")
+        if max_shared_requests < 0:
+            raise ValueError(f"max_shared_requests must be >= 0, got {max_shared_requests}")
         self.spec = spec
         self.max_depth = max_depth
         self.max_cached_requests = max_cached_requests
@@ -609,6 +675,7 @@ class SuffixIndex:
         self._evicted_tokens = 0  # still inside the automaton until the next rebuild
         self._active: dict[Hashable, _ActiveRequest] = {}
         self.budgeted = budgeted
+        self.max_shared_requests = max_shared_requests
         self.calibration = NodeCalibration()
 
     @property
@@ -650,9 +717,8 @@ class SuffixIndex:
         request.local.extend(tokens)
         request.tail.extend(tokens)
         request.response.extend(tokens)
-        if request.pending is not None:
-            self.calibration.learn(*request.pending, tokens)
-            request.pending = None
+        if request.last_draft is not None and request.outcome is None:
+            request.outcome = tokens
         if request.global_version == self._version:
             state, matched, automaton = request.global_state, request.global_matched, self._global
             for token in tokens:
@@ -664,6 +730,7 @@ class SuffixIndex:
         request = self._active.pop(request_id, None)
         if request is None:
             raise ValueError(f"request {request_id!r} is not active")
+        request.learn_from_last_draft(self.calibration)
         self.cache_response(request.response)
 
     def cache_response(self, response_ids: Sequence[int]) -> None:
@@ -727,10 +794,15 @@ class SuffixIndex:
         return self._best_draft(self._global, state, matched, limit, best)
 
     def _budgeted_draft(self, request: _ActiveRequest, budget: int) -> Draft:
-        """One tree over every matched suffix of both indexes; remembers each candidate's top guess."""
+        """One tree over every matched suffix of every source; keeps the draft to learn from its outcome."""
         candidates = []
-        sources = ((_LOCAL, request.local, *request.local.tail_state(self.max_depth)),
-                   (_GLOBAL, self._global, *self._global_match(request)))
+        sources = [(SOURCE_LOCAL, request.local, *request.local.tail_state(self.max_depth)),
+                   (SOURCE_GLOBAL, self._global, *self._global_match(request))]
+        if self.max_shared_requests and len(self._active) > 1:
+            tail = list(request.tail)
+            others = (other for other in reversed(self._active.values()) if other is not request)
+            for other in itertools.islice(others, self.max_shared_requests):
+                sources.append((SOURCE_SHARED, other.local, *other.local.match(tail, self.max_depth)))
         for source, automaton, state, matched in sources:
             length, link = automaton.length, automaton.link
             while state > _ROOT:
@@ -738,8 +810,9 @@ class SuffixIndex:
                     candidates.append((automaton, state, source, matched))
                 state = link[state]
                 matched = length[state]
-        draft, keys = draft_merged(candidates, self.calibration, budget, self.spec.min_token_prob)
-        request.pending = (draft.parents, draft.tokens, keys)
+        request.learn_from_last_draft(self.calibration)
+        draft, keys, children = draft_merged(candidates, self.calibration, budget, self.spec.min_token_prob)
+        request.last_draft = (draft.tokens, keys, children)
         draft.match_len = max(matched for *_, matched in sources) if draft.tokens else 0
         return draft
 
@@ -777,18 +850,21 @@ class SuffixDecodingDrafter:
       tree: draft a best-first tree instead of a single path.
       max_cached_requests: finished responses kept (FIFO); None = unbounded, 0 = no global index.
       budget_mode: fill up to ``max_tokens`` nodes per ``propose`` (the engine's verify
-        budget) with the most probable continuations from both indexes and every
-        matched suffix (see ``SuffixIndex``); the factor and offset then do not apply.
+        budget) with the most probable continuations from both indexes, every
+        matched suffix and the other requests in flight (see ``SuffixIndex``); the
+        factor and offset then do not apply.
+      max_shared_requests: in budget mode, how many other active requests each one drafts from.
     """
 
     def __init__(self, *, max_depth: int = 64, max_spec_tokens: Optional[int] = None, max_spec_factor: float = 1.0,
                  max_spec_offset: float = 0.0, min_token_prob: float = 0.1, tree: bool = False,
-                 max_cached_requests: Optional[int] = 10_000, budget_mode: bool = False):
+                 max_cached_requests: Optional[int] = 10_000, budget_mode: bool = False, max_shared_requests: int = 8):
         if max_depth < 1:  # checked here too: max_spec_tokens defaults to it
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         spec = SpecParams(max_depth if max_spec_tokens is None else max_spec_tokens, max_spec_factor,
                           max_spec_offset, min_token_prob, tree)
-        self.index = SuffixIndex(spec, max_depth, max_cached_requests, budgeted=budget_mode)
+        self.index = SuffixIndex(spec, max_depth, max_cached_requests, budgeted=budget_mode,
+                                 max_shared_requests=max_shared_requests)
 
     def start_request(self, request_id: Hashable, prompt_ids: Sequence[int]) -> None:
         self.index.start_request(request_id, prompt_ids)

@@ -130,3 +130,83 @@ def test_spider_traces_draft_at_least_as_well_as_the_reference(tree):
     assert results[0]["tokens_per_step"] > 3.0  # 1.0 without drafting
     if cache_class is not None:
         assert results[0]["tokens_per_step"] >= results[1]["tokens_per_step"]
+
+
+# ---------------------------------------------------------------- budgets, sessions in flight, the committed sample
+
+SAMPLE = pathlib.Path(__file__).resolve().parent / "data" / "agentic_sample.jsonl.gz"
+AGENTIC = [pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / name
+           for name in ("swe_minisweagent_gemini3pro_public.jsonl.gz", "tau_airline_gpt4o_public.jsonl.gz")]
+
+
+class RecordingBackend:
+    """Drafts nothing; records the order of starts and stops."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.events: list[tuple[str, int]] = []
+        self.active: set[int] = set()
+        self.most_active = 0
+
+    def start(self, request_id, prompt):
+        self.events.append(("start", request_id))
+        self.active.add(request_id)
+        self.most_active = max(self.most_active, len(self.active))
+
+    def speculate(self, request_id):
+        return [], [], 0.0
+
+    def extend(self, request_id, tokens):
+        return 0.0
+
+    def stop(self, request_id):
+        self.events.append(("stop", request_id))
+        self.active.remove(request_id)
+
+
+def test_sessions_in_flight_run_their_calls_in_order():
+    requests = [TraceRequest([1], [2, 3], "t", "a"), TraceRequest([1], [4], "t", "b"),
+                TraceRequest([1], [5, 6, 7], "t", "a"), TraceRequest([1], [8], "t", "c")]
+    backend = RecordingBackend()
+    stats, = replay(requests, [backend], concurrency=2)
+    events = backend.events
+    assert backend.most_active == 2
+    assert events.index(("stop", 0)) < events.index(("start", 2))  # a's second call follows its first
+    assert events.index(("start", 3)) > events.index(("stop", 1))  # c waits for a free slot
+    assert stats["t"].response_tokens == 7 and len(stats["t"].accepted) == 7  # one token per step
+
+
+def test_budget_json_reports_drafted_nodes(tmp_path, capsys):
+    traces = write_traces(tmp_path / "t.jsonl", [{"prompt_ids": [1, 2], "response_ids": [3, 4, 3, 4, 3, 4]}] * 3)
+    assert main(["--traces", traces, "--tree", "--budget", "8", "--json", "--no-reference"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["config"]["budget"] == 8 and 0 < printed["mean_drafted"] <= 8
+    with pytest.raises(SystemExit):
+        main(["--traces", traces, "--budget", "0"])
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="committed sample missing")
+def test_committed_sample_budgeted_trees_beat_the_rule():
+    """A tau-bench task's 4 trials and a SWE agent's first calls (tests/data/README.md)."""
+    requests = load_traces(str(SAMPLE))
+    assert {r.task for r in requests} == {"tau-bench-airline", "swe-agent"}
+    rule, = run(requests, [SpecjaxBackend(ReplayConfig(tree=True))])
+    budget, = run(requests, [SpecjaxBackend(ReplayConfig(tree=True, budget=64))])
+    shared, alone = (run(requests, [SpecjaxBackend(ReplayConfig(tree=True, budget=64, max_shared_requests=n))],
+                         concurrency=4)[0] for n in (8, 0))
+    assert set(budget["tasks"]) == {"tau-bench-airline", "swe-agent"}
+    assert budget["response_tokens"] == rule["response_tokens"] == sum(len(r.response_ids) for r in requests)
+    assert budget["tokens_per_step"] > 1.2 * rule["tokens_per_step"]
+    assert rule["mean_drafted"] < budget["mean_drafted"] <= 64
+    # The trials run at once: drafting from each other's partial outputs pays.
+    assert shared["tokens_per_step"] > 1.05 * alone["tokens_per_step"]
+
+
+@pytest.mark.skipif(not all(p.exists() for p in AGENTIC), reason="shared agentic traces not present")
+@pytest.mark.parametrize("path", AGENTIC, ids=["swe", "tau"])
+def test_agentic_traces_budgeted_trees_beat_the_rule(path):
+    requests = load_traces(str(path))[:60]
+    rule, = run(requests, [SpecjaxBackend(ReplayConfig(tree=True))])
+    budget, = run(requests, [SpecjaxBackend(ReplayConfig(tree=True, budget=64))])
+    assert budget["tokens_per_step"] > 1.1 * rule["tokens_per_step"]
