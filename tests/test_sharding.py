@@ -25,33 +25,31 @@ from test_tree_attention import Case, make_inputs
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
 
-MESHES = [(1, 8), (2, 4), (8, 1)]
 PROMPTS = [[3, 9, 4, 3, 9], [17, 2, 5, 5, 40, 41], [60, 1, 7]]
 
 
-def _model():
-    # 8 heads and 8 kv heads so every dimension divides an 8-way model axis.
+def _model(heads: int, kv_heads: int):
     base = tiny_model(4)
-    cfg = dataclasses.replace(base.config, num_heads=8, num_kv_heads=8, head_dim=4, vocab_size=64)
-    from specjax.models.decoder import init_params
-
+    cfg = dataclasses.replace(base.config, num_heads=heads, num_kv_heads=kv_heads, head_dim=4, vocab_size=64)
     return type(base)(cfg, init_params(cfg, jax.random.key(4), scale=0.5))
 
 
-MODEL = _model()
-REFERENCE = greedy_generate(MODEL, PROMPTS, 16)
+# 8 / 8 heads divide every axis; 7 / 1 (Qwen2.5-7B's 28 / 4 scaled down) is laid out as 8 / 8 on 8 devices.
+MODELS = {"8q_8kv": _model(8, 8), "7q_1kv": _model(7, 1)}
+REFERENCES = {name: greedy_generate(m, PROMPTS, 16) for name, m in MODELS.items()}
 
 
-@pytest.mark.parametrize("data,model", MESHES)
-def test_sharded_speculative_greedy_equals_unsharded(data, model):
+@pytest.mark.parametrize("data, model, name", [(1, 8, "7q_1kv"), (2, 4, "8q_8kv"), (8, 1, "8q_8kv")])
+def test_sharded_speculative_greedy_equals_unsharded(data, model, name):
     mesh = make_mesh(data, model)
-    refs = {tuple(p): r for p, r in zip(PROMPTS, REFERENCE)}
+    params, cfg = shard_model(MODELS[name].params, MODELS[name].config, mesh)
+    target = dataclasses.replace(MODELS[name], params=params, config=cfg)
+    refs = {tuple(p): r for p, r in zip(PROMPTS, REFERENCES[name])}
     drafter = OracleTreeDrafter(refs, [[-1, 0, 1, -1, 3]], 0.8, 64, seed=0)
-    engine = Engine(MODEL, drafter, draft_capacity=5, attention="xla", mesh=mesh)
-    assert engine.target.params["layers"]["wq"].sharding.spec == P(None, "model" if model > 1 else None, None) \
-        or model == 1
+    engine = Engine(target, drafter, draft_capacity=5, attention=sharded_tree_attention(mesh, "xla"), mesh=mesh)
+    assert engine.target.params["layers"]["wq"].sharding.spec == P(None, "model", None)
     results = engine.generate(PROMPTS, max_new_tokens=16)
-    assert [r.token_ids for r in results] == REFERENCE
+    assert [r.token_ids for r in results] == REFERENCES[name]
 
 
 def test_param_shardings_follow_the_rule_table(tmp_path):
@@ -77,7 +75,7 @@ def test_param_shardings_follow_the_rule_table(tmp_path):
 
 
 def test_unpadded_heads_that_do_not_divide_warn():
-    cfg = dataclasses.replace(MODEL.config, num_heads=7, num_kv_heads=1)
+    cfg = MODELS["7q_1kv"].config
     with pytest.warns(UserWarning, match="7 query / 1 kv heads do not both divide the 4-way model axis"):
         specs = param_specs(cfg, make_mesh(2, 4))
     assert specs["layers"]["wq"] == P(None, None, None)
@@ -224,7 +222,7 @@ def test_sharded_logits_match_and_greedy_accept_does_not_gather_vocab():
     from specjax.engine.tree import DraftTree
 
     mesh = make_mesh(2, 4)
-    params, cfg = shard_model(MODEL.params, MODEL.config, mesh)
+    params, cfg = shard_model(MODELS["8q_8kv"].params, MODELS["8q_8kv"].config, mesh)
     tokens = jnp.asarray([p + [0] * (8 - len(p)) for p in PROMPTS] + [[1] * 8], jnp.int32)
     lengths = jnp.asarray([len(p) for p in PROMPTS] + [8], jnp.int32)
     tree = DraftTree(jnp.ones((4, 3), jnp.int32), jnp.asarray([[-1, 0, 0]] * 4, jnp.int32), jnp.ones((4, 3), bool))
@@ -235,7 +233,7 @@ def test_sharded_logits_match_and_greedy_accept_does_not_gather_vocab():
         return verify(p, state, tree, cfg=cfg, attention=attention)
 
     state, logits, _ = run(params, cache_sharding(cfg, mesh, 4), sharded_tree_attention(mesh, "xla"))
-    _, ref_logits, _ = run(MODEL.params, None, "xla")
+    _, ref_logits, _ = run(MODELS["8q_8kv"].params, None, "xla")
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-4)
     assert logits.sharding.spec[-1] == "model"  # logits stay vocab-sharded
     hlo = accept.lower(state, tree, logits).compile().as_text()
