@@ -53,9 +53,10 @@ class GenerationResult:
     text: Optional[str]
     target_passes: int  # prefill counts as one
     accepted_draft_tokens: int
-    draft_s: float
-    verify_s: float
+    draft_s: float  # this request's share of host drafting time
+    verify_s: float  # ... of device step time (verify + accept)
     wall_s: float
+    read_s: float = 0.0  # ... of reading the emitted tokens back to the host
 
     @property
     def tokens_per_pass(self) -> float:
@@ -234,8 +235,7 @@ class Engine:
         finished[n_requests:] = True
         passes = np.ones(rows, np.int64)
         accepted = np.zeros(rows, np.int64)
-        draft_s = np.zeros(rows)
-        verify_s = np.zeros(rows)
+        draft_s, verify_s, read_s = np.zeros(rows), np.zeros(rows), np.zeros(rows)
         rids = [next(self._request_ids) for _ in range(rows)]
         policy = self._policy(rows, max_len) if self.auto else None
         if self.drafter is not None:
@@ -254,13 +254,17 @@ class Engine:
             if (finished != device_finished).any():  # stop strings end rows the device doesn't know of
                 state = state.replace(finished=jnp.asarray(finished))
             state, acc = step(params, state, tree, cfg=cfg, attention=self.attention, eos_ids=cfg.eos_token_ids)
+            jax.block_until_ready(acc.num)
+            d2 = time.perf_counter()
             emitted, num, n_draft, device_finished = jax.device_get(
                 (acc.tokens, acc.num, acc.num_draft_accepted, state.finished))
-            d2 = time.perf_counter()
+            d3 = time.perf_counter()
             if policy is not None:
-                policy.record(capacity, d2 - d1, expected_accepted(_probs(proposals), capacity), int(n_draft.sum()))
-            draft_s[active] += (d1 - d0) / active.sum()
-            verify_s[active] += (d2 - d1) / active.sum()
+                policy.record(capacity, d3 - d1, expected_accepted(_probs(proposals), capacity), int(n_draft.sum()))
+            share = active / active.sum()
+            draft_s += (d1 - d0) * share
+            verify_s += (d2 - d1) * share
+            read_s += (d3 - d2) * share
             passes[active] += 1
             accepted += n_draft
             for i in np.flatnonzero(active):
@@ -277,8 +281,8 @@ class Engine:
         outputs = outputs[:n_requests]
         texts = [self.decode(out) for out in outputs]
         outputs, texts = self._cut_stops(outputs, texts, stop)
-        return [GenerationResult(out, text, int(passes[i]), int(accepted[i]), float(draft_s[i]),
-                                 float(verify_s[i]), wall) for i, (out, text) in enumerate(zip(outputs, texts))]
+        return [GenerationResult(out, text, int(passes[i]), int(accepted[i]), float(draft_s[i]), float(verify_s[i]),
+                                 wall, float(read_s[i])) for i, (out, text) in enumerate(zip(outputs, texts))]
 
     # ------------------------------------------------------------ drafting
 
