@@ -263,9 +263,13 @@ def test_benchmark_smoke_writes_table_and_json(tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "tree_attention.json"
     bench.main(["--smoke", "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
-    assert rows and all(r["kernel_ms"] > 0 and r["xla_ms"] > 0 for r in rows)
-    assert "kernel ms" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert rows and all(r["kernel_ms"] > 0 and r["xla_ms"] > 0 and r["layout"] == "stacked" for r in rows)
+    assert {(r["L"], r["T"]) for r in result["verify_rows"]} == {(40, 1), (40, 4)}
+    assert all(r["step_ms"] > 0 for r in result["verify_rows"]) and set(result["verify_cost_ratio"]) == {"40"}
+    printed = capsys.readouterr().out
+    assert "kernel ms" in printed and "verify T=4 / T=1" in printed
 
 
 # ---------------------------------------------------------------- lowering for real hardware
@@ -323,7 +327,8 @@ def test_gpu_kernel_lowers_with_64_bit_offsets_past_4_gib():
     assert_stack_read_in_place(text.lower(lowering_platforms=("cuda",)).as_text(), 32768, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("num_tree, num_layers", [(1, None), (65, None), (1, LLAMA3_8B_LAYERS), (65, LLAMA3_8B_LAYERS)])
+@pytest.mark.parametrize("num_tree, num_layers",
+                         [(1, None), (65, None), (1, LLAMA3_8B_LAYERS), (65, LLAMA3_8B_LAYERS)])
 def test_tpu_kernel_lowers_to_mosaic(num_tree, num_layers):
     """Mosaic lowering needs a TPU generation; pretend to be a v5e (a private hook, hence the skip)."""
     tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
