@@ -12,7 +12,13 @@ importable, the same replay runs through it in the same process with the same
 settings and both are reported side by side. It is an optional peer, never a
 dependency.
 
-    python -m specjax.drafters.replay --traces FILE.jsonl[.gz] [--tree] [--json]
+``--budget B`` replays specjax's budgeted trees (up to B nodes per step) and
+runs ArcticInference at its factor (default 1, at most B tokens) and again at
+the factor that gives it the same mean drafted nodes per step.
+``--concurrency N`` keeps N sessions in flight, stepping in turn like a batch,
+so that concurrent requests can draft from each other's partial outputs.
+
+    python -m specjax.drafters.replay --traces FILE.jsonl[.gz] [--tree] [--budget B] [--json]
 """
 
 from __future__ import annotations

@@ -38,6 +38,17 @@ memory at about twice the live index.
 The global index changes only when a request finishes or a response is
 evicted, so each request keeps an incremental match of its context against it
 (amortized O(1) per token) and re-matches only after such a change.
+
+Budgeted mode (``budgeted=True``; the drafter's ``budget_mode``): verifying B
+tree nodes costs a TPU/GPU about one decode step, so instead of one candidate
+capped by its match length, every candidate of every source (the local index,
+the global one, and the local indexes of other requests in flight) adds its
+continuations to ONE tree, filled best-first up to B nodes (``draft_merged``).
+Count ratios alone over-trust short and rare matches, so each node is ranked
+by a calibrated estimate (``NodeCalibration``): per kind of node (source,
+matched length, pattern count, ratio), the observed rate at which such nodes
+were accepted once their parent was, learned online from what the target
+accepts. ``min_token_prob`` still cuts by the plain ratio product.
 """
 
 from __future__ import annotations
