@@ -30,7 +30,7 @@ from specjax.engine.compile_cache import enable_compilation_cache
 from specjax.engine.plain import pad_prompts
 from specjax.engine.sampling import PerRow, SamplingParams
 from specjax.engine.state import DecodeState
-from specjax.engine.steps import PREFILL_CHUNK, new_cache, prefill, step
+from specjax.engine.steps import PREFILL_CHUNK, extend, new_cache, prefill, step
 from specjax.engine.tree import DraftTree, empty_tree, validate_tree
 from specjax.models.loading import Model
 from specjax.models.sharding import DATA, cache_sharding, shard_params
@@ -66,6 +66,29 @@ class GenerationResult:
     def mean_accepted(self) -> float:
         """Draft tokens accepted per speculative pass (excludes prefill and bonus tokens)."""
         return self.accepted_draft_tokens / max(self.target_passes - 1, 1)
+
+
+@dataclasses.dataclass
+class Session:
+    """One conversation whose KV cache the engine keeps between ``generate`` calls.
+
+    A new prompt that extends what is cached (the previous prompt and reply,
+    then the new turn) prefills only the new tokens; a prompt that diverges
+    reuses the longest common prefix and prefills the rest. The reply's last
+    token is never in the cache (it is the root of the next draft tree), so a
+    follow-up turn prefills it with the new turn.
+    """
+
+    max_len: int
+    cache: Optional[object] = None  # the KVCache, [layers, 1, kv_heads, max_len, head_dim]
+    cached_ids: list = dataclasses.field(default_factory=list)
+    prefilled_tokens: int = 0  # tokens run through prefill over the session's life
+
+    def reusable_prefix(self, prompt: Sequence[int]) -> int:
+        """How many leading tokens of ``prompt`` are already in the cache (always leaving one to run)."""
+        limit = min(len(self.cached_ids), len(prompt) - 1)
+        same = np.asarray(self.cached_ids[:limit]) == np.asarray(prompt[:limit])
+        return int(limit if same.all() else np.argmin(same))
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -185,28 +208,63 @@ class Engine:
 
     # ------------------------------------------------------------ generate
 
+    def session(self, max_len: int = 8192) -> Session:
+        """A multi-turn session holding up to ``max_len`` tokens of context in its KV cache."""
+        limit = self.target.config.max_position_embeddings
+        if not 1 < max_len <= limit:
+            raise ValueError(f"session max_len must be in (1, {limit}] (the model's max_position_embeddings), "
+                             f"got {max_len}")
+        return Session(max_len=next_power_of_two(max_len, MIN_CACHE_BUCKET))
+
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 128, *, temperature: PerRow = 0.0,
                  top_p: PerRow = 1.0, top_k: PerRow = 0, seed: int = 0, stop: Sequence[str] = (),
-                 progress=None) -> list[GenerationResult]:
+                 progress=None, session: Optional[Session] = None) -> list[GenerationResult]:
         """Generate for every prompt; greedy output equals plain greedy decoding exactly.
 
         ``temperature``, ``top_p`` and ``top_k`` are scalars or one value per
         prompt (runtime values: changing them never recompiles). ``stop``
         strings end a request once its decoded text contains one (``text`` is
         cut before it). ``progress`` is an optional tqdm-like object whose
-        ``update(n)`` is called with the number of new tokens.
+        ``update(n)`` is called with the number of new tokens. With a ``session``
+        (see ``Engine.session``), one prompt at a time continues that conversation.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         encoded = [self.encode(p) for p in prompts]
+        if session is not None and len(encoded) != 1:
+            raise ValueError(f"a session continues one conversation: pass one prompt, got {len(encoded)}")
         sampling = _per_prompt(SamplingParams.make(len(encoded), temperature, top_k, top_p))
         results: list[GenerationResult] = []
         for start in range(0, len(encoded), self.max_batch_size):
             end = start + self.max_batch_size
             results.extend(self._generate_batch(encoded[start:end], max_new_tokens,
                                                 {k: v[start:end] for k, v in sampling.items()},
-                                                seed + start, tuple(stop), progress))
+                                                seed + start, tuple(stop), progress, session))
         return results
+
+    def _continue_session(self, session: Session, prompt: list, max_new_tokens: int, sampling: SamplingParams,
+                          seed: int):
+        """Prefill only the part of ``prompt`` the session has not cached."""
+        cfg = self.target.config
+        reused = session.reusable_prefix(prompt)
+        new = prompt[reused:]
+        needed = len(prompt) + max_new_tokens + self.capacity + 1
+        if needed > session.max_len:
+            raise ValueError(f"session cache overflow: {len(prompt)} prompt tokens + max_new_tokens "
+                             f"({max_new_tokens}) + draft scratch ({self.capacity + 1}) = {needed} > the "
+                             f"session's {session.max_len} slots; start a new session with a larger max_len")
+        tokens, lengths = pad_prompts([new], cfg.vocab_size, multiple=1)
+        width = self.prompt_bucket(len(new))
+        tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+        cache = session.cache
+        if cache is None:
+            sharding = None if self.mesh is None else cache_sharding(cfg, self.mesh, 1)
+            cache = new_cache(cfg, 1, session.max_len, self.target.params["embed"].dtype, sharding)
+        session.cache = None  # donated to the steps; stored back when the reply is done
+        session.prefilled_tokens += len(new)
+        return extend(self.target.params, cfg, cache, jnp.asarray([reused], jnp.int32), jnp.asarray(tokens),
+                      jnp.asarray(lengths), jnp.asarray([max_new_tokens], jnp.int32), jax.random.key(seed),
+                      sampling, attention=self.attention, chunk=self.prefill_chunk)
 
     def _prefill(self, prompts, width, max_len, max_new_tokens, sampling: SamplingParams, seed: int):
         cfg = self.target.config
@@ -218,17 +276,22 @@ class Engine:
                        max_len=max_len, attention=self.attention, cache_sharding=sharding,
                        chunk=self.prefill_chunk)
 
-    def _generate_batch(self, prompts, max_new_tokens, sampling: dict, seed, stop, progress):
+    def _generate_batch(self, prompts, max_new_tokens, sampling: dict, seed, stop, progress,
+                        session: Optional[Session] = None):
         cfg, params = self.target.config, self.target.params
         t0 = time.perf_counter()
         n_requests = len(prompts)
-        rows = self.batch_bucket(n_requests)
+        rows = 1 if session is not None else self.batch_bucket(n_requests)
         padded = list(prompts) + [prompts[-1]] * (rows - n_requests)  # padding rows finish at once
-        width = self.prompt_bucket(max(len(p) for p in prompts))
-        max_len = self.cache_bucket(width, max_new_tokens)
         sampling = SamplingParams.make(rows, *(np.pad(sampling[k], (0, rows - n_requests), mode="edge")
                                                for k in ("temperature", "top_k", "top_p")))
-        state, first = self._prefill(padded, width, max_len, max_new_tokens, sampling, seed)
+        if session is None:
+            width = self.prompt_bucket(max(len(p) for p in prompts))
+            max_len = self.cache_bucket(width, max_new_tokens)
+            state, first = self._prefill(padded, width, max_len, max_new_tokens, sampling, seed)
+        else:
+            max_len = session.max_len
+            state, first = self._continue_session(session, prompts[0], max_new_tokens, sampling, seed)
         outputs = [[int(t)] for t in np.asarray(first)]
         device_finished = np.asarray(state.finished)
         finished = device_finished.copy()
@@ -277,6 +340,9 @@ class Engine:
         if self.drafter is not None:
             for rid in rids[:n_requests]:
                 self.drafter.stop_request(rid)
+        if session is not None:
+            session.cache = state.cache
+            session.cached_ids = (list(prompts[0]) + outputs[0])[: int(state.lengths[0])]
         wall = time.perf_counter() - t0
         outputs = outputs[:n_requests]
         texts = [self.decode(out) for out in outputs]
