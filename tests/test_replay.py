@@ -7,6 +7,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -210,3 +211,42 @@ def test_agentic_traces_budgeted_trees_beat_the_rule(path):
     rule, = run(requests, [SpecjaxBackend(ReplayConfig(tree=True))])
     budget, = run(requests, [SpecjaxBackend(ReplayConfig(tree=True, budget=64))])
     assert budget["tokens_per_step"] > 1.1 * rule["tokens_per_step"]
+
+
+class FakeArcticCache:
+    """Stands in for ArcticInference's cache: drafts round(2 x factor) never-matching tokens, capped."""
+
+    class _Tree:
+        def estimate_memory(self):
+            return 0
+
+    def __init__(self, max_tree_depth, max_cached_requests):
+        self._global_tree = self._Tree()
+        self.cached_requests = []
+
+    def start_request(self, request_id, prompt):
+        pass
+
+    def speculate(self, request_id, context, max_spec_tokens, max_spec_factor, **_):
+        n = min(round(2 * max_spec_factor), max_spec_tokens)
+        return types.SimpleNamespace(token_ids=[10**6] * n, parents=list(range(-1, n - 1)))
+
+    def add_active_response(self, request_id, tokens):
+        pass
+
+    def stop_request(self, request_id):
+        pass
+
+
+def test_equal_nodes_search_bisects_the_factor():
+    from specjax.drafters.replay import arctic_at_equal_nodes
+
+    requests = [TraceRequest([1], [2, 3, 4, 5])]
+    config = ReplayConfig(tree=True, budget=32)
+    found = arctic_at_equal_nodes(requests, config, FakeArcticCache, target_nodes=10.0)
+    closest = min(found["runs"], key=lambda r: abs(r["mean_drafted"] - 10.0))
+    assert closest["mean_drafted"] == pytest.approx(10.0, rel=0.1)
+    assert closest["max_spec_factor"] == pytest.approx(5.0, rel=0.15)
+    assert found["tokens_per_step"] == pytest.approx(1.0)  # nothing matches: one token per step
+    beyond = arctic_at_equal_nodes(requests, config, FakeArcticCache, target_nodes=40.0)  # capped at 32
+    assert beyond["tokens_per_step"] is None and beyond["max_spec_factor"] == 32.0
