@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specjax.drafters.suffix_index import (SOURCE_GLOBAL, SOURCE_LOCAL, NodeCalibration, SpecParams,
-                                           SuffixDecodingDrafter, SuffixIndex, calibration_prefix)
+                                           SuffixDecodingDrafter, SuffixIndex, _ratio_bin, calibration_prefix)
 
 # ---------------------------------------------------------------- brute force
 
@@ -219,6 +219,68 @@ def test_a_fresh_budgeted_tree_is_the_top_of_every_candidates_paths(cached, prom
     draft = index.speculate("r", max_tokens=budget)
     context = prompt + response
     expected = brute_values([[context], cached], context, depth, 6, min_prob)
+    nodes = nodes_of(draft)
+    assert len(nodes) == len(draft.tokens) == min(budget, len(expected))
+    for path, value in nodes.items():
+        assert value == pytest.approx(expected[path])
+        assert path[:-1] == () or path[:-1] in nodes
+    best = sorted(expected.values(), reverse=True)[: len(nodes)]
+    assert sorted(nodes.values(), reverse=True) == pytest.approx(best)
+
+
+class ScrambledStats(dict):
+    """Calibration statistics that exist for every group: a fixed pseudo-random acceptance record."""
+
+    def get(self, key, default=None):
+        return [float(key * 2654435761 % 7), 6.0]
+
+
+def reference_values(index: SuffixIndex, request_id, budget: int) -> dict[tuple[int, ...], float]:
+    """Best calibrated value of every path any candidate reaches, by plain depth-first enumeration."""
+    request = index._active[request_id]
+    calibration, min_prob = index.calibration, index.spec.min_token_prob
+    sources = [(SOURCE_LOCAL, request.local, *request.local.tail_state(index.max_depth)),
+               (SOURCE_GLOBAL, index._global, *index._global.match(list(request.tail), index.max_depth))]
+    values: dict[tuple[int, ...], float] = {}
+    for source, automaton, state, matched in sources:
+        while state > 0:
+            def visit(s, path, value, prob):
+                if len(path) == budget:
+                    return
+                total = automaton.count[s]
+                for token, child in automaton.children(s):
+                    c = automaton.count[child]
+                    if c == 0 or prob * c / total < min_prob:
+                        continue
+                    key = calibration_prefix(source, matched + len(path), total) | _ratio_bin(c / total)
+                    seen = calibration.stats.get(key)
+                    estimate = (seen[0] + calibration.prior_weight * c / total) / (seen[1] + calibration.prior_weight)
+                    child_value = value * min(1.0, estimate)
+                    extended = path + (token,)
+                    values[extended] = max(values.get(extended, 0.0), child_value)
+                    visit(child, extended, child_value, prob * c / total)
+
+            visit(state, (), 1.0, 1.0)
+            state = automaton.link[state]
+            matched = automaton.length[state]
+    return values
+
+
+@settings(max_examples=40, deadline=None)
+@given(cached=st.lists(small_texts, max_size=3), prompt=small_texts, response=small_texts,
+       budget=st.integers(1, 8), min_prob=st.sampled_from([0.0, 0.2]))
+def test_a_calibrated_tree_is_the_top_of_every_candidates_calibrated_paths(cached, prompt, response, budget,
+                                                                           min_prob):
+    """The inlined chains and the heap of ``draft_merged`` against a plain enumeration, with calibration
+    estimates that differ per group (so values decay along chains and reorder siblings)."""
+    index = budget_index(max_depth=4, max_spec_tokens=8, min_prob=min_prob)
+    index.calibration.stats = ScrambledStats()
+    for text in cached:
+        index.cache_response(text)
+    index.start_request("r", prompt)
+    index.extend("r", response)
+    draft = index.speculate("r", max_tokens=budget)
+    expected = reference_values(index, "r", budget)
     nodes = nodes_of(draft)
     assert len(nodes) == len(draft.tokens) == min(budget, len(expected))
     for path, value in nodes.items():
