@@ -362,10 +362,11 @@ class SuffixAutomaton:
         A ranking stays valid while the state does not occur again: a child's
         count, a new transition and a split all follow an occurrence of the
         state itself (one token earlier), which moves its stamp. So appends
-        leave most rankings valid, and only ``remove`` clears them all.
+        leave most rankings valid (and all of them until the next append), and
+        only ``remove`` clears them all.
         """
         cached = self._ranked.get(state)
-        if cached is not None and self.stamp[state] < cached[0]:
+        if cached is not None and (self.stamp[state] < cached[0] or cached[0] == self.clock):
             return cached[1]
         count, stamp = self.count, self.stamp
         ranked = [(count[s], stamp[s], t, s) for t, s in self.children(state) if count[s] > 0]
