@@ -198,8 +198,9 @@ def shard_model(params: Params, cfg: ModelConfig, mesh: Mesh) -> tuple[Params, M
     in a mesh layout (e.g. loaded with `mesh_placer`) are only placed.
     """
     mesh_cfg = mesh_config(cfg, mesh)
-    shardings = param_shardings(mesh_cfg, mesh)
-    padded = jax.jit(lambda p: pad_params(p, cfg, mesh), out_shardings=shardings)(params)
+    if mesh_cfg == cfg:  # device_put moves nothing that is already in place
+        return shard_params(params, cfg, mesh), cfg
+    padded = jax.jit(lambda p: pad_params(p, cfg, mesh), out_shardings=param_shardings(mesh_cfg, mesh))(params)
     return padded, mesh_cfg
 
 
