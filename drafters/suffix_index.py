@@ -72,6 +72,7 @@ _NO_EDGE, _BRANCHES = -1, -2  # edge_token values for states without a single in
 # (longer match, then the local index), not the rounding.
 _TIE_TOLERANCE = 1e-9
 _MAX_TOKEN_ID = 2**31 - 1  # ids are stored as int32
+_RANKED_CACHE_LIMIT = 1 << 16  # states whose ranked continuations an automaton keeps
 
 
 def token_list(tokens: Iterable[int] | np.ndarray, what: str = "token ids") -> list[int]:
@@ -371,6 +372,8 @@ class SuffixAutomaton:
         count, stamp = self.count, self.stamp
         ranked = [(count[s], stamp[s], t, s) for t, s in self.children(state) if count[s] > 0]
         ranked.sort(reverse=True)
+        if len(self._ranked) >= _RANKED_CACHE_LIMIT:  # bounds its memory on a long-lived global index
+            self._ranked.clear()
         self._ranked[state] = (self.clock, ranked)
         return ranked
 
