@@ -211,6 +211,21 @@ def test_prefill_sized_tree_takes_reference():
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ta.tree_attention_ref(*args)))
 
 
+def test_callable_impl_gets_operands_layer_and_scale():
+    """A mesh-aware attention (sharded_tree_attention) plugs in as `impl`; kernel options belong to it."""
+    args = small_inputs()
+    seen = {}
+
+    def attention(*operands, layer=None, sm_scale=None):
+        seen.update(n=len(operands), layer=layer, sm_scale=sm_scale)
+        return operands[0]
+
+    assert ta.tree_attention(*args, impl=attention, layer=None, sm_scale=0.3) is args[0]
+    assert seen == {"n": 7, "layer": None, "sm_scale": 0.3}
+    with pytest.raises(ValueError, match="a callable impl holds its own backend and kernel options"):
+        ta.tree_attention(*args, impl=attention, block_k=32)
+
+
 def test_sm_scale_is_passed_through():
     args = small_inputs()
     out = ta.tree_attention(*args, impl="xla", sm_scale=0.3)
