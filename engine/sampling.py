@@ -132,8 +132,9 @@ def sample_or_argmax(key: jax.Array, logits: jax.Array, sp: SamplingParams) -> j
 
 def _per_node(row_values: jax.Array, lead_shape: tuple[int, ...]) -> jax.Array:
     """[B] -> flat [prod(lead_shape)]: each row's value repeated over the middle axes."""
-    if row_values.shape != lead_shape[:1]:
-        raise ValueError(f"sampling params have {row_values.shape[0]} rows, logits have batch {lead_shape[:1]}")
+    if len(lead_shape) < 1 or row_values.shape != lead_shape[:1]:
+        raise ValueError(f"sampling params have {row_values.shape[0]} rows but logits have shape "
+                         f"{lead_shape + ('V',)}: expected [B, ..., V] with B = {row_values.shape[0]}")
     expanded = row_values.reshape(row_values.shape + (1,) * (len(lead_shape) - 1))
     return jnp.broadcast_to(expanded, lead_shape).reshape(-1)
 

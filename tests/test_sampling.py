@@ -216,5 +216,5 @@ def test_make_rejects_bad_batch_size(batch_size):
 
 
 def test_batch_mismatch_is_an_error():
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(ValueError, match="2 rows but logits have shape"):
         eager_target_probs(jnp.zeros((3, 5)), SamplingParams.make(2, 1.0))
