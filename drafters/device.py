@@ -72,6 +72,11 @@ class DeviceDrafter(Protocol):
         ...
 
 
+def is_device_drafter(drafter) -> bool:
+    """True for drafters that follow ``DeviceDrafter`` (the engine runs them in the device loop)."""
+    return all(callable(getattr(drafter, m, None)) for m in ("init_state", "prefill", "propose", "update"))
+
+
 def row_temperature(sampling, batch_size: int) -> jax.Array:
     """float32[B] temperatures from per-row sampling params (or a scalar setting)."""
     return jnp.broadcast_to(jnp.asarray(sampling.temperature, jnp.float32), (batch_size,))

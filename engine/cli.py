@@ -12,13 +12,16 @@ import sys
 import time
 from typing import Optional, Sequence
 
-DRAFTERS = ("suffix", "prompt-lookup", "none")
+DRAFTERS = ("suffix", "prompt-lookup", "draft-model", "eagle3", "token-recycling", "none")
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors); "
                                    "default: the embedded tiny text-to-SQL model")
     p.add_argument("--drafter", choices=DRAFTERS, default="suffix")
+    p.add_argument("--drafter-model", help="directory of the drafter's weights: a Hugging Face causal LM with the "
+                                           "target's vocabulary (--drafter draft-model) or an EAGLE-3 head "
+                                           "(--drafter eagle3)")
     p.add_argument("--no-spec", action="store_true", help="plain decoding (same as --drafter none)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: demo SQL prompts")
     p.add_argument("--num-demo-prompts", type=int, default=32, help="demo prompts when no --prompt is given")
@@ -50,16 +53,42 @@ def _capacity(value: str):
         raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {value!r}") from None
 
 
-def make_drafter(name: str):
+def make_drafter(name: str, target=None, args=None):
+    """The drafter called ``name``; device drafters (draft-model, eagle3, token-recycling) need the
+    loaded target and the parsed args (``--drafter-model``, ``--draft-capacity``)."""
     if name == "none":
         return None
     if name == "prompt-lookup":
         from specjax.drafters.prompt_lookup import PromptLookupDrafter
 
         return PromptLookupDrafter(max_ngram=3, max_branches=4)
-    from specjax.drafters.suffix_index import SuffixDecodingDrafter
+    if name == "suffix":
+        from specjax.drafters.suffix_index import SuffixDecodingDrafter
 
-    return SuffixDecodingDrafter()
+        return SuffixDecodingDrafter()
+    if target is None or args is None:
+        raise ValueError(f"drafter {name!r} runs on the device and needs the target model and the CLI args")
+    fixed = args.draft_capacity if isinstance(args.draft_capacity, int) and args.draft_capacity > 0 else None
+    if name == "token-recycling":
+        from specjax.drafters.token_recycling import TokenRecyclingDrafter
+
+        return TokenRecyclingDrafter(target.config.vocab_size, capacity=fixed or 80)
+    if not args.drafter_model:
+        raise ValueError(f"--drafter {name} needs --drafter-model DIR (the drafter's weights)")
+    dtype = target.params["embed"].dtype
+    if name == "draft-model":
+        from specjax.drafters.draft_model import DraftModelDrafter
+        from specjax.models.loading import load_model
+
+        capacity = fixed or args.max_draft_capacity
+        return DraftModelDrafter(load_model(args.drafter_model, dtype=dtype), target.config.vocab_size,
+                                 capacity=capacity, topk=min(4, capacity), depth=min(6, capacity))
+    from specjax.drafters.eagle3 import load_eagle3
+
+    if fixed is None:  # EAGLE-2's defaults: 60 nodes, depth 7, top-k 10
+        return load_eagle3(args.drafter_model, target, dtype=dtype)
+    return load_eagle3(args.drafter_model, target, dtype=dtype, capacity=fixed, topk=min(10, fixed),
+                       depth=min(7, fixed))
 
 
 def _load(args):

@@ -121,3 +121,20 @@ def test_chain_is_the_draft_models_greedy_continuation():
 def test_vocab_mismatch_names_both_sizes():
     with pytest.raises(VocabMismatchError, match="draft model vocab_size 64 != target vocab_size 97"):
         DraftModelDrafter(tiny_model(0, vocab=64), 97)
+
+
+def test_cli_builds_device_drafters():
+    import argparse
+
+    from specjax.drafters.device import is_device_drafter
+    from specjax.engine.cli import make_drafter
+
+    target = tiny_model(0, vocab=64)
+    args = argparse.Namespace(drafter_model=None, draft_capacity="auto", max_draft_capacity=16)
+    drafter = make_drafter("token-recycling", target, args)
+    assert is_device_drafter(drafter) and drafter.capacity == 80
+    assert not is_device_drafter(make_drafter("suffix"))
+    with pytest.raises(ValueError, match="--drafter eagle3 needs --drafter-model"):
+        make_drafter("eagle3", target, args)
+    with pytest.raises(ValueError, match="needs the target model"):
+        make_drafter("draft-model")

@@ -1,0 +1,192 @@
+"""The on-device loop with device drafters: lossless greedy on transformers-built models,
+device loop == host loop, lossless sampling with a draft model's q, Token Recycling's
+acceptance on the embedded model."""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from engine_helpers import tiny_model
+from specjax.drafters import device
+from specjax.drafters.draft_model import DraftModelDrafter
+from specjax.drafters.eagle3 import Eagle3Config, Eagle3Drafter, init_params
+from specjax.drafters.token_recycling import TokenRecyclingDrafter
+from specjax.engine.device_loop import generate_on_device
+from specjax.engine.engine import Engine
+from specjax.engine.plain import greedy_generate
+from specjax.models.config import ModelConfig
+from specjax.models.decoder import KVCache, causal_mask, forward
+from specjax.models.loading import Model, load_model
+
+PROMPTS = [[5, 17, 33, 8], [9, 42, 61, 7, 7, 3, 30, 11, 12, 40, 41], [3], [50, 51, 52, 53, 54, 55, 56]]
+NEW_TOKENS = 20
+
+
+def random_eagle3(target: Model, seed: int = 0, draft_vocab: int = 50) -> Eagle3Drafter:
+    """An untrained EAGLE-3 head for this target (features: embeddings and both layers' outputs)."""
+    t = target.config
+    layer = ModelConfig(model_type="llama", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                        intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                        head_dim=t.hidden_size // 4, rms_norm_eps=1e-5)
+    cfg = Eagle3Config(layer, draft_vocab, t.hidden_size)
+    return Eagle3Drafter(cfg, init_params(cfg, jax.random.key(seed)), t.num_layers, capacity=10, topk=3, depth=4,
+                         hidden_layers=(0, 1, 2))
+
+
+DRAFTERS = {
+    "draft_chain_self": lambda m: DraftModelDrafter(m, m.config.vocab_size, capacity=4),
+    "draft_tree_random": lambda m: DraftModelDrafter(tiny_model(7, vocab=m.config.vocab_size), m.config.vocab_size,
+                                                     capacity=10, topk=3, depth=4),
+    "eagle3_chain": lambda m: dataclasses.replace(random_eagle3(m), capacity=4, topk=1, depth=4),
+    "eagle3_tree": random_eagle3,
+    "token_recycling": lambda m: TokenRecyclingDrafter(m.config.vocab_size, capacity=24),
+}
+
+
+@pytest.fixture(scope="module")
+def target(request, tmp_path_factory):
+    pytest.importorskip("torch")
+    from hf_models import save_hf_model
+
+    directory = str(tmp_path_factory.mktemp(request.param))
+    save_hf_model(request.param, directory, seed=11)
+    model = load_model(directory, dtype=jnp.float32)
+    return model, greedy_generate(model, PROMPTS, NEW_TOKENS)
+
+
+# Every drafter on llama; on qwen2 and qwen3 a draft model and an EAGLE-3 head each, chain
+# on one and tree on the other (each case compiles a whole fused step: the matrix is trimmed for time).
+CASES = [("llama", name) for name in sorted(DRAFTERS)] + [
+    ("qwen2", "draft_tree_random"), ("qwen2", "eagle3_chain"), ("qwen2", "token_recycling"),
+    ("qwen3", "draft_chain_self"), ("qwen3", "eagle3_tree")]
+
+
+@pytest.mark.parametrize("target, name", CASES, indirect=["target"])
+def test_greedy_equals_plain_greedy(target, name):
+    model, expected = target
+    drafter = DRAFTERS[name](model)
+    results = generate_on_device(Engine(model, attention="xla"), PROMPTS, NEW_TOKENS, drafter=drafter,
+                                 steps_per_sync=4)
+    assert [r.token_ids for r in results] == expected
+    if name == "draft_chain_self":  # the target drafting for itself is always right
+        assert min(r.tokens_per_pass for r in results if len(r.token_ids) == NEW_TOKENS) > 3
+
+
+def test_device_loop_equals_host_loop_with_sampled_rows():
+    """Same seed, one host sync per step or per 8 steps: the same tokens (greedy and sampled rows)."""
+    model = tiny_model(2, vocab=64)
+    engine = Engine(model, attention="xla")
+    drafter = DraftModelDrafter(tiny_model(4, vocab=64), 64, capacity=8, topk=2, depth=3)
+    runs = []
+    for steps in (1, 8):
+        runs.append([r.token_ids for r in generate_on_device(engine, PROMPTS, 16, temperature=[0.0, 0.8, 1.0, 0.5],
+                                                             seed=3, drafter=drafter, steps_per_sync=steps)])
+    assert runs[0] == runs[1]
+    assert runs[0][0] == greedy_generate(model, PROMPTS[:1], 16)[0]
+
+
+# ------------------------------------------------------------------ lossless sampling with q
+
+V = 6
+TARGET = tiny_model(3, vocab=V)
+PROMPT = [1, 2, 3]
+N = 3000
+
+
+def near_copy(model: Model, noise: float, seed: int) -> Model:
+    """A draft close to the target but not equal (so acceptance, rejection and residuals all occur)."""
+    leaves, treedef = jax.tree_util.tree_flatten(model.params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + noise * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return Model(model.config, jax.tree_util.tree_unflatten(treedef, noisy))
+
+
+def exact_pair_distribution(temperature: float) -> np.ndarray:
+    """P(t2, t3) by running every continuation of the prompt through the target."""
+    seqs = jnp.array([PROMPT + [a, b] for a, b in itertools.product(range(V), repeat=2)])
+    b, t = seqs.shape
+    logits = forward(TARGET.params, TARGET.config, seqs, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                     KVCache.zeros(TARGET.config, b, t), jnp.zeros(b, jnp.int32), causal_mask(b, t)).logits
+    probs = np.asarray(jax.nn.softmax(logits / temperature, axis=-1), np.float64).reshape(V, V, t, V)
+    p1, p2, p3 = probs[0, 0, len(PROMPT) - 1], probs[:, 0, len(PROMPT)], probs[:, :, len(PROMPT) + 1]
+    return np.einsum("a,ab,abc->bc", p1, p2, p3)
+
+
+REAL_CHILDREN = device._children
+
+
+def topk_children_with_q(key, logits, temperature, k, with_q):
+    """Control: sampled rows get the top-k children (not draws from q) but still pass q."""
+    ids, logp, _ = REAL_CHILDREN(key, logits, jnp.zeros_like(temperature), k, with_q)
+    temp = jnp.where(temperature > 0, temperature, 1.0)[:, None, None]
+    return ids, logp, jax.nn.softmax(logits / temp, axis=-1)
+
+
+def untempered_q(key, logits, temperature, k, with_q):
+    """Control: children drawn at the row's temperature, but q reported at temperature 1."""
+    ids, logp, _ = REAL_CHILDREN(key, logits, temperature, k, with_q)
+    return ids, logp, jax.nn.softmax(logits, axis=-1)
+
+
+_DRAFTERS: dict = {}
+
+
+def sampled_pairs(temperature: float, seed: int, children=None) -> np.ndarray:
+    """(t2, t3) of N rows sampled with a draft-model tree (one compiled program per children rule)."""
+    if children not in _DRAFTERS:
+        _DRAFTERS[children] = DraftModelDrafter(near_copy(TARGET, 0.25, seed=9), V, capacity=6, topk=2, depth=2)
+    engine = Engine(TARGET, attention="xla", max_batch_size=N)
+    device._children = children or REAL_CHILDREN
+    try:
+        results = generate_on_device(engine, [PROMPT] * N, 3, temperature=temperature, seed=seed,
+                                     drafter=_DRAFTERS[children])
+    finally:
+        device._children = REAL_CHILDREN
+    assert sum(r.accepted_draft_tokens for r in results) > N // 4  # the drafts matter
+    return np.array([r.token_ids[1:3] for r in results])
+
+
+def chi_square_p(pairs: np.ndarray, expected: np.ndarray) -> float:
+    observed = np.zeros((V, V))
+    np.add.at(observed, (pairs[:, 0], pairs[:, 1]), 1)
+    exp, obs = expected.ravel() * len(pairs), observed.ravel()
+    keep = exp >= 5  # sparse cells merged into one bucket
+    obs, exp = np.append(obs[keep], obs[~keep].sum()), np.append(exp[keep], exp[~keep].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_draft_model_q_keeps_the_distribution(temperature):
+    pairs = sampled_pairs(temperature, seed=1)
+    assert chi_square_p(pairs, exact_pair_distribution(temperature)) > 1e-4
+
+
+@pytest.mark.parametrize("children", [topk_children_with_q, untempered_q], ids=["topk_with_q", "untempered_q"])
+def test_drafts_that_ignore_their_q_are_detected(children):
+    pairs = sampled_pairs(0.7, seed=2, children=children)
+    assert chi_square_p(pairs, exact_pair_distribution(0.7)) < 1e-6
+
+
+# ------------------------------------------------------------------ Token Recycling on the embedded model
+
+
+def test_token_recycling_learns_on_demo_prompts():
+    from specjax.models.embedded import default_model_dir
+    from specjax.models.toy_corpus import sql_prompts
+
+    model = load_model(default_model_dir(), dtype=jnp.float32)
+    engine = Engine(model, attention="xla", max_batch_size=8)
+    drafter = TokenRecyclingDrafter(model.config.vocab_size, capacity=80)
+    prompts = sql_prompts(32, seed=0)
+    results = generate_on_device(engine, prompts, 64, drafter=drafter)
+    tokens = sum(len(r.token_ids) for r in results)
+    assert tokens / sum(r.target_passes for r in results) > 1.5
+    encoded = [engine.encode(p) for p in prompts]
+    assert [r.token_ids for r in results] == greedy_generate(model, encoded, 64)
