@@ -646,6 +646,8 @@ class _ActiveRequest:
     # The calibration learns from them at the next speculation, so an update stays an index update.
     last_draft: Optional[tuple] = None
     outcome: Optional[list[int]] = None
+    # Budgeted mode: id(other request) -> (other, state, matched, own clock): matches in requests in flight.
+    shared_matches: dict = dataclasses.field(default_factory=dict)
 
     def learn_from_last_draft(self, calibration: "NodeCalibration") -> None:
         if self.last_draft is not None and self.outcome is not None:
@@ -814,10 +816,7 @@ class SuffixIndex:
         sources = [(SOURCE_LOCAL, request.local, *request.local.tail_state(self.max_depth)),
                    (SOURCE_GLOBAL, self._global, *self._global_match(request))]
         if self.max_shared_requests and len(self._active) > 1:
-            tail = list(request.tail)
-            others = (other for other in reversed(self._active.values()) if other is not request)
-            for other in itertools.islice(others, self.max_shared_requests):
-                sources.append((SOURCE_SHARED, other.local, *other.local.match(tail, self.max_depth)))
+            sources += self._shared_sources(request)
         for source, automaton, state, matched in sources:
             length, link = automaton.length, automaton.link
             while state > _ROOT:
@@ -830,6 +829,34 @@ class SuffixIndex:
         request.last_draft = (draft.tokens, keys, children)
         draft.match_len = max(matched for *_, matched in sources) if draft.tokens else 0
         return draft
+
+    def _shared_sources(self, request: _ActiveRequest) -> list[tuple[int, SuffixAutomaton, int, int]]:
+        """The request's matches in the local indexes of the most recently started other requests.
+
+        Each match is carried over from the last speculation and advanced by
+        the tokens added since (a state split in the meantime is undone by
+        walking to the state that holds the matched length). This finds the
+        same match as matching afresh whenever the other request wrote the
+        matched text first, the case where it has a continuation to offer;
+        text it writes after this request did is found at the next fresh match.
+        """
+        tail, clock = request.tail, request.local.clock
+        previous, current, sources = request.shared_matches, {}, []
+        others = (other for other in reversed(self._active.values()) if other is not request)
+        for other in itertools.islice(others, self.max_shared_requests):
+            automaton = other.local
+            entry = previous.get(id(other))
+            if entry is not None and entry[0] is other and clock - entry[3] <= len(tail):
+                matched = entry[2]
+                state = automaton.suffix_of_length(entry[1], matched) if matched else _ROOT
+                for token in itertools.islice(tail, len(tail) - (clock - entry[3]), None):
+                    state, matched = automaton.advance(state, matched, token, self.max_depth)
+            else:
+                state, matched = automaton.match(list(tail), self.max_depth)
+            current[id(other)] = (other, state, matched, clock)
+            sources.append((SOURCE_SHARED, automaton, state, matched))
+        request.shared_matches = current
+        return sources
 
     def _best_draft(self, automaton: SuffixAutomaton, state: int, matched: int, limit: int, best: Draft) -> Draft:
         """Keep ``best`` unless a candidate of this index scores strictly higher (longest match first).

@@ -288,3 +288,25 @@ def test_a_calibrated_tree_is_the_top_of_every_candidates_calibrated_paths(cache
         assert path[:-1] == () or path[:-1] in nodes
     best = sorted(expected.values(), reverse=True)[: len(nodes)]
     assert sorted(nodes.values(), reverse=True) == pytest.approx(best)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.lists(st.integers(0, 3), min_size=1, max_size=40), prompts=st.tuples(small_texts, small_texts),
+       chunks=st.lists(st.tuples(st.integers(1, 4), st.integers(0, 3)), min_size=1, max_size=20))
+def test_carried_shared_matches_equal_fresh_ones_when_the_other_writes_first(text, prompts, chunks):
+    """Request b follows the text request a writes (a stays ahead): b's match in a's index, carried
+    from step to step, is the one a fresh match finds."""
+    index = budget_index(max_depth=6, max_spec_tokens=6)
+    index.start_request("a", prompts[0])
+    index.start_request("b", prompts[1])
+    written_a = written_b = 0
+    for ahead, behind in chunks:
+        index.extend("a", text[written_a: written_a + ahead])
+        written_a = min(len(text), written_a + ahead)
+        step = min(behind, written_a - written_b)
+        index.extend("b", text[written_b: written_b + step])
+        written_b += step
+        index.speculate("b", max_tokens=4)
+        request_b, request_a = index._active["b"], index._active["a"]
+        _, state, matched, _ = request_b.shared_matches[id(request_a)]
+        assert (state, matched) == request_a.local.match(list(request_b.tail), 6)
