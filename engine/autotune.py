@@ -7,9 +7,9 @@ drafter's proposal carries its own estimate of each node's probability; after
 each step the policy compares the predicted accepted tokens with the real ones
 and keeps a running calibration factor, so an over-confident drafter is
 discounted. Per step it picks the T (0 = a plain step) that maximizes expected
-tokens per second. When several steps in a row choose 0, it stops asking the
-drafter for proposals and only probes now and then, so a drafter that never
-pays costs (almost) nothing.
+tokens per second. When several steps in a row gain nothing (T = 0 chosen, or
+no draft token accepted), it stops asking the drafter for proposals and only
+probes now and then, so a drafter that never pays costs (almost) nothing.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ class CapacityPolicy:
     """
 
     costs: dict[int, float]
-    smoothing: float = 0.2
+    smoothing: float = 0.3
     calibration: float = 1.0
-    idle_steps: int = 0  # consecutive steps that chose T = 0
+    idle_steps: int = 0  # consecutive steps in which speculation gained nothing (T = 0 or none accepted)
     probe_every: int = 8  # while idle, ask the drafter only every this many steps
     patience: int = 4  # idle steps before drafting is skipped
 
@@ -64,7 +64,7 @@ class CapacityPolicy:
         """False while speculation has not paid recently (except periodic probes)."""
         if self.idle_steps < self.patience:
             return True
-        return (self.idle_steps - self.patience) % self.probe_every == 0
+        return (self.idle_steps - self.patience + 1) % self.probe_every == 0
 
     def choose(self, node_probs: Sequence[np.ndarray], num_active: int) -> int:
         """The bucket T maximizing expected emitted tokens per second for this step.
@@ -75,15 +75,24 @@ class CapacityPolicy:
         longest = max((len(p) for p in node_probs), default=0)
         if longest and self.idle_steps >= self.patience:
             return self._fit(longest)
-        best_t, best_rate = 0, num_active / self.costs[0]
+        costs = self.monotone_costs()
+        best_t, best_rate = 0, num_active / costs[0]
         for t in self.buckets:
             if t == 0 or (t > longest and t != self._fit(longest)):
                 continue
             tokens = num_active + self.calibration * expected_accepted(node_probs, t)
-            rate = tokens / self.costs[t]
+            rate = tokens / costs[t]
             if rate > best_rate:
                 best_t, best_rate = t, rate
         return best_t
+
+    def monotone_costs(self) -> dict[int, float]:
+        """Costs made non-decreasing in T: a bigger tree never costs less, whatever timing noise says."""
+        out, running = {}, 0.0
+        for t in self.buckets:
+            running = max(running, self.costs[t])
+            out[t] = running
+        return out
 
     def _fit(self, n: int) -> int:
         """The smallest bucket holding n nodes (the largest bucket if none does)."""
@@ -95,4 +104,4 @@ class CapacityPolicy:
         self.costs[capacity] = (1 - a) * self.costs[capacity] + a * seconds
         if predicted > 0:
             self.calibration = (1 - a) * self.calibration + a * min(accepted / predicted, 2.0)
-        self.idle_steps = self.idle_steps + 1 if capacity == 0 else 0
+        self.idle_steps = 0 if capacity > 0 and accepted > 0 else self.idle_steps + 1
