@@ -33,7 +33,8 @@ from specjax.engine.state import DecodeState
 from specjax.engine.steps import PREFILL_CHUNK, extend, new_cache, prefill, step
 from specjax.engine.tree import DraftTree, empty_tree, validate_tree
 from specjax.models.loading import Model
-from specjax.models.sharding import DATA, cache_sharding, shard_params
+from specjax.models.sharding import DATA, cache_sharding, shard_model
+from specjax.tpu_kernels.sharded_attention import sharded_tree_attention
 
 Prompt = Union[str, Sequence[int]]
 AUTO = "auto"
@@ -108,7 +109,8 @@ class Engine:
         calibrated confidence: T = 0 (a plain step) whenever drafts do not pay.
         An int fixes T for every step.
       max_draft_capacity: the largest T ``"auto"`` may pick.
-      attention: "auto" | "xla" | "pallas" (see ``specjax.tpu_kernels``).
+      attention: "auto" | "xla" | "pallas" (see ``specjax.tpu_kernels``); on a mesh it runs
+        under ``shard_map`` over the heads (``sharded_tree_attention``).
       max_batch_size: prompts are processed in batches of at most this size.
       mesh: a ("data", "model") ``jax.sharding.Mesh``: the target is tensor-parallel
         over "model" (see ``specjax.models.sharding``), the batch split over "data".
@@ -127,8 +129,11 @@ class Engine:
         if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
         enable_compilation_cache()
-        if mesh is not None:
-            target = dataclasses.replace(target, params=shard_params(target.params, target.config, mesh))
+        if mesh is not None:  # heads padded to the model axis; attention under shard_map over heads
+            params, cfg = shard_model(target.params, target.config, mesh)
+            target = dataclasses.replace(target, params=params, config=cfg)
+            if isinstance(attention, str):
+                attention = sharded_tree_attention(mesh, attention)
         self.mesh = mesh
         self.target = target
         self.drafter = drafter

@@ -158,10 +158,10 @@ def load_model(model_dir: str, dtype=jnp.bfloat16, mesh=None) -> Model:
     cfg = read_config(model_dir)
     cfg = _with_generation_eos(model_dir, cfg)
     place = None
-    if mesh is not None:
-        from specjax.models.sharding import placer
+    if mesh is not None:  # heads padded / repeated to the model axis on the host, each tensor onto its shards
+        from specjax.models.sharding import mesh_placer
 
-        place = placer(cfg, mesh)
+        cfg, place = mesh_placer(cfg, mesh)
     return Model(config=cfg, params=load_params(model_dir, cfg, dtype, place),
                  tokenizer=load_tokenizer(model_dir), path=model_dir)
 

@@ -219,20 +219,6 @@ def mesh_placer(cfg: ModelConfig, mesh: Mesh):
 
     return mesh_cfg, place
 
-
-def placer(cfg: ModelConfig, mesh: Mesh):
-    """A ``place(path, host_array)`` for ``load_params`` in `cfg`'s own layout (heads unpadded)."""
-    shardings = param_shardings(cfg, mesh)
-
-    def place(path: tuple[str, ...], array: np.ndarray) -> jax.Array:
-        sharding = shardings
-        for key in path:
-            sharding = sharding[key]
-        return jax.device_put(array, sharding)
-
-    return place
-
-
 def shard_cache(cache: KVCache, sharding: NamedSharding) -> KVCache:
     return KVCache(jax.lax.with_sharding_constraint(cache.k, sharding),
                    jax.lax.with_sharding_constraint(cache.v, sharding))
