@@ -121,7 +121,7 @@ def _run(model, drafter_name, prompts, args, show_progress: bool):
 
     from specjax.engine.engine import Engine
 
-    engine = Engine(model, make_drafter(drafter_name), draft_capacity=args.draft_capacity,
+    engine = Engine(model, make_drafter(drafter_name, model, args), draft_capacity=args.draft_capacity,
                     max_draft_capacity=args.max_draft_capacity, attention=args.attention,
                     max_batch_size=args.batch_size)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -129,7 +129,7 @@ def _run(model, drafter_name, prompts, args, show_progress: bool):
     # Warm-up on the same shapes so the timed run measures decoding, not compilation.
     engine.generate(prompts, **kwargs)
     if drafter_name != "none":  # a fresh drafter: the suffix index must not have seen these outputs
-        engine.drafter = make_drafter(drafter_name)
+        engine.drafter = make_drafter(drafter_name, model, args)
     bar = tqdm(total=len(prompts) * args.max_new_tokens, desc=f"generate ({drafter_name})", unit="tok",
                disable=not show_progress, file=sys.stderr)
     start = time.perf_counter()

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from specjax.drafters.base import HostDrafter, Proposal
+from specjax.drafters.device import is_device_drafter
 from specjax.engine.autotune import CapacityPolicy, capacity_buckets, expected_accepted
 from specjax.engine.compile_cache import enable_compilation_cache
 from specjax.engine.plain import pad_prompts
@@ -101,7 +102,9 @@ class Engine:
 
     Args:
       target: the loaded target ``Model``.
-      drafter: a ``HostDrafter`` (prompt lookup, suffix index, ...) or None for
+      drafter: a ``HostDrafter`` (prompt lookup, suffix index, ...), a
+        ``DeviceDrafter`` (draft model, EAGLE-3, Token Recycling: the whole loop
+        then runs on the device, see ``specjax.engine.device_loop``), or None for
         plain decoding through the same loop (one token per pass).
       draft_capacity: T, the tree slots per sequence and step. ``"auto"`` (the
         default) picks T per step among 0, 1, 2, 4, ... up to
@@ -137,8 +140,9 @@ class Engine:
         self.mesh = mesh
         self.target = target
         self.drafter = drafter
-        self.auto = drafter is not None and draft_capacity == AUTO
-        if drafter is None:
+        self.on_device = is_device_drafter(drafter)
+        self.auto = drafter is not None and not self.on_device and draft_capacity == AUTO
+        if drafter is None or self.on_device:  # a device drafter's tree size is its own
             self.capacity = 0
         else:
             self.capacity = max_draft_capacity if self.auto else int(draft_capacity)
@@ -238,6 +242,13 @@ class Engine:
         encoded = [self.encode(p) for p in prompts]
         if session is not None and len(encoded) != 1:
             raise ValueError(f"a session continues one conversation: pass one prompt, got {len(encoded)}")
+        if self.on_device:  # draft -> verify -> accept -> drafter update, N steps per host sync
+            if session is not None:
+                raise ValueError("sessions run with host drafters (or none); this engine has a device drafter")
+            from specjax.engine.device_loop import generate_on_device
+
+            return generate_on_device(self, encoded, max_new_tokens, temperature=temperature, top_p=top_p,
+                                      top_k=top_k, seed=seed, stop=stop, progress=progress)
         sampling = _per_prompt(SamplingParams.make(len(encoded), temperature, top_k, top_p))
         results: list[GenerationResult] = []
         for start in range(0, len(encoded), self.max_batch_size):
