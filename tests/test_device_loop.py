@@ -190,3 +190,20 @@ def test_token_recycling_learns_on_demo_prompts():
     assert tokens / sum(r.target_passes for r in results) > 1.5
     encoded = [engine.encode(p) for p in prompts]
     assert [r.token_ids for r in results] == greedy_generate(model, encoded, 64)
+
+
+def test_stop_strings_cut_like_the_host_engine():
+    """Stops are checked every N steps on the device loop, yet ids and text match the host engine's."""
+    from specjax.models.embedded import default_model_dir
+    from specjax.models.toy_corpus import sql_prompts
+
+    model = load_model(default_model_dir(), dtype=jnp.float32)
+    prompts = sql_prompts(4, seed=2)
+    stop = [" WHERE", " FROM"]
+    plain = Engine(model, None, draft_capacity=0, attention="xla").generate(prompts, 48, stop=stop)
+    device = generate_on_device(Engine(model, attention="xla"), prompts, 48, stop=stop, steps_per_sync=16,
+                                drafter=DraftModelDrafter(model, model.config.vocab_size, capacity=6))
+    assert [r.token_ids for r in device] == [r.token_ids for r in plain]
+    assert [r.text for r in device] == [r.text for r in plain]
+    assert all(" FROM" not in r.text for r in device)
+    assert all(any(s in model.tokenizer.decode(r.token_ids) for s in stop) for r in device)  # every row stopped
