@@ -15,7 +15,6 @@ them (one draft forward of width T + 1), so no compaction is needed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional
 
 import jax

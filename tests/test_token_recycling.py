@@ -3,7 +3,6 @@ every scored node."""
 
 import types
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
