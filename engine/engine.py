@@ -151,6 +151,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self._request_ids = itertools.count()
         self._step_costs: dict[tuple[int, int], dict[int, float]] = {}
+        self._calibration = 1.0  # the drafter's accepted / claimed tokens, carried across batches
 
     # ------------------------------------------------------------ text
 
@@ -317,16 +318,18 @@ class Engine:
         draft_s, verify_s, read_s = np.zeros(rows), np.zeros(rows), np.zeros(rows)
         rids = [next(self._request_ids) for _ in range(rows)]
         policy = self._policy(rows, max_len) if self.auto else None
+        # Accepted tokens reach the drafter only when it is next asked for a draft (or at the
+        # end): while "auto" has drafting paused, the host does no per-step drafter work.
+        unobserved: list[list[int]] = [list(out) for out in outputs]
         if self.drafter is not None:
-            for rid, prompt, out in zip(rids[:n_requests], prompts, outputs):
+            for rid, prompt in zip(rids[:n_requests], prompts):
                 self.drafter.start_request(rid, prompt)
-                self.drafter.observe(rid, out)
         finished |= self._apply_stop_strings(outputs, stop)
         self._report(progress, n_requests)
         while not finished.all():
             active = ~finished
             d0 = time.perf_counter()
-            proposals = self._propose(rids, active, policy)
+            proposals = self._propose(rids, active, policy, unobserved)
             capacity = self._choose_capacity(proposals, active, policy)
             tree = self._pack(proposals, rows, capacity)
             d1 = time.perf_counter()
@@ -349,13 +352,15 @@ class Engine:
             for i in np.flatnonzero(active):
                 new = emitted[i, : num[i]].tolist()
                 outputs[i].extend(new)
-                if self.drafter is not None:
-                    self.drafter.observe(rids[i], new)
+                unobserved[i].extend(new)
             self._report(progress, int(num[:n_requests].sum()))
             finished = device_finished | self._apply_stop_strings(outputs, stop)
         if self.drafter is not None:
-            for rid in rids[:n_requests]:
+            for i, rid in enumerate(rids[:n_requests]):
+                self._observe(rid, unobserved[i])
                 self.drafter.stop_request(rid)
+        if policy is not None:
+            self._calibration = policy.calibration
         if session is not None:
             session.cache = state.cache
             session.cached_ids = (list(prompts[0]) + outputs[0])[: int(state.lengths[0])]
@@ -369,10 +374,11 @@ class Engine:
     # ------------------------------------------------------------ drafting
 
     def _policy(self, rows: int, max_len: int) -> CapacityPolicy:
-        """A fresh per-batch policy over this bucket's measured step costs (measured now if new)."""
+        """A per-batch policy over this bucket's step costs (measured now if new; the policy's
+        running updates stay with the engine) and the drafter's calibration so far."""
         if (rows, max_len) not in self._step_costs:
             self._measure_step_costs(rows, max_len)
-        return CapacityPolicy(costs=dict(self._step_costs[(rows, max_len)]))
+        return CapacityPolicy(costs=self._step_costs[(rows, max_len)], calibration=self._calibration)
 
     def _measure_step_costs(self, rows: int, max_len: int, timing_steps: int = 3) -> dict[int, float]:
         """Time each tree size's step on a scratch state of this bucket.
@@ -401,14 +407,21 @@ class Engine:
         self._step_costs[(rows, max_len)] = costs
         return first_calls
 
-    def _propose(self, rids, active, policy: Optional[CapacityPolicy]) -> list[Optional[Proposal]]:
+    def _propose(self, rids, active, policy: Optional[CapacityPolicy], unobserved) -> list[Optional[Proposal]]:
         """Each active row's proposal (None for rows not drafted this step)."""
         proposals: list[Optional[Proposal]] = [None] * len(rids)
         if self.drafter is None or self.capacity == 0 or (policy is not None and not policy.should_draft()):
             return proposals
         for i in np.flatnonzero(active):
+            self._observe(rids[i], unobserved[i])
             proposals[i] = self.drafter.propose(rids[i], self.capacity)
         return proposals
+
+    def _observe(self, rid, tokens: list) -> None:
+        """Hand the drafter the tokens accepted since it last saw this request."""
+        if tokens and self.drafter is not None:
+            self.drafter.observe(rid, tokens)
+            tokens.clear()
 
     def _choose_capacity(self, proposals, active, policy: Optional[CapacityPolicy]) -> int:
         if policy is None:
