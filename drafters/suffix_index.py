@@ -506,36 +506,36 @@ class NodeCalibration:
         self.prior_weight = prior_weight
         self.stats: dict[int, list[float]] = {}  # group -> [accepted, tested]
 
-    def learn(self, draft_tokens: Sequence[int], keys: Sequence[int], children: Sequence[Sequence[int]],
+    def learn(self, draft_tokens: Sequence[int], draft_parents: Sequence[int], keys: Sequence[int],
               accepted_ids: Sequence[int]) -> None:
         """Count every tested node: a child of the root or of an accepted node whose next token is known.
 
-        ``children[node + 1]`` lists a node's children (the root's at 0), as ``draft_merged`` returns them.
+        Parents precede their children in a draft, so one pass in node order
+        meets every accepted node before its children.
         """
         stats = self.stats
-        node = -1
-        for truth in accepted_ids:
-            accepted = -1
-            for child in children[node + 1]:
-                hit = draft_tokens[child] == truth
-                if hit:
-                    accepted = child
-                seen = stats.get(keys[child])
-                if seen is None:
-                    stats[keys[child]] = [float(hit), 1.0]
-                else:
-                    seen[0] += hit
-                    seen[1] += 1.0
-            if accepted < 0:
-                return
-            node = accepted
+        next_truth = {-1: 0}  # the root and each accepted node -> index of the token after it in accepted_ids
+        known = len(accepted_ids)
+        for node, parent in enumerate(draft_parents):
+            at = next_truth.get(parent)
+            if at is None or at >= known:
+                continue
+            hit = draft_tokens[node] == accepted_ids[at]
+            if hit:
+                next_truth[node] = at + 1
+            seen = stats.get(keys[node])
+            if seen is None:
+                stats[keys[node]] = [float(hit), 1.0]
+            else:
+                seen[0] += hit
+                seen[1] += 1.0
 
 
 SOURCE_LOCAL, SOURCE_GLOBAL, SOURCE_SHARED = 0, 1, 2  # sources of a budgeted draft's candidates
 
 
 def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], calibration: NodeCalibration,
-                 budget: int, min_prob: float) -> tuple[Draft, list[int], list[list[int]]]:
+                 budget: int, min_prob: float) -> tuple[Draft, list[int]]:
     """One best-first tree of up to ``budget`` nodes over several (automaton, state, source, match length) candidates.
 
     A candidate gives a path the product of its calibrated count ratios (a
@@ -545,9 +545,7 @@ def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], ca
     node's value is the largest any candidate gives its path (values only
     shrink down a path, so parents are placed before their children).
     Candidates that agree on a path share its nodes; where they disagree, each
-    adds its own branches. Returns the draft, each node's calibration group,
-    and each node's children (the root's last), which ``NodeCalibration.learn``
-    needs.
+    adds its own branches. Returns the draft and each node's calibration group.
 
     A single continuation that is at least as likely as anything waiting in
     the heap is drafted at once (the heap would pop it next), so long copied
@@ -557,7 +555,6 @@ def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], ca
     parents: list[int] = []
     probs: list[float] = []
     keys: list[int] = []
-    children: list[list[int]] = [[]]  # children[node + 1]: the root's at 0
     nodes: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
     heap: list = []  # (-value, -push number, parent node, token, candidate, state, depth, key, prob)
     pushes = itertools.count()
@@ -597,8 +594,6 @@ def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], ca
                 parents.append(parent)
                 probs.append(value)
                 keys.append(key)
-                children[parent + 1].append(node)
-                children.append([])
                 if node + 1 == budget:
                     break
             token = edge_token[state]
@@ -629,7 +624,7 @@ def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], ca
                 heappush(heap, (-child_value, -next(pushes), node, token, candidate, child, depth, key, prob))
                 break
             parent, state, value = node, child, child_value
-    return Draft(tokens, parents, probs, sum(probs), 0), keys, children
+    return Draft(tokens, parents, probs, sum(probs), 0), keys
 
 
 @dataclasses.dataclass
@@ -642,7 +637,7 @@ class _ActiveRequest:
     global_state: int = _ROOT
     global_matched: int = 0
     global_version: int = -1
-    # Budgeted mode: the last draft (tokens, calibration groups, children) and the tokens accepted after it.
+    # Budgeted mode: the last draft (tokens, parents, calibration groups) and the tokens accepted after it.
     # The calibration learns from them at the next speculation, so an update stays an index update.
     last_draft: Optional[tuple] = None
     outcome: Optional[list[int]] = None
@@ -825,8 +820,8 @@ class SuffixIndex:
                 state = link[state]
                 matched = length[state]
         request.learn_from_last_draft(self.calibration)
-        draft, keys, children = draft_merged(candidates, self.calibration, budget, self.spec.min_token_prob)
-        request.last_draft = (draft.tokens, keys, children)
+        draft, keys = draft_merged(candidates, self.calibration, budget, self.spec.min_token_prob)
+        request.last_draft = (draft.tokens, draft.parents, keys)
         draft.match_len = max(matched for *_, matched in sources) if draft.tokens else 0
         return draft
 

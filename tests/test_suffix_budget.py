@@ -120,9 +120,9 @@ def test_min_token_prob_still_cuts_by_the_plain_ratios():
 def test_calibration_counts_exactly_the_tested_nodes():
     # root -> a(0) -> c(2) -> d(3); a -> e(4); root -> b(1) -> f(5). Truth: a, c, then 99 (the bonus).
     tokens, keys = [10, 11, 12, 13, 14, 15], [100, 101, 102, 103, 104, 105]
-    children = [[0, 1], [2, 4], [5], [3], [], [], []]
+    parents = [-1, -1, 0, 2, 0, 1]
     calibration = NodeCalibration()
-    calibration.learn(tokens, keys, children, [10, 12, 99])
+    calibration.learn(tokens, parents, keys, [10, 12, 99])
     got = {key: tuple(stats) for key, stats in calibration.stats.items()}
     # Tested: a, b (root's children), c, e (a's), d (c's, whose next token 99 is known); not f.
     assert got == {100: (1.0, 1.0), 101: (0.0, 1.0), 102: (1.0, 1.0), 104: (0.0, 1.0), 103: (0.0, 1.0)}
@@ -134,7 +134,7 @@ def test_calibration_counts_exactly_the_tested_nodes():
     assert all(got != wrong for wrong in wrong_variants)
     # Without a known next token (the response ended), the accepted node's children are not tested.
     ended = NodeCalibration()
-    ended.learn(tokens, keys, children, [10])
+    ended.learn(tokens, parents, keys, [10])
     assert {key: tuple(s) for key, s in ended.stats.items()} == {100: (1.0, 1.0), 101: (0.0, 1.0)}
 
 
@@ -142,7 +142,7 @@ def test_estimates_move_from_the_ratio_to_the_observed_rate():
     calibration = NodeCalibration(prior_weight=4.0)
     key = calibration_prefix(0, 3, 1) | 4
     for _ in range(12):
-        calibration.learn([7], [key], [[0], []], [8])  # drafted 7, the target said 8
+        calibration.learn([7], [-1], [key], [8])  # drafted 7, the target said 8
     accepted, tested = calibration.stats[key]
     assert (accepted, tested) == (0.0, 12.0)
     assert (accepted + 4.0 * 1.0) / (tested + 4.0) == pytest.approx(0.25)
