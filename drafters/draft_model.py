@@ -125,7 +125,7 @@ class DraftModelDrafter:
         return self.draft.config
 
     def init_state(self, batch_size: int, max_len: int) -> DraftModelState:
-        slots = max_len + 1 + max(self.shape.scratch_rows, self.capacity + 1)
+        slots = max_len + 1 + max(self.shape.scratch_rows, self.shape.depth + 1)
         dtype = self.params["embed"].dtype
         return DraftModelState(cache=KVCache.zeros(self.cfg, batch_size, slots, dtype),
                                lengths=jnp.zeros(batch_size, jnp.int32),
@@ -161,8 +161,10 @@ class DraftModelDrafter:
         return tree, dataclasses.replace(dstate, cache=cache)
 
     def update(self, params, dstate: DraftModelState, accepted, aux=None) -> DraftModelState:
-        """Feed the emitted tokens (over the scratch rows) and keep the new root's logits."""
-        tokens = accepted.tokens
+        """Feed the emitted tokens (over the scratch rows) and keep the new root's logits.
+
+        At most depth + 1 tokens are emitted per step, so only that many are fed."""
+        tokens = accepted.tokens[:, : self.shape.depth + 1]
         b, n = tokens.shape
         positions = dstate.lengths[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
         out = forward(params, self.cfg, tokens, positions, dstate.cache, dstate.lengths,

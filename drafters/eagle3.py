@@ -238,7 +238,7 @@ class Eagle3Drafter:
         self.shape = TreeShape(self.capacity, self.topk, self.depth)
 
     def init_state(self, batch_size: int, max_len: int) -> Eagle3State:
-        slots = max_len + max(self.shape.scratch_rows, self.capacity + 1) + 1
+        slots = max_len + max(self.shape.scratch_rows, self.shape.depth + 1) + 1
         cache = KVCache.zeros(self.cfg.layer, batch_size, slots, self.params["fc"].dtype)
         return Eagle3State(cache, jnp.zeros(batch_size, jnp.int32),
                            jnp.zeros((batch_size, self.cfg.hidden_size), self.params["fc"].dtype))
@@ -280,9 +280,10 @@ class Eagle3Drafter:
 
     def update(self, params, dstate: Eagle3State, accepted, aux) -> Eagle3State:
         """Feed the accepted path's true pairs (target features of path node j, emitted token j)."""
-        path = accepted.path
-        feats = jnp.take_along_axis(aux.hidden, path[None, :, :, None], axis=2)  # [3, B, N, H]
-        out, cache = head_block(self.cfg, params, dstate.cache, dstate.lengths, accepted.tokens,
+        n = self.shape.depth + 1  # at most depth + 1 tokens are emitted per step
+        path = accepted.path[:, :n]
+        feats = jnp.take_along_axis(aux.hidden, path[None, :, :, None], axis=2)  # [3, B, n, H]
+        out, cache = head_block(self.cfg, params, dstate.cache, dstate.lengths, accepted.tokens[:, :n],
                                 fuse_features(params, feats), accepted.num, attention=self.attention)
         last = jnp.take_along_axis(out, jnp.maximum(accepted.num - 1, 0)[:, None, None], axis=1)[:, 0]
         fed = (accepted.num > 0)[:, None]
