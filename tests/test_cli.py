@@ -34,3 +34,30 @@ def test_missing_model_directory_is_a_clear_error():
 
     with pytest.raises(CheckpointError, match="does not exist"):
         main(["generate", "--model", "/nonexistent/model", "--prompt", "x"])
+
+
+def test_stop_string_cuts_the_text_before_it():
+    import jax.numpy as jnp
+
+    from specjax.engine.engine import Engine
+    from specjax.models.loading import load_model
+    from specjax.models.toy_corpus import sql_prompts
+
+    model = load_model(embedded.default_model_dir(), dtype=jnp.float32)
+    engine = Engine(model, None)
+    prompt = sql_prompts(1, seed=3)[0]
+    full = engine.generate([prompt], max_new_tokens=24)[0]
+    assert " FROM" in full.text
+    cut = engine.generate([prompt], max_new_tokens=24, stop=[" FROM"])[0]
+    assert cut.text == full.text[: full.text.index(" FROM")]
+    # The ids run through the token that completed the stop string (as vLLM reports them).
+    assert " FROM" in engine.decode(cut.token_ids) and " FROM" not in engine.decode(cut.token_ids[:-1])
+
+
+def test_sampled_baseline_comparison_says_what_is_compared(capsys):
+    out = _run_json(capsys, "--compare-baseline", "--temperature", "1")
+    assert out["sampled"] is True
+    from specjax.engine.cli import _comparison
+
+    message = _comparison(out)
+    assert "DIFFERENT" not in message and "same distribution" in message
