@@ -29,6 +29,7 @@ from specjax.engine.sampling import SamplingParams
 from specjax.engine.state import DecodeState
 from specjax.engine.steps import prefill, step_impl
 from specjax.models.config import ModelConfig
+from specjax.models.sharding import cache_sharding
 
 DEFAULT_STEPS_PER_SYNC = 8
 
@@ -136,7 +137,8 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
     hidden_layers = tuple(drafter.hidden_layers)
     out = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths),
                   jnp.full(rows, max_new_tokens, jnp.int32), jax.random.key(seed), sp, max_len=max_len,
-                  attention=engine.attention, hidden_layers=hidden_layers, chunk=engine.prefill_chunk)
+                  attention=engine.attention, hidden_layers=hidden_layers, chunk=engine.prefill_chunk,
+                  cache_sharding=None if engine.mesh is None else cache_sharding(cfg, engine.mesh, rows))
     state, first = out[0], out[1]
     hidden = out[2] if hidden_layers else None
     pad_rows = np.arange(rows) >= n_req

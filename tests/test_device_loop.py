@@ -207,3 +207,16 @@ def test_stop_strings_cut_like_the_host_engine():
     assert [r.text for r in device] == [r.text for r in plain]
     assert all(" FROM" not in r.text for r in device)
     assert all(any(s in model.tokenizer.decode(r.token_ids) for s in stop) for r in device)  # every row stopped
+
+
+def test_device_loop_on_a_mesh():
+    """Target tensor-parallel over a 2 x 2 CPU mesh (batch over data), the drafter replicated."""
+    from specjax.models.sharding import make_mesh
+
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices (conftest asks XLA for 8 CPU devices)")
+    model = tiny_model(0, vocab=64)
+    mesh = make_mesh(data=2, model=2, devices=jax.devices()[:4])
+    drafter = DraftModelDrafter(tiny_model(1, vocab=64), 64, capacity=8, topk=2, depth=3)
+    results = Engine(model, drafter, mesh=mesh).generate(PROMPTS, 16)
+    assert [r.token_ids for r in results] == greedy_generate(model, PROMPTS, 16)
