@@ -889,7 +889,7 @@ class SuffixDecodingDrafter:
       budget_mode: fill up to ``max_tokens`` nodes per ``propose`` (the engine's verify
         budget) with the most probable continuations from both indexes, every
         matched suffix and the other requests in flight (see ``SuffixIndex``); the
-        factor and offset then do not apply.
+        draft is then always a tree, and the factor and offset do not apply.
       max_shared_requests: in budget mode, how many other active requests each one drafts from.
     """
 
