@@ -74,7 +74,8 @@ class DeviceDrafter(Protocol):
 
 def is_device_drafter(drafter) -> bool:
     """True for drafters that follow ``DeviceDrafter`` (the engine runs them in the device loop)."""
-    return all(callable(getattr(drafter, m, None)) for m in ("init_state", "prefill", "propose", "update"))
+    methods = ("init_state", "prefill", "propose", "update", "end_batch")
+    return all(callable(getattr(drafter, m, None)) for m in methods)
 
 
 def row_temperature(sampling, batch_size: int) -> jax.Array:
