@@ -157,12 +157,12 @@ def load_model(model_dir: str, dtype=jnp.bfloat16, mesh=None) -> Model:
         raise CheckpointError(f"model directory {model_dir!r} does not exist")
     cfg = read_config(model_dir)
     cfg = _with_generation_eos(model_dir, cfg)
-    place = None
+    place, model_cfg = None, cfg
     if mesh is not None:  # heads padded / repeated to the model axis on the host, each tensor onto its shards
         from specjax.models.sharding import mesh_placer
 
-        cfg, place = mesh_placer(cfg, mesh)
-    return Model(config=cfg, params=load_params(model_dir, cfg, dtype, place),
+        model_cfg, place = mesh_placer(cfg, mesh)
+    return Model(config=model_cfg, params=load_params(model_dir, cfg, dtype, place),
                  tokenizer=load_tokenizer(model_dir), path=model_dir)
 
 
