@@ -231,9 +231,57 @@ class SuffixAutomaton:
         self._written = 0
 
     def extend(self, tokens: Sequence[int]) -> None:
-        """Append tokens to the current sequence (ids already validated)."""
+        """Append tokens to the current sequence (ids already validated).
+
+        One loop with the transition lookups, the new state and the window
+        slide inlined: this runs per prompt and per accepted token, and
+        Python's call overhead was most of its cost.
+        """
+        length, link, count, stamp = self.length, self.link, self.count, self.stamp
+        edge_token, edge_target, branches = self.edge_token, self.edge_target, self.branches
+        count_depth, shorter = self.count_depth, self.count_depth - 1
+        last, window, written, clock = self._last, self._window, self._written, self.clock
         for token in tokens:
-            self._append(token)
+            edge = edge_token[last]  # q = self.child(last, token)
+            if edge == token:
+                q = edge_target[last]
+            elif edge == _BRANCHES:
+                q = branches[last].get(token, -1)
+            else:
+                q = -1
+            if q >= 0:  # the sequence so far already occurred: reuse or split
+                cur = q if length[q] == length[last] + 1 else self._split(last, q, token)
+            else:
+                cur = len(length)  # a new state, as _new_state(length[last] + 1, 0, 0, 0)
+                length.append(length[last] + 1)
+                link.append(0)
+                count.append(0)
+                stamp.append(0)
+                edge_token.append(_NO_EDGE)
+                edge_target.append(0)
+                self._link_new_state(last, token, cur)
+            last = cur
+            written += 1
+            if written <= count_depth:
+                window = cur
+            else:  # the state of the new last count_depth tokens (see _slide)
+                while length[link[window]] >= shorter:
+                    window = link[window]
+                edge = edge_token[window]
+                if edge == token:
+                    window = edge_target[window]
+                elif edge == _BRANCHES:
+                    window = branches[window].get(token, -1)
+                else:
+                    window = -1
+            # The new end position is an occurrence of every suffix up to count_depth tokens.
+            clock += 1
+            state = window
+            while state > _ROOT:
+                count[state] += 1
+                stamp[state] = clock
+                state = link[state]
+        self._last, self._window, self._written, self.clock = last, window, written, clock
 
     def _new_state(self, length: int, link: int, count: int, stamp: int) -> int:
         self.length.append(length)
@@ -257,35 +305,6 @@ class SuffixAutomaton:
             self._redirect(p, token, clone)
             p = link[p]
         return clone
-
-    def _append(self, token: int) -> None:
-        length, link = self.length, self.link
-        last = self._last
-        q = self.child(last, token)
-        if q >= 0:  # the sequence so far already occurred: reuse or split
-            cur = q if length[q] == length[last] + 1 else self._split(last, q, token)
-        else:
-            cur = self._new_state(length[last] + 1, 0, 0, 0)
-            self._link_new_state(last, token, cur)
-        self._last = cur
-        self._written += 1
-        window = cur if self._written <= self.count_depth else self._slide(self._window, token)
-        self._window = window
-        # The new end position is an occurrence of every suffix up to count_depth tokens.
-        self.clock += 1
-        count, stamp, clock = self.count, self.stamp, self.clock
-        while window > _ROOT:
-            count[window] += 1
-            stamp[window] = clock
-            window = link[window]
-
-    def _slide(self, window: int, token: int) -> int:
-        """The state of the new last ``count_depth`` tokens, from the previous window state."""
-        length, link = self.length, self.link
-        shorter = self.count_depth - 1
-        while length[link[window]] >= shorter:  # at most two steps (one split per append)
-            window = link[window]
-        return self.child(window, token)
 
     def remove(self, tokens: Sequence[int]) -> None:
         """Subtract one previously added sequence from the counts (the states stay)."""
@@ -558,7 +577,7 @@ def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], ca
     nodes: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
     heap: list = []  # (-value, -push number, parent node, token, candidate, state, depth, key, prob)
     pushes = itertools.count()
-    heappush, heappop = heapq.heappush, heapq.heappop
+    heappush, heappop, heappushpop = heapq.heappush, heapq.heappop, heapq.heappushpop
     stats, prior = calibration.stats, calibration.prior_weight
 
     def push_children(candidate: int, state: int, value: float, prob: float, parent: int, depth: int) -> None:
@@ -581,14 +600,22 @@ def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], ca
 
     for i, (_, state, _, _) in enumerate(candidates):
         push_children(i, state, 1.0, 1.0, -1, 0)
-    while heap and len(tokens) < budget:
-        neg_value, _, parent, token, candidate, state, depth, key, prob = heappop(heap)
+    item = heappop(heap) if heap else None
+    while item is not None:
+        neg_value, _, parent, token, candidate, state, depth, key, prob = item
+        item = None
         value = -neg_value
+        top = -heap[0][0] if heap else -1.0  # the heap only changes when this span ends
         automaton, _, source, matched = candidates[candidate]
         edge_token, edge_target, count = automaton.edge_token, automaton.edge_target, automaton.count
+        source_bits = source << 5
+        # A span that keeps the whole count keeps its calibration group until the count or the
+        # matched length's bit length changes: the group and its estimate are reused until then.
+        span_total, span_limit, span_key, span_estimate = -1, 0, 0, 1.0
+        node = nodes.get((parent, token))
         while True:
-            node = nodes.get((parent, token))
-            if node is None:
+            fresh = node is None
+            if fresh:
                 node = nodes[parent, token] = len(tokens)
                 tokens.append(token)
                 parents.append(parent)
@@ -604,10 +631,13 @@ def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], ca
             child = edge_target[state]
             total, c = count[state], count[child]
             if c == total:
-                ratio_bin = 4
-                key = ((source << 5 | (matched + depth).bit_length()) << 5 | total.bit_length()) << 3 | 4
-                seen = stats.get(key)
-                estimate = 1.0 if seen is None else (seen[0] + prior) / (seen[1] + prior)
+                at_length = matched + depth
+                if total != span_total or at_length >= span_limit:
+                    span_total, span_limit = total, 1 << at_length.bit_length()
+                    span_key = ((source_bits | at_length.bit_length()) << 5 | total.bit_length()) << 3 | 4
+                    seen = stats.get(span_key)
+                    span_estimate = 1.0 if seen is None else (seen[0] + prior) / (seen[1] + prior)
+                key, estimate = span_key, span_estimate
             else:
                 if c == 0:
                     break
@@ -615,15 +645,22 @@ def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], ca
                 if prob < min_prob:
                     break
                 ratio = c / total
-                key = calibration_prefix(source, matched + depth, total) | _ratio_bin(ratio)
+                key = ((source_bits | (matched + depth).bit_length()) << 5 | total.bit_length()) << 3
+                key |= _ratio_bin(ratio)
                 seen = stats.get(key)
                 estimate = ratio if seen is None else (seen[0] + prior * ratio) / (seen[1] + prior)
             child_value = value * estimate if estimate < 1.0 else value
             depth += 1
-            if heap and child_value < -heap[0][0]:
-                heappush(heap, (-child_value, -next(pushes), node, token, candidate, child, depth, key, prob))
+            if child_value < top:  # push it and pop the top in one heap operation
+                item = heappushpop(heap, (-child_value, -next(pushes), node, token, candidate, child, depth, key,
+                                          prob))
                 break
             parent, state, value = node, child, child_value
+            node = None if fresh else nodes.get((parent, token))  # a new node has no children yet
+        if len(tokens) == budget:
+            break
+        if item is None and heap:
+            item = heappop(heap)
     return Draft(tokens, parents, probs, sum(probs), 0), keys
 
 
