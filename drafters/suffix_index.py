@@ -579,6 +579,9 @@ def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], ca
     pushes = itertools.count()
     heappush, heappop, heappushpop = heapq.heappush, heapq.heappop, heapq.heappushpop
     stats, prior = calibration.stats, calibration.prior_weight
+    # Per candidate, what a span reads: its automaton's arrays, source (shifted as in a group) and match length.
+    spans = [(automaton.edge_token, automaton.edge_target, automaton.count, source << 5, matched)
+             for automaton, _, source, matched in candidates]
 
     def push_children(candidate: int, state: int, value: float, prob: float, parent: int, depth: int) -> None:
         automaton, _, source, matched = candidates[candidate]
@@ -606,12 +609,10 @@ def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], ca
         item = None
         value = -neg_value
         top = -heap[0][0] if heap else -1.0  # the heap only changes when this span ends
-        automaton, _, source, matched = candidates[candidate]
-        edge_token, edge_target, count = automaton.edge_token, automaton.edge_target, automaton.count
-        source_bits = source << 5
+        edge_token, edge_target, count, source_bits, matched = spans[candidate]
         # A span that keeps the whole count keeps its calibration group until the count or the
         # matched length's bit length changes: the group and its estimate are reused until then.
-        span_total, span_limit, span_key, span_estimate = -1, 0, 0, 1.0
+        span_total = -1  # no group yet
         node = nodes.get((parent, token))
         while True:
             fresh = node is None
