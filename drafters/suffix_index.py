@@ -343,36 +343,40 @@ class SuffixAutomaton:
                 return 0
         return self.count[state]
 
-    def advance(self, state: int, matched: int, token: int, max_len: int) -> tuple[int, int]:
-        """Extend a match of the context by one token: the longest suffix still occurring, capped."""
-        edge_token, count, link, length = self.edge_token, self.count, self.link, self.length
-        while True:
-            edge = edge_token[state]  # self.child(state, token), inlined: this runs per context token
-            if edge == token:
-                child = self.edge_target[state]
-            elif edge == _BRANCHES:
-                child = self.branches[state].get(token, -1)
-            else:
-                child = -1
-            if child >= 0 and count[child] > 0:
-                state, matched = child, matched + 1
-                break
-            if state == _ROOT:
-                return _ROOT, 0
-            state = link[state]
-            matched = length[state]
-        if matched > max_len:
-            matched = max_len
-            if length[link[state]] >= max_len:
+    def advance(self, state: int, matched: int, tokens: Iterable[int], max_len: int) -> tuple[int, int]:
+        """Extend a match of the context by tokens: after each, the longest suffix still occurring, capped.
+
+        The transition lookup is inlined and the loop runs here rather than per call: this runs per
+        context token.
+        """
+        edge_token, edge_target, branches = self.edge_token, self.edge_target, self.branches
+        count, link, length = self.count, self.link, self.length
+        for token in tokens:
+            while True:
+                edge = edge_token[state]  # self.child(state, token)
+                if edge == token:
+                    child = edge_target[state]
+                elif edge == _BRANCHES:
+                    child = branches[state].get(token, -1)
+                else:
+                    child = -1
+                if child >= 0 and count[child] > 0:
+                    state, matched = child, matched + 1
+                    break
+                if state == _ROOT:
+                    matched = 0
+                    break
                 state = link[state]
+                matched = length[state]
+            if matched > max_len:
+                matched = max_len
+                if length[link[state]] >= max_len:
+                    state = link[state]
         return state, matched
 
     def match(self, context: Sequence[int], max_len: int) -> tuple[int, int]:
         """The state and length of the longest suffix of ``context`` (<= max_len tokens) that occurs."""
-        state, matched = _ROOT, 0
-        for token in context[-max_len:]:
-            state, matched = self.advance(state, matched, token, max_len)
-        return state, matched
+        return self.advance(_ROOT, 0, context[-max_len:], max_len)
 
     def suffix_of_length(self, state: int, max_len: int) -> int:
         """The state on ``state``'s suffix path that holds its suffix of ``max_len`` tokens."""
@@ -779,10 +783,8 @@ class SuffixIndex:
         if request.last_draft is not None and request.outcome is None:
             request.outcome = tokens
         if request.global_version == self._version:
-            state, matched, automaton = request.global_state, request.global_matched, self._global
-            for token in tokens:
-                state, matched = automaton.advance(state, matched, token, self.max_depth)
-            request.global_state, request.global_matched = state, matched
+            request.global_state, request.global_matched = self._global.advance(
+                request.global_state, request.global_matched, tokens, self.max_depth)
 
     def stop_request(self, request_id: Hashable) -> None:
         """Finish a request: its response joins the global index (evicting the oldest if full)."""
@@ -891,8 +893,8 @@ class SuffixIndex:
             if entry is not None and entry[0] is other and clock - entry[3] <= len(tail):
                 matched = entry[2]
                 state = automaton.suffix_of_length(entry[1], matched) if matched else _ROOT
-                for token in itertools.islice(tail, len(tail) - (clock - entry[3]), None):
-                    state, matched = automaton.advance(state, matched, token, self.max_depth)
+                added = itertools.islice(tail, len(tail) - (clock - entry[3]), None)  # tokens since then
+                state, matched = automaton.advance(state, matched, added, self.max_depth)
             else:
                 state, matched = automaton.match(list(tail), self.max_depth)
             current[id(other)] = (other, state, matched, clock)
