@@ -7,9 +7,11 @@ drafter's proposal carries its own estimate of each node's probability; after
 each step the policy compares the predicted accepted tokens with the real ones
 and keeps a running calibration factor, so an over-confident drafter is
 discounted. Per step it picks the T (0 = a plain step) that maximizes expected
-tokens per second. When several steps in a row gain nothing (T = 0 chosen, or
-no draft token accepted), it stops asking the drafter for proposals and only
-probes now and then, so a drafter that never pays costs (almost) nothing.
+tokens per second, speculating only for a clear expected win (``min_gain``).
+When several steps in a row gain nothing (T = 0 chosen, or no draft token
+accepted), it stops asking the drafter for proposals and only probes with the
+smallest tree now and then, less often after each probe that fails, so a
+drafter that never pays costs (almost) nothing.
 """
 
 from __future__ import annotations
@@ -53,30 +55,39 @@ class CapacityPolicy:
     smoothing: float = 0.3
     calibration: float = 1.0
     idle_steps: int = 0  # consecutive steps in which speculation gained nothing (T = 0 or none accepted)
-    probe_every: int = 8  # while idle, ask the drafter only every this many steps
+    probe_every: int = 8  # while idle, ask the drafter only every this many steps ...
+    max_probe_every: int = 64  # ... doubling after each probe that gains nothing, up to this
     patience: int = 4  # idle steps before drafting is skipped
+    min_gain: float = 1.05  # speculate only for a clear expected win over a plain step
+    _since_probe: int = 0
 
     @property
     def buckets(self) -> tuple[int, ...]:
         return tuple(sorted(self.costs))
 
+    @property
+    def paused(self) -> bool:
+        return self.idle_steps >= self.patience
+
     def should_draft(self) -> bool:
         """False while speculation has not paid recently (except periodic probes)."""
-        if self.idle_steps < self.patience:
+        if not self.paused:
             return True
-        return (self.idle_steps - self.patience + 1) % self.probe_every == 0
+        self._since_probe += 1
+        return self._since_probe >= self.probe_every
 
     def choose(self, node_probs: Sequence[np.ndarray], num_active: int) -> int:
         """The bucket T maximizing expected emitted tokens per second for this step.
 
-        A probe step (drafting had been paused) verifies the whole proposal
-        instead, so the calibration can recover when the drafter starts to pay.
+        A probe step (drafting had been paused) verifies the smallest tree
+        instead: cheap, and enough for the calibration to recover when the
+        drafter starts to pay.
         """
         longest = max((len(p) for p in node_probs), default=0)
-        if longest and self.idle_steps >= self.patience:
-            return self._fit(longest)
+        if longest and self.paused:
+            return self.buckets[1]
         costs = self.monotone_costs()
-        best_t, best_rate = 0, num_active / costs[0]
+        best_t, best_rate = 0, self.min_gain * num_active / costs[0]
         for t in self.buckets:
             if t == 0 or (t > longest and t != self._fit(longest)):
                 continue
@@ -104,4 +115,8 @@ class CapacityPolicy:
         self.costs[capacity] = (1 - a) * self.costs[capacity] + a * seconds
         if predicted > 0:
             self.calibration = (1 - a) * self.calibration + a * min(accepted / predicted, 2.0)
+        if self.paused and capacity > 0:  # a probe: back off if it gained nothing
+            self._since_probe = 0
+            self.probe_every = (CapacityPolicy.probe_every if accepted > 0
+                                else min(2 * self.probe_every, self.max_probe_every))
         self.idle_steps = 0 if capacity > 0 and accepted > 0 else self.idle_steps + 1
