@@ -25,9 +25,10 @@ from specjax.drafters.device import (TreeShape, build_dynamic_tree, masked_atten
                                      scratch_visibility, write_block)
 from specjax.engine.tree import DraftTree
 from specjax.models.config import ModelConfig
-from specjax.models.decoder import KVCache, Params, causal_mask, forward, rms_norm
+from specjax.models.decoder import (KVCache, Params, causal_mask, forward, linear, mlp_block, qkv_projection,
+                                    rms_norm)
 from specjax.models.loading import Model
-from specjax.models.rope import apply_rope, inverse_frequencies
+from specjax.models.rope import inverse_frequencies
 
 
 class VocabMismatchError(ValueError):
@@ -42,28 +43,14 @@ class DraftModelState:
     root_logits: jax.Array  # float32[B, V] the draft's logits after the root
 
 
-def _linear(x, w, b=None):
-    y = jnp.einsum("...i,oi->...o", x, w)
-    return y if b is None else y + b
-
-
 def _masked_layer(cfg: ModelConfig, lp, x, positions, inv_freq, k_layer, v_layer, visible):
     """One decoder layer whose attention reads the cache through an explicit mask."""
     b, t, _ = x.shape
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = _linear(h, lp["wq"], lp.get("bq")).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = _linear(h, lp["wk"], lp.get("bk")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = _linear(h, lp["wv"], lp.get("bv")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q, k, v = qkv_projection(cfg, lp, x, positions, inv_freq)
     k, v = k.astype(k_layer.dtype), v.astype(v_layer.dtype)
     out = masked_attention(q, k_layer, v_layer, visible, k, v)
-    x = x + _linear(out.reshape(b, t, -1).astype(x.dtype), lp["wo"], lp.get("bo"))
-    hm = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    up = jax.nn.silu(_linear(hm, lp["w_gate"], lp.get("b_gate"))) * _linear(hm, lp["w_up"], lp.get("b_up"))
-    return x + _linear(up, lp["w_down"], lp.get("b_down")), k, v
+    x = x + linear(out.reshape(b, t, -1).astype(x.dtype), lp["wo"], lp.get("bo"))
+    return mlp_block(cfg, lp, x), k, v
 
 
 def masked_forward(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache, visible,

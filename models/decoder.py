@@ -102,7 +102,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def _linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
+    """x @ w.T (+ b) for HF's [out, in] weight layout."""
     y = jnp.einsum("...i,oi->...o", x, w)
     return y if b is None else y + b
 
@@ -129,28 +130,34 @@ def read_rows(cache: jax.Array, slots: jax.Array) -> jax.Array:
     return cache.at[layer, batch, head, slots[None, :, None, :]].get(mode="clip")
 
 
-def _attention_block(cfg, lp, x, positions, inv_freq, cache, layer, lengths, tree_mask, attention):
+def qkv_projection(cfg: ModelConfig, lp: Params, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+    """One layer's attention inputs: (q [B, T, Hq, D], k, v [B, T, Hkv, D]), normed and rotated."""
     b, t, _ = x.shape
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = _linear(h, lp["wq"], lp.get("bq")).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = _linear(h, lp["wk"], lp.get("bk")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = _linear(h, lp["wv"], lp.get("bv")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q = linear(h, lp["wq"], lp.get("bq")).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = linear(h, lp["wk"], lp.get("bk")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(h, lp["wv"], lp.get("bv")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def _attention_block(cfg, lp, x, positions, inv_freq, cache, layer, lengths, tree_mask, attention):
+    b, t, _ = x.shape
+    q, k, v = qkv_projection(cfg, lp, x, positions, inv_freq)
     k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
     out = tree_attention(q, cache.k, cache.v, lengths, k, v, tree_mask, impl=attention, layer=layer)
-    out = _linear(out.reshape(b, t, -1).astype(x.dtype), lp["wo"], lp.get("bo"))
+    out = linear(out.reshape(b, t, -1).astype(x.dtype), lp["wo"], lp.get("bo"))
     return x + out, k, v
 
 
-def _mlp_block(cfg, lp, x):
+def mlp_block(cfg: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
+    """The gated MLP with its pre-norm and residual."""
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate = _linear(h, lp["w_gate"], lp.get("b_gate"))
-    up = _linear(h, lp["w_up"], lp.get("b_up"))
-    return x + _linear(jax.nn.silu(gate) * up, lp["w_down"], lp.get("b_down"))
+    gate = linear(h, lp["w_gate"], lp.get("b_gate"))
+    up = linear(h, lp["w_up"], lp.get("b_up"))
+    return x + linear(jax.nn.silu(gate) * up, lp["w_down"], lp.get("b_down"))
 
 
 def forward_hidden(
@@ -177,7 +184,7 @@ def forward_hidden(
     def layer(carry, lp):
         x, i = carry
         x, k, v = _attention_block(cfg, lp, x, positions, inv_freq, cache, i, lengths, tree_mask, attention)
-        x = _mlp_block(cfg, lp, x)
+        x = mlp_block(cfg, lp, x)
         return (x, i + 1), (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), x if hidden_layers else None)
 
     embeddings = x
