@@ -1,0 +1,164 @@
+"""Training plumbing shared by every specjax trainer: optimizer, exact-resume checkpoints, outputs.
+
+- ``make_optimizer``: AdamW with linear warmup + cosine decay and global-norm
+  clipping (optax), the recipe of the embedded model and of drafter training.
+- ``TrainCheckpointer``: an orbax ``CheckpointManager`` saving a ``TrainState``
+  (params, optimizer state, step, data position, PRNG key) every ``save_every``
+  steps, keeping the newest ``keep``. Everything a step depends on is saved, so a
+  run resumed from a checkpoint produces bitwise the same params as one that
+  never stopped (on the same platform).
+- ``save_safetensors``: weights as a shareable safetensors file (no pickles).
+- ``plot_curves``: loss / acceptance curves as a PNG (matplotlib, optional).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay: float = 0.01,
+                   clip: float = 1.0, end_lr_fraction: float = 0.05) -> optax.GradientTransformation:
+    """AdamW (b2 = 0.95) at peak ``lr`` after ``warmup_steps`` of linear warmup, cosine-decayed to
+    ``end_lr_fraction * lr`` at ``total_steps``; gradients clipped to global norm ``clip``."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, total_steps, end_value=lr * end_lr_fraction)
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a training step depends on.
+
+    ``data_position`` counts the examples (or batches: the trainer decides) consumed,
+    so a resumed run draws exactly the data the uninterrupted run would have drawn.
+    ``rng`` is a typed key (``jax.random.key``) or a raw uint32 key array.
+    """
+
+    params: Any
+    opt_state: Any
+    step: int = 0
+    data_position: int = 0
+    rng: Any = None
+
+
+def _is_typed_key(x) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+class TrainCheckpointer:
+    """Saves a ``TrainState`` every ``save_every`` steps into ``directory``, keeping ``keep``.
+
+    The optimizer state is saved as its list of leaves and rebuilt on restore with
+    the template's tree structure (optax states are namedtuples, some empty, which
+    a generic checkpoint format need not preserve).
+    """
+
+    def __init__(self, directory: str, save_every: int, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"save_every and keep must be >= 1, got {save_every} and {keep}")
+        self._ocp = ocp
+        self.directory = os.path.abspath(directory)
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def _payload(self, state: TrainState) -> dict:
+        rng = state.rng
+        return {"params": state.params,
+                "opt_state": list(jax.tree.leaves(state.opt_state)),
+                "step": np.int64(state.step), "data_position": np.int64(state.data_position),
+                "rng": np.asarray(jax.random.key_data(rng) if _is_typed_key(rng) else
+                                  (np.zeros(0, np.uint32) if rng is None else rng))}
+
+    def save(self, state: TrainState, force: bool = False) -> bool:
+        """Save if ``state.step`` is a multiple of ``save_every`` (or ``force``); True if saved."""
+        if not force and state.step % self.save_every:
+            return False
+        ocp = self._ocp
+        saved = self._manager.save(state.step, args=ocp.args.Composite(state=ocp.args.StandardSave(
+            self._payload(state))), force=True)
+        self._manager.wait_until_finished()
+        return bool(saved)
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def restore_latest(self, template: TrainState) -> Optional[TrainState]:
+        """The newest saved state, shaped like ``template`` (fresh params / optimizer state /
+        key of the same structure), or None when nothing was saved yet."""
+        step = self._manager.latest_step()
+        if step is None:
+            return None
+        ocp = self._ocp
+        target = jax.tree.map(np.asarray, self._payload(template))
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        got = restored["state"]
+        opt_leaves = [jnp.asarray(x) for x in got["opt_state"]]
+        opt_state = jax.tree.unflatten(jax.tree.structure(template.opt_state), opt_leaves)
+        rng = template.rng
+        if _is_typed_key(rng):
+            rng = jax.random.wrap_key_data(jnp.asarray(got["rng"]), impl=jax.random.key_impl(rng))
+        elif rng is not None:
+            rng = jnp.asarray(got["rng"])
+        return TrainState(params=jax.tree.map(jnp.asarray, got["params"]), opt_state=opt_state,
+                          step=int(got["step"]), data_position=int(got["data_position"]), rng=rng)
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Optional[dict] = None) -> None:
+    """Write a flat {name: array} dict as one safetensors file (arrays made contiguous)."""
+    from safetensors.numpy import save_file
+
+    bad = [k for k, v in tensors.items() if not isinstance(v, np.ndarray)]
+    if bad:
+        raise TypeError(f"save_safetensors wants numpy arrays; not arrays: {bad[:5]}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
+              metadata={"format": "pt", **(metadata or {})})
+
+
+def plot_curves(path_png: str, history: Mapping[str, Sequence[float]], x_key: str = "step") -> bool:
+    """One panel per curve in ``history`` (x axis: ``history[x_key]`` if present, else the index).
+
+    matplotlib is optional (a test extra): without it, print why and return False."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path_png} (pip install matplotlib)",
+              file=sys.stderr)
+        return False
+    names = [k for k in history if k != x_key and len(history[k])]
+    if not names:
+        return False
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.6 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        ys = np.asarray(history[name], np.float64)
+        xs = np.asarray(history[x_key])[: len(ys)] if x_key in history else np.arange(len(ys))
+        ax.plot(xs, ys, lw=1.2)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel(x_key)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
+    fig.savefig(path_png, dpi=100)
+    plt.close(fig)
+    return True
