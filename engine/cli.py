@@ -193,6 +193,15 @@ def _comparison(summary: dict) -> str:
     return "outputs DIFFERENT from plain greedy decoding (please report a bug)"
 
 
+def convert_llama2c_main(args) -> int:
+    from specjax.models.llama2c import convert_llama2c
+
+    header = convert_llama2c(args.checkpoint, args.out_dir)
+    print(f"wrote {args.out_dir}: Hugging Face Llama from llama2.c v{header.version} ({header.n_layers} layers, "
+          f"dim {header.dim}, vocab {header.vocab_size}); no tokenizer (not part of the checkpoint)")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "replay":
@@ -203,7 +212,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate_args(sub.add_parser("generate", help="generate text (speculatively) with a model"))
     sub.add_parser("replay", help="replay recorded traces through the suffix drafter (see replay --help)")
+    convert = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint (.bin) to a Hugging Face "
+                                                     "Llama directory")
+    convert.add_argument("checkpoint", help="llama2.c checkpoint file (version 0 or 1 float32 export)")
+    convert.add_argument("out_dir", help="output directory (config.json, model.safetensors)")
     args = parser.parse_args(argv)
+    if args.command == "convert-llama2c":
+        return convert_llama2c_main(args)
     return generate_main(args)
 
 
