@@ -40,6 +40,7 @@ from specjax.tpu_kernels.sharded_attention import sharded_tree_attention
 Prompt = Union[str, Sequence[int]]
 AUTO = "auto"
 MIN_PROMPT_BUCKET = 16
+PROMPT_GRANULE = 64  # prompt widths above this round up to multiples of it (less padding than powers of two)
 MIN_CACHE_BUCKET = 128
 
 
@@ -181,10 +182,15 @@ class Engine:
         return rows
 
     def prompt_bucket(self, longest: int) -> int:
-        """Padded prompt width: a power of two up to the prefill chunk, then chunk multiples."""
-        if longest > self.prefill_chunk:
-            return -(-longest // self.prefill_chunk) * self.prefill_chunk
-        return min(next_power_of_two(longest, MIN_PROMPT_BUCKET), self.prefill_chunk)
+        """Padded prompt width: a power of two up to ``PROMPT_GRANULE``, then granule multiples up to the
+        prefill chunk, then chunk multiples (at most chunk / granule + 3 compiled widths; prefill compute
+        is proportional to the width, so a 140-token prompt pads to 192, not 256)."""
+        chunk = self.prefill_chunk
+        if longest > chunk:
+            return -(-longest // chunk) * chunk
+        if longest <= PROMPT_GRANULE or chunk <= PROMPT_GRANULE:
+            return min(next_power_of_two(longest, MIN_PROMPT_BUCKET), chunk)
+        return -(-longest // PROMPT_GRANULE) * PROMPT_GRANULE
 
     def cache_bucket(self, prompt_width: int, max_new_tokens: int) -> int:
         """Cache slots: a power of two covering prompt, budget and one tree's scratch rows."""
@@ -243,6 +249,11 @@ class Engine:
         encoded = [self.encode(p) for p in prompts]
         if session is not None and len(encoded) != 1:
             raise ValueError(f"a session continues one conversation: pass one prompt, got {len(encoded)}")
+        if hasattr(self.drafter, "generate_hybrid"):  # Graft: device drafter + host retrieval, its own loop
+            if session is not None:
+                raise ValueError("sessions run with host drafters (or none); this engine has a hybrid drafter")
+            return self.drafter.generate_hybrid(self, encoded, max_new_tokens, temperature=temperature, top_p=top_p,
+                                                top_k=top_k, seed=seed, stop=stop, progress=progress)
         if self.on_device:  # draft -> verify -> accept -> drafter update, N steps per host sync
             if session is not None:
                 raise ValueError("sessions run with host drafters (or none); this engine has a device drafter")
