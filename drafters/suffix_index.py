@@ -49,6 +49,12 @@ by a calibrated estimate (``NodeCalibration``): per kind of node (source,
 matched length, pattern count, ratio), the observed rate at which such nodes
 were accepted once their parent was, learned online from what the target
 accepts. ``min_token_prob`` still cuts by the plain ratio product.
+
+Compiled core: ``specjax.drafters._suffix_core`` (``csrc/suffix_core.cpp``,
+built by ``pip install -e .``) ports the automaton and the draft builders line
+by line; an index uses it when it is built, unless ``SPECJAX_SUFFIX_CORE=python``
+selects this module's pure-Python code, which stays the reference the compiled
+drafts are tested against (bit-identical trees and probabilities).
 """
 
 from __future__ import annotations
@@ -58,12 +64,18 @@ import dataclasses
 import heapq
 import itertools
 import operator
+import os
 from array import array
 from typing import Hashable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from specjax.drafters.base import Proposal
+
+try:
+    from specjax.drafters import _suffix_core
+except ImportError:  # not built (no C++ compiler at install time): the pure-Python reference serves
+    _suffix_core = None
 
 _ROOT = 0
 _NO_EDGE, _BRANCHES = -1, -2  # edge_token values for states without a single inline transition
@@ -91,6 +103,17 @@ def token_list(tokens: Iterable[int] | np.ndarray, what: str = "token ids") -> l
     if out and max(out) > _MAX_TOKEN_ID:
         raise ValueError(f"{what} must be below 2**31, got {max(out)}")
     return out
+
+
+def compiled_core_enabled() -> bool:
+    """Whether new indexes use the compiled core: per ``SPECJAX_SUFFIX_CORE`` (auto, python, compiled)."""
+    choice = os.environ.get("SPECJAX_SUFFIX_CORE", "auto")
+    if choice not in ("auto", "python", "compiled"):
+        raise ValueError(f"SPECJAX_SUFFIX_CORE must be auto, python or compiled, got {choice!r}")
+    if choice == "compiled" and _suffix_core is None:
+        raise ImportError("SPECJAX_SUFFIX_CORE=compiled, but specjax.drafters._suffix_core is not built "
+                          "(reinstall with `pip install -e .` where a C++ compiler is available)")
+    return choice != "python" and _suffix_core is not None
 
 
 @dataclasses.dataclass
@@ -381,7 +404,7 @@ class SuffixAutomaton:
     def suffix_of_length(self, state: int, max_len: int) -> int:
         """The state on ``state``'s suffix path that holds its suffix of ``max_len`` tokens."""
         length, link = self.length, self.link
-        while length[link[state]] >= max_len:
+        while state > _ROOT and length[link[state]] >= max_len:  # the root has no suffix (link -1)
             state = link[state]
         return state
 
@@ -717,21 +740,29 @@ class SuffixIndex:
         (the most recently started) a request also drafts from, in flight.
         Each is a candidate source of its own (its prompt and output so far),
         so a request's own occurrences never dilute what the others offer.
+      compiled: use the compiled core (same drafts, faster); None decides by
+        ``compiled_core_enabled()``, False runs the pure-Python reference.
     """
 
     def __init__(self, spec: SpecParams, max_depth: int = 64, max_cached_requests: Optional[int] = None,
-                 budgeted: bool = False, max_shared_requests: int = 8):
+                 budgeted: bool = False, max_shared_requests: int = 8, compiled: Optional[bool] = None):
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         if max_cached_requests is not None and max_cached_requests < 0:
             raise ValueError(f"max_cached_requests must be >= 0 or None, got {max_cached_requests}")
         if max_shared_requests < 0:
             raise ValueError(f"max_shared_requests must be >= 0, got {max_shared_requests}")
+        if compiled is None:
+            compiled = compiled_core_enabled()
+        elif compiled and _suffix_core is None:
+            raise ImportError("compiled=True, but specjax.drafters._suffix_core is not built")
+        self.compiled = compiled
+        self._new_automaton = _suffix_core.SuffixAutomaton if compiled else SuffixAutomaton
         self.spec = spec
         self.max_depth = max_depth
         self.max_cached_requests = max_cached_requests
         self._count_depth = max_depth + spec.max_spec_tokens
-        self._global = SuffixAutomaton(self._count_depth)
+        self._global = self._new_automaton(self._count_depth)
         self._version = 0
         self._cached: collections.deque[array] = collections.deque()
         self._cached_tokens = 0
@@ -766,7 +797,7 @@ class SuffixIndex:
         if request_id in self._active:
             raise ValueError(f"request {request_id!r} is already active")
         prompt = token_list(prompt_ids, "prompt_ids")
-        local = SuffixAutomaton(self._count_depth)
+        local = self._new_automaton(self._count_depth)
         local.extend(prompt)
         tail = collections.deque(prompt[-self.max_depth:], maxlen=self.max_depth)
         request = _ActiveRequest(local, tail, [])
@@ -821,7 +852,7 @@ class SuffixIndex:
             self._global.remove(oldest)
 
     def _rebuild(self) -> None:
-        self._global = SuffixAutomaton(self._count_depth)
+        self._global = self._new_automaton(self._count_depth)
         for tokens in self._cached:
             self._global.extend(tokens)
             self._global.end_sequence()
@@ -849,6 +880,8 @@ class SuffixIndex:
             return Draft.empty()
         if self.budgeted:
             return self._budgeted_draft(request, limit)
+        if self.compiled:
+            return self._compiled_best_draft(request, limit)
         state, matched = request.local.tail_state(self.max_depth)
         best = self._best_draft(request.local, state, matched, limit, Draft.empty())
         state, matched = self._global_match(request)
@@ -861,15 +894,20 @@ class SuffixIndex:
                    (SOURCE_GLOBAL, self._global, *self._global_match(request))]
         if self.max_shared_requests and len(self._active) > 1:
             sources += self._shared_sources(request)
-        for source, automaton, state, matched in sources:
-            length, link = automaton.length, automaton.link
-            while state > _ROOT:
-                if automaton.ranked_children(state):
-                    candidates.append((automaton, state, source, matched))
-                state = link[state]
-                matched = length[state]
         request.learn_from_last_draft(self.calibration)
-        draft, keys = draft_merged(candidates, self.calibration, budget, self.spec.min_token_prob)
+        if self.compiled:  # the same candidate walk and draft_merged, compiled
+            tokens, parents, probs, keys = _suffix_core.budgeted_draft(
+                sources, self.calibration.stats, self.calibration.prior_weight, budget, self.spec.min_token_prob)
+            draft = Draft(tokens, parents, probs, sum(probs), 0)
+        else:
+            for source, automaton, state, matched in sources:
+                length, link = automaton.length, automaton.link
+                while state > _ROOT:
+                    if automaton.ranked_children(state):
+                        candidates.append((automaton, state, source, matched))
+                    state = link[state]
+                    matched = length[state]
+            draft, keys = draft_merged(candidates, self.calibration, budget, self.spec.min_token_prob)
         request.last_draft = (draft.tokens, draft.parents, keys)
         draft.match_len = max(matched for *_, matched in sources) if draft.tokens else 0
         return draft
@@ -901,6 +939,18 @@ class SuffixIndex:
             sources.append((SOURCE_SHARED, automaton, state, matched))
         request.shared_matches = current
         return sources
+
+    def _compiled_best_draft(self, request: _ActiveRequest, limit: int) -> Draft:
+        """``_best_draft`` over the local, then the global index, in the compiled core."""
+        spec, best = self.spec, Draft.empty()
+        for automaton, (state, matched) in ((request.local, request.local.tail_state(self.max_depth)),
+                                            (self._global, self._global_match(request))):
+            found = _suffix_core.best_draft(automaton, state, matched, limit, spec.max_spec_tokens,
+                                            spec.max_spec_factor, spec.max_spec_offset, spec.min_token_prob,
+                                            spec.tree, best.score)
+            if found is not None:
+                best = Draft(*found)
+        return best
 
     def _best_draft(self, automaton: SuffixAutomaton, state: int, matched: int, limit: int, best: Draft) -> Draft:
         """Keep ``best`` unless a candidate of this index scores strictly higher (longest match first).

@@ -1,0 +1,994 @@
+// Compiled core of specjax.drafters.suffix_index: the suffix automaton and the draft builders.
+//
+// A line-by-line port of the pure-Python reference in drafters/suffix_index.py (SuffixAutomaton,
+// SuffixIndex._best_draft, the candidate walk of SuffixIndex._budgeted_draft, draft_merged and
+// NodeCalibration.learn). It must produce bit-identical drafts: the same arithmetic in the same
+// order (built with -ffp-contract=off so no multiply-add is fused), the same total orders for heaps
+// and rankings, and the calibration read from and written to the same Python dict. Plain CPython
+// C API, so building it needs nothing but setuptools and a C++17 compiler.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int32_t kRoot = 0;
+constexpr int32_t kNoEdge = -1;
+constexpr int32_t kBranches = -2;  // edge_target then indexes Automaton::branch_maps
+constexpr double kTieTolerance = 1e-9;
+constexpr size_t kRankedCacheLimit = size_t(1) << 16;
+
+struct Child {
+  int32_t count;
+  int64_t stamp;
+  int32_t token;
+  int32_t state;
+};
+
+// Most frequent first, then most recent, then the larger token and state (Python's reverse tuple sort).
+bool ranks_before(const Child& a, const Child& b) {
+  if (a.count != b.count) return a.count > b.count;
+  if (a.stamp != b.stamp) return a.stamp > b.stamp;
+  if (a.token != b.token) return a.token > b.token;
+  return a.state > b.state;
+}
+
+int bit_length(int64_t x) { return x <= 0 ? 0 : 64 - __builtin_clzll(static_cast<uint64_t>(x)); }
+
+int ratio_bin(double ratio) {
+  return ratio >= 1.0 ? 4 : ratio >= 0.5 ? 3 : ratio >= 0.25 ? 2 : ratio >= 0.1 ? 1 : 0;
+}
+
+struct Automaton {
+  int64_t count_depth;
+  std::vector<int32_t> length{0}, link{-1}, count{0}, edge_token{kNoEdge}, edge_target{0};
+  std::vector<int64_t> stamp{0};
+  std::vector<std::unordered_map<int32_t, int32_t>> branch_maps;
+  int64_t clock = 0;
+  std::unordered_map<int32_t, std::pair<int64_t, std::vector<Child>>> ranked;
+  int32_t last = kRoot, window = kRoot;
+  int64_t written = 0;
+
+  explicit Automaton(int64_t depth) : count_depth(depth) {}
+
+  int32_t child(int32_t state, int32_t token) const {
+    int32_t edge = edge_token[state];
+    if (edge == token) return edge_target[state];
+    if (edge == kBranches) {
+      const auto& targets = branch_maps[edge_target[state]];
+      auto it = targets.find(token);
+      return it == targets.end() ? -1 : it->second;
+    }
+    return -1;
+  }
+
+  int32_t new_state(int32_t len, int32_t lnk, int32_t cnt, int64_t stp) {
+    length.push_back(len);
+    link.push_back(lnk);
+    count.push_back(cnt);
+    stamp.push_back(stp);
+    edge_token.push_back(kNoEdge);
+    edge_target.push_back(0);
+    return static_cast<int32_t>(length.size()) - 1;
+  }
+
+  int32_t split(int32_t p, int32_t q, int32_t token) {
+    int32_t clone = new_state(length[p] + 1, link[q], count[q], stamp[q]);
+    edge_token[clone] = edge_token[q];
+    if (edge_token[q] == kBranches) {
+      std::unordered_map<int32_t, int32_t> copy = branch_maps[edge_target[q]];
+      branch_maps.push_back(std::move(copy));
+      edge_target[clone] = static_cast<int32_t>(branch_maps.size()) - 1;
+    } else {
+      edge_target[clone] = edge_target[q];
+    }
+    link[q] = clone;
+    while (p != -1) {
+      int32_t edge = edge_token[p];
+      if (edge == token) {
+        if (edge_target[p] != q) break;
+        edge_target[p] = clone;
+      } else if (edge == kBranches) {
+        auto& targets = branch_maps[edge_target[p]];
+        auto it = targets.find(token);
+        if (it == targets.end() || it->second != q) break;
+        it->second = clone;
+      } else {
+        break;
+      }
+      p = link[p];
+    }
+    return clone;
+  }
+
+  void link_new_state(int32_t p, int32_t token, int32_t cur) {
+    int32_t q = -1;
+    while (p != -1) {
+      int32_t edge = edge_token[p];
+      if (edge == kNoEdge) {
+        edge_token[p] = token;
+        edge_target[p] = cur;
+      } else if (edge == kBranches) {
+        auto& targets = branch_maps[edge_target[p]];
+        auto inserted = targets.emplace(token, cur);
+        if (!inserted.second) {
+          q = inserted.first->second;
+          break;
+        }
+      } else if (edge == token) {
+        q = edge_target[p];
+        break;
+      } else {
+        branch_maps.emplace_back();
+        auto& targets = branch_maps.back();
+        targets.emplace(edge, edge_target[p]);
+        targets.emplace(token, cur);
+        edge_token[p] = kBranches;
+        edge_target[p] = static_cast<int32_t>(branch_maps.size()) - 1;
+      }
+      p = link[p];
+    }
+    if (p == -1) return;  // cur's link stays the root
+    link[cur] = length[p] + 1 == length[q] ? q : split(p, q, token);
+  }
+
+  void extend(const std::vector<int32_t>& tokens) {
+    const int64_t shorter = count_depth - 1;
+    for (int32_t token : tokens) {
+      int32_t q = child(last, token);
+      int32_t cur;
+      if (q >= 0) {
+        cur = length[q] == length[last] + 1 ? q : split(last, q, token);
+      } else {
+        cur = new_state(length[last] + 1, 0, 0, 0);
+        link_new_state(last, token, cur);
+      }
+      last = cur;
+      written += 1;
+      if (written <= count_depth) {
+        window = cur;
+      } else {
+        while (length[link[window]] >= shorter) window = link[window];
+        window = child(window, token);
+      }
+      clock += 1;
+      for (int32_t state = window; state > kRoot; state = link[state]) {
+        count[state] += 1;
+        stamp[state] = clock;
+      }
+    }
+  }
+
+  void end_sequence() {
+    last = window = kRoot;
+    written = 0;
+  }
+
+  void remove(const std::vector<int32_t>& tokens) {
+    ranked.clear();
+    int32_t state = kRoot;
+    int64_t matched = 0;
+    for (int32_t token : tokens) {
+      state = child(state, token);
+      matched += 1;
+      if (matched > count_depth) {
+        matched = count_depth;
+        if (length[link[state]] >= count_depth) state = link[state];
+      }
+      for (int32_t suffix = state; suffix > kRoot; suffix = link[suffix]) count[suffix] -= 1;
+    }
+  }
+
+  int64_t count_of(const std::vector<int32_t>& pattern) const {
+    int32_t state = kRoot;
+    for (int32_t token : pattern) {
+      state = child(state, token);
+      if (state < 0) return 0;
+    }
+    return count[state];
+  }
+
+  void advance(int32_t& state, int64_t& matched, const int32_t* tokens, size_t n, int64_t max_len) const {
+    for (size_t i = 0; i < n; ++i) {
+      int32_t token = tokens[i];
+      while (true) {
+        int32_t next = child(state, token);
+        if (next >= 0 && count[next] > 0) {
+          state = next;
+          matched += 1;
+          break;
+        }
+        if (state == kRoot) {
+          matched = 0;
+          break;
+        }
+        state = link[state];
+        matched = length[state];
+      }
+      if (matched > max_len) {
+        matched = max_len;
+        if (length[link[state]] >= max_len) state = link[state];
+      }
+    }
+  }
+
+  int32_t suffix_of_length(int32_t state, int64_t max_len) const {
+    while (state > kRoot && length[link[state]] >= max_len) state = link[state];
+    return state;
+  }
+
+  // Live continuations, most frequent (then most recent) first; cached like the reference's ranked_children.
+  const std::vector<Child>& ranked_children(int32_t state) {
+    auto it = ranked.find(state);
+    if (it != ranked.end() && (stamp[state] < it->second.first || it->second.first == clock)) {
+      return it->second.second;
+    }
+    std::vector<Child> out;
+    int32_t edge = edge_token[state];
+    if (edge >= 0) {
+      int32_t target = edge_target[state];
+      if (count[target] > 0) out.push_back({count[target], stamp[target], edge, target});
+    } else if (edge == kBranches) {
+      const auto& targets = branch_maps[edge_target[state]];
+      out.reserve(targets.size());
+      for (const auto& kv : targets) {
+        if (count[kv.second] > 0) out.push_back({count[kv.second], stamp[kv.second], kv.first, kv.second});
+      }
+      std::sort(out.begin(), out.end(), ranks_before);
+    }
+    if (ranked.size() >= kRankedCacheLimit) ranked.clear();
+    auto& slot = ranked[state];
+    slot.first = clock;
+    slot.second = std::move(out);
+    return slot.second;
+  }
+};
+
+struct DraftOut {
+  std::vector<int32_t> tokens, parents;
+  std::vector<double> probs;
+  std::vector<int64_t> keys;
+  double score = 0.0;
+  int64_t match_len = 0;
+};
+
+// SuffixAutomaton.draft_chain: false when the path cannot beat to_beat (beyond a tie).
+bool draft_chain(Automaton& a, int32_t state, int64_t budget, double min_prob, double to_beat, DraftOut& out) {
+  out.tokens.clear();
+  out.parents.clear();
+  out.probs.clear();
+  double prob = 1.0, score = 0.0;
+  int32_t total = a.count[state];
+  for (int64_t drafted = 0; drafted < budget; ++drafted) {
+    int32_t token = a.edge_token[state], next, c;
+    if (token >= 0) {
+      next = a.edge_target[state];
+      c = a.count[next];
+      if (c == 0) break;
+    } else if (token == kBranches) {
+      const auto& ranked = a.ranked_children(state);
+      if (ranked.empty()) break;
+      c = ranked[0].count;
+      token = ranked[0].token;
+      next = ranked[0].state;
+    } else {
+      break;
+    }
+    if (c != total) {
+      prob = prob * static_cast<double>(c) / static_cast<double>(total);
+      if (prob < min_prob) break;
+      if (score + prob * static_cast<double>(budget - drafted) <= to_beat) return false;
+    }
+    out.parents.push_back(static_cast<int32_t>(out.tokens.size()) - 1);
+    out.tokens.push_back(token);
+    out.probs.push_back(prob);
+    score += prob;
+    state = next;
+    total = c;
+  }
+  if (score <= to_beat + kTieTolerance) return false;
+  out.score = score;
+  return true;
+}
+
+struct TreeItem {
+  double neg_prob;
+  int64_t neg_push;
+  int32_t token, state, parent;
+};
+
+// std heap functions build a max-heap: "less" means "pops later", so the smallest tuple pops first.
+bool tree_pops_later(const TreeItem& a, const TreeItem& b) {
+  if (a.neg_prob != b.neg_prob) return a.neg_prob > b.neg_prob;
+  return a.neg_push > b.neg_push;
+}
+
+void push_tree_children(Automaton& a, std::vector<TreeItem>& heap, int64_t& pushes, int32_t state, double prob,
+                        int32_t parent, double min_prob) {
+  int32_t total = a.count[state];
+  int32_t token = a.edge_token[state];
+  Child single;
+  const Child* begin;
+  const Child* end;
+  if (token >= 0) {
+    int32_t target = a.edge_target[state];
+    if (a.count[target] == 0) return;
+    single = {a.count[target], 0, token, target};
+    begin = &single;
+    end = begin + 1;
+  } else if (token == kBranches) {
+    const auto& ranked = a.ranked_children(state);
+    begin = ranked.data();
+    end = begin + ranked.size();
+  } else {
+    return;
+  }
+  for (const Child* it = end; it != begin;) {  // least likely first: among equals the last pushed pops first
+    --it;
+    double child_prob = it->count == total ? prob
+                                           : prob * static_cast<double>(it->count) / static_cast<double>(total);
+    if (child_prob >= min_prob) {
+      heap.push_back({-child_prob, -(pushes++), it->token, it->state, parent});
+      std::push_heap(heap.begin(), heap.end(), tree_pops_later);
+    }
+  }
+}
+
+// SuffixAutomaton.draft_tree.
+bool draft_tree(Automaton& a, int32_t state, int64_t budget, double min_prob, double to_beat, DraftOut& out) {
+  out.tokens.clear();
+  out.parents.clear();
+  out.probs.clear();
+  double score = 0.0, prob = 1.0;
+  int32_t parent = -1;
+  std::vector<TreeItem> heap;
+  int64_t pushes = 0;
+  auto size = [&]() { return static_cast<int64_t>(out.tokens.size()); };
+  while (true) {
+    while (size() < budget) {
+      int32_t token = a.edge_token[state];
+      if (token < 0) break;
+      int32_t next = a.edge_target[state];
+      if (a.count[next] != a.count[state]) break;
+      out.parents.push_back(parent);
+      out.tokens.push_back(token);
+      out.probs.push_back(prob);
+      score += prob;
+      parent = static_cast<int32_t>(size()) - 1;
+      state = next;
+    }
+    if (size() == budget) break;
+    push_tree_children(a, heap, pushes, state, prob, parent, min_prob);
+    if (heap.empty()) break;
+    const TreeItem top = heap.front();
+    prob = -top.neg_prob;
+    if (score + prob * static_cast<double>(budget - size()) <= to_beat) return false;
+    std::pop_heap(heap.begin(), heap.end(), tree_pops_later);
+    heap.pop_back();
+    state = top.state;
+    out.parents.push_back(top.parent);
+    out.tokens.push_back(top.token);
+    out.probs.push_back(prob);
+    score += prob;
+    parent = static_cast<int32_t>(size()) - 1;
+  }
+  if (score <= to_beat + kTieTolerance) return false;
+  out.score = score;
+  return true;
+}
+
+// ---- calibration stats: the Python dict {group: [accepted, tested]} of NodeCalibration ----
+
+// The group's [accepted, tested] (1), or 0 when absent; -1 on a Python error. A dict subclass is read
+// through its own get(), as the reference does.
+int lookup_stats(PyObject* stats, int64_t key, double& accepted, double& tested) {
+  PyObject* py_key = PyLong_FromLongLong(key);
+  if (py_key == nullptr) return -1;
+  PyObject* seen;
+  if (PyDict_CheckExact(stats)) {
+    seen = PyDict_GetItemWithError(stats, py_key);  // borrowed
+    Py_XINCREF(seen);
+  } else {
+    seen = PyObject_CallMethod(stats, "get", "O", py_key);
+    if (seen == Py_None) Py_CLEAR(seen);
+  }
+  Py_DECREF(py_key);
+  if (seen == nullptr) return PyErr_Occurred() ? -1 : 0;
+  PyObject* a = PySequence_GetItem(seen, 0);
+  if (a == nullptr) {
+    Py_DECREF(seen);
+    return -1;
+  }
+  accepted = PyFloat_AsDouble(a);
+  Py_DECREF(a);
+  PyObject* t = PySequence_GetItem(seen, 1);
+  Py_DECREF(seen);
+  if (a == nullptr) return -1;
+  if (t == nullptr) return -1;
+  tested = PyFloat_AsDouble(t);
+  Py_DECREF(t);
+  return PyErr_Occurred() ? -1 : 1;
+}
+
+struct Candidate {
+  Automaton* automaton;
+  int32_t state;
+  int64_t source, matched;
+};
+
+struct MergedItem {
+  double neg_value;
+  int64_t neg_push;
+  int32_t parent, token, candidate, state;
+  int64_t depth, key;
+  double prob;
+};
+
+bool merged_pops_later(const MergedItem& a, const MergedItem& b) {
+  if (a.neg_value != b.neg_value) return a.neg_value > b.neg_value;
+  return a.neg_push > b.neg_push;
+}
+
+struct MergedBuilder {
+  const std::vector<Candidate>& candidates;
+  PyObject* stats;
+  double prior, min_prob;
+  int64_t budget;
+  std::vector<MergedItem> heap;
+  int64_t pushes = 0;
+
+  void push(MergedItem item) {
+    heap.push_back(item);
+    std::push_heap(heap.begin(), heap.end(), merged_pops_later);
+  }
+
+  MergedItem pop() {
+    std::pop_heap(heap.begin(), heap.end(), merged_pops_later);
+    MergedItem item = heap.back();
+    heap.pop_back();
+    return item;
+  }
+
+  // draft_merged's push_children; false on a Python error.
+  bool push_children(int32_t candidate, int32_t state, double value, double prob, int32_t parent, int64_t depth) {
+    const Candidate& cand = candidates[candidate];
+    Automaton& a = *cand.automaton;
+    int32_t total = a.count[state];
+    int64_t prefix = ((cand.source << 5 | bit_length(cand.matched + depth)) << 5 | bit_length(total)) << 3;
+    const auto& ranked = a.ranked_children(state);
+    size_t kept = 0;
+    for (const Child& child : ranked) {
+      double child_prob = prob * static_cast<double>(child.count) / static_cast<double>(total);
+      if (child_prob < min_prob) break;
+      ++kept;
+    }
+    for (size_t i = kept; i-- > 0;) {  // the best is pushed last, to pop first among equals
+      const Child& child = ranked[i];
+      double child_prob = prob * static_cast<double>(child.count) / static_cast<double>(total);
+      double ratio = static_cast<double>(child.count) / static_cast<double>(total);
+      int64_t key = prefix | ratio_bin(ratio);
+      double accepted = 0.0, tested = 0.0, estimate;
+      int found = lookup_stats(stats, key, accepted, tested);
+      if (found < 0) return false;
+      estimate = found ? (accepted + prior * ratio) / (tested + prior) : ratio;
+      double child_value = estimate < 1.0 ? value * estimate : value;
+      push({-child_value, -(pushes++), parent, child.token, candidate, child.state, depth + 1, key, child_prob});
+    }
+    return true;
+  }
+
+  // draft_merged's main loop; false on a Python error.
+  bool build(DraftOut& out) {
+    std::unordered_map<int64_t, int32_t> nodes;  // (parent node + 1) << 32 | token -> node
+    auto node_key = [](int32_t parent, int32_t token) {
+      return (static_cast<int64_t>(parent) + 1) << 32 | static_cast<int64_t>(static_cast<uint32_t>(token));
+    };
+    for (size_t i = 0; i < candidates.size(); ++i) {
+      if (!push_children(static_cast<int32_t>(i), candidates[i].state, 1.0, 1.0, -1, 0)) return false;
+    }
+    bool have_item = !heap.empty();
+    MergedItem item{};
+    if (have_item) item = pop();
+    while (have_item) {
+      have_item = false;
+      int32_t parent = item.parent, token = item.token, state = item.state;
+      int64_t depth = item.depth, key = item.key;
+      double prob = item.prob, value = -item.neg_value;
+      const int32_t candidate = item.candidate;
+      double top = heap.empty() ? -1.0 : -heap.front().neg_value;
+      const Candidate& cand = candidates[candidate];
+      Automaton& a = *cand.automaton;
+      const int64_t source_bits = cand.source << 5, matched = cand.matched;
+      int64_t span_total = -1, span_limit = 0, span_key = 0;
+      double span_estimate = 1.0;
+      auto found_node = nodes.find(node_key(parent, token));
+      int32_t node = found_node == nodes.end() ? -1 : found_node->second;
+      while (true) {
+        bool fresh = node < 0;
+        if (fresh) {
+          node = static_cast<int32_t>(out.tokens.size());
+          nodes.emplace(node_key(parent, token), node);
+          out.tokens.push_back(token);
+          out.parents.push_back(parent);
+          out.probs.push_back(value);
+          out.keys.push_back(key);
+          if (node + 1 == budget) break;
+        }
+        token = a.edge_token[state];
+        if (token < 0) {
+          if (token == kBranches && !push_children(candidate, state, value, prob, node, depth)) return false;
+          break;
+        }
+        int32_t next = a.edge_target[state];
+        int32_t total = a.count[state], c = a.count[next];
+        double estimate;
+        if (c == total) {
+          int64_t at_length = matched + depth;
+          if (total != span_total || at_length >= span_limit) {
+            span_total = total;
+            span_limit = int64_t(1) << bit_length(at_length);
+            span_key = ((source_bits | bit_length(at_length)) << 5 | bit_length(total)) << 3 | 4;
+            double accepted = 0.0, tested = 0.0;
+            int found = lookup_stats(stats, span_key, accepted, tested);
+            if (found < 0) return false;
+            span_estimate = found ? (accepted + prior) / (tested + prior) : 1.0;
+          }
+          key = span_key;
+          estimate = span_estimate;
+        } else {
+          if (c == 0) break;
+          prob = prob * static_cast<double>(c) / static_cast<double>(total);
+          if (prob < min_prob) break;
+          double ratio = static_cast<double>(c) / static_cast<double>(total);
+          key = ((source_bits | bit_length(matched + depth)) << 5 | bit_length(total)) << 3;
+          key |= ratio_bin(ratio);
+          double accepted = 0.0, tested = 0.0;
+          int found = lookup_stats(stats, key, accepted, tested);
+          if (found < 0) return false;
+          estimate = found ? (accepted + prior * ratio) / (tested + prior) : ratio;
+        }
+        double child_value = estimate < 1.0 ? value * estimate : value;
+        depth += 1;
+        if (child_value < top) {  // push it and pop the top in one heap operation
+          push({-child_value, -(pushes++), node, token, candidate, next, depth, key, prob});
+          item = pop();
+          have_item = true;
+          break;
+        }
+        parent = node;
+        state = next;
+        value = child_value;
+        if (fresh) {
+          node = -1;  // a new node has no children yet
+        } else {
+          auto it = nodes.find(node_key(parent, token));
+          node = it == nodes.end() ? -1 : it->second;
+        }
+      }
+      if (static_cast<int64_t>(out.tokens.size()) == budget) break;
+      if (!have_item && !heap.empty()) {
+        item = pop();
+        have_item = true;
+      }
+    }
+    return true;
+  }
+};
+
+// ---- Python glue ----
+
+struct AutomatonObject {
+  PyObject_HEAD
+  Automaton* core;
+};
+
+extern PyTypeObject AutomatonType;
+
+// Token ids from any iterable of ints (already validated by the caller as 0 <= id < 2**31).
+bool read_tokens(PyObject* obj, std::vector<int32_t>& out) {
+  PyObject* seq = PySequence_Fast(obj, "expected a sequence of token ids");
+  if (seq == nullptr) return false;
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  out.resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    long value = PyLong_AsLong(items[i]);
+    if (value == -1 && PyErr_Occurred()) {
+      Py_DECREF(seq);
+      return false;
+    }
+    out[static_cast<size_t>(i)] = static_cast<int32_t>(value);
+  }
+  Py_DECREF(seq);
+  return true;
+}
+
+Automaton* automaton_of(PyObject* obj) {
+  if (!PyObject_TypeCheck(obj, &AutomatonType)) {
+    PyErr_SetString(PyExc_TypeError, "expected a _suffix_core.SuffixAutomaton");
+    return nullptr;
+  }
+  return reinterpret_cast<AutomatonObject*>(obj)->core;
+}
+
+bool valid_state(const Automaton& a, long long state) {
+  if (state < 0 || state >= static_cast<long long>(a.length.size())) {
+    PyErr_Format(PyExc_ValueError, "state %lld out of range (%zu states)", state, a.length.size());
+    return false;
+  }
+  return true;
+}
+
+PyObject* int_list(const std::vector<int32_t>& values) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(values.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < values.size(); ++i) {
+    PyObject* item = PyLong_FromLong(values[i]);
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+  }
+  return list;
+}
+
+PyObject* int64_list(const std::vector<int64_t>& values) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(values.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < values.size(); ++i) {
+    PyObject* item = PyLong_FromLongLong(values[i]);
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+  }
+  return list;
+}
+
+PyObject* float_list(const std::vector<double>& values) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(values.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < values.size(); ++i) {
+    PyObject* item = PyFloat_FromDouble(values[i]);
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+  }
+  return list;
+}
+
+PyObject* automaton_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"count_depth", nullptr};
+  long long depth;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "L", const_cast<char**>(keywords), &depth)) return nullptr;
+  if (depth < 2) {
+    PyErr_Format(PyExc_ValueError, "count_depth must be >= 2, got %lld", depth);
+    return nullptr;
+  }
+  auto* self = reinterpret_cast<AutomatonObject*>(type->tp_alloc(type, 0));
+  if (self == nullptr) return nullptr;
+  try {
+    self->core = new Automaton(depth);
+  } catch (...) {
+    Py_DECREF(self);
+    return PyErr_NoMemory();
+  }
+  return reinterpret_cast<PyObject*>(self);
+}
+
+void automaton_dealloc(PyObject* obj) {
+  delete reinterpret_cast<AutomatonObject*>(obj)->core;
+  Py_TYPE(obj)->tp_free(obj);
+}
+
+PyObject* automaton_extend(PyObject* self, PyObject* tokens) {
+  std::vector<int32_t> values;
+  if (!read_tokens(tokens, values)) return nullptr;
+  try {
+    reinterpret_cast<AutomatonObject*>(self)->core->extend(values);
+  } catch (const std::bad_alloc&) {
+    return PyErr_NoMemory();
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* automaton_end_sequence(PyObject* self, PyObject*) {
+  reinterpret_cast<AutomatonObject*>(self)->core->end_sequence();
+  Py_RETURN_NONE;
+}
+
+PyObject* automaton_remove(PyObject* self, PyObject* tokens) {
+  std::vector<int32_t> values;
+  if (!read_tokens(tokens, values)) return nullptr;
+  reinterpret_cast<AutomatonObject*>(self)->core->remove(values);
+  Py_RETURN_NONE;
+}
+
+PyObject* automaton_count_of(PyObject* self, PyObject* pattern) {
+  std::vector<int32_t> values;
+  if (!read_tokens(pattern, values)) return nullptr;
+  if (values.empty()) {
+    PyErr_SetString(PyExc_ValueError, "count_of needs a non-empty pattern");
+    return nullptr;
+  }
+  return PyLong_FromLongLong(reinterpret_cast<AutomatonObject*>(self)->core->count_of(values));
+}
+
+PyObject* automaton_advance(PyObject* self, PyObject* args) {
+  long long state, matched, max_len;
+  PyObject* tokens;
+  if (!PyArg_ParseTuple(args, "LLOL", &state, &matched, &tokens, &max_len)) return nullptr;
+  Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
+  if (!valid_state(a, state)) return nullptr;
+  std::vector<int32_t> values;
+  if (!read_tokens(tokens, values)) return nullptr;
+  int32_t s = static_cast<int32_t>(state);
+  int64_t m = matched;
+  a.advance(s, m, values.data(), values.size(), max_len);
+  return Py_BuildValue("(iL)", s, static_cast<long long>(m));
+}
+
+PyObject* automaton_match(PyObject* self, PyObject* args) {
+  PyObject* context;
+  long long max_len;
+  if (!PyArg_ParseTuple(args, "OL", &context, &max_len)) return nullptr;
+  std::vector<int32_t> values;
+  if (!read_tokens(context, values)) return nullptr;
+  size_t start = 0;  // context[-max_len:] (all of it when max_len is 0)
+  if (max_len > 0 && static_cast<size_t>(max_len) < values.size()) start = values.size() - static_cast<size_t>(max_len);
+  int32_t s = kRoot;
+  int64_t m = 0;
+  reinterpret_cast<AutomatonObject*>(self)->core->advance(s, m, values.data() + start, values.size() - start, max_len);
+  return Py_BuildValue("(iL)", s, static_cast<long long>(m));
+}
+
+PyObject* automaton_suffix_of_length(PyObject* self, PyObject* args) {
+  long long state, max_len;
+  if (!PyArg_ParseTuple(args, "LL", &state, &max_len)) return nullptr;
+  Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
+  if (!valid_state(a, state)) return nullptr;
+  return PyLong_FromLong(a.suffix_of_length(static_cast<int32_t>(state), max_len));
+}
+
+PyObject* automaton_tail_state(PyObject* self, PyObject* arg) {
+  long long max_len = PyLong_AsLongLong(arg);
+  if (max_len == -1 && PyErr_Occurred()) return nullptr;
+  Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
+  return Py_BuildValue("(iL)", a.suffix_of_length(a.window, max_len),
+                       static_cast<long long>(std::min<int64_t>(a.written, max_len)));
+}
+
+PyObject* automaton_ranked_children(PyObject* self, PyObject* arg) {
+  long long state = PyLong_AsLongLong(arg);
+  if (state == -1 && PyErr_Occurred()) return nullptr;
+  Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
+  if (!valid_state(a, state)) return nullptr;
+  const auto& ranked = a.ranked_children(static_cast<int32_t>(state));
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(ranked.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < ranked.size(); ++i) {
+    PyObject* item = Py_BuildValue("(iLii)", ranked[i].count, static_cast<long long>(ranked[i].stamp),
+                                   ranked[i].token, ranked[i].state);
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+  }
+  return list;
+}
+
+PyObject* automaton_children(PyObject* self, PyObject* arg) {
+  long long state = PyLong_AsLongLong(arg);
+  if (state == -1 && PyErr_Occurred()) return nullptr;
+  Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
+  if (!valid_state(a, state)) return nullptr;
+  std::vector<std::pair<int32_t, int32_t>> out;
+  int32_t edge = a.edge_token[state];
+  if (edge >= 0) out.emplace_back(edge, a.edge_target[state]);
+  if (edge == kBranches) out.assign(a.branch_maps[a.edge_target[state]].begin(), a.branch_maps[a.edge_target[state]].end());
+  std::sort(out.begin(), out.end());
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(out.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < out.size(); ++i) {
+    PyObject* item = Py_BuildValue("(ii)", out[i].first, out[i].second);
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+  }
+  return list;
+}
+
+// Snapshot copies of the per-state arrays, for tests and inspection (the reference exposes its arrays).
+PyObject* automaton_length(PyObject* self, void*) { return int_list(reinterpret_cast<AutomatonObject*>(self)->core->length); }
+PyObject* automaton_link(PyObject* self, void*) { return int_list(reinterpret_cast<AutomatonObject*>(self)->core->link); }
+PyObject* automaton_count(PyObject* self, void*) { return int_list(reinterpret_cast<AutomatonObject*>(self)->core->count); }
+
+PyObject* automaton_num_states(PyObject* self, void*) {
+  return PyLong_FromSize_t(reinterpret_cast<AutomatonObject*>(self)->core->length.size());
+}
+
+PyObject* automaton_clock(PyObject* self, void*) {
+  return PyLong_FromLongLong(reinterpret_cast<AutomatonObject*>(self)->core->clock);
+}
+
+PyObject* automaton_count_depth(PyObject* self, void*) {
+  return PyLong_FromLongLong(reinterpret_cast<AutomatonObject*>(self)->core->count_depth);
+}
+
+PyMethodDef automaton_methods[] = {
+    {"extend", automaton_extend, METH_O, "Append tokens to the current sequence."},
+    {"end_sequence", automaton_end_sequence, METH_NOARGS, "Start a new sequence."},
+    {"remove", automaton_remove, METH_O, "Subtract one previously added sequence from the counts."},
+    {"count_of", automaton_count_of, METH_O, "Occurrences of a non-empty pattern."},
+    {"advance", automaton_advance, METH_VARARGS, "advance(state, matched, tokens, max_len) -> (state, matched)."},
+    {"match", automaton_match, METH_VARARGS, "match(context, max_len) -> (state, matched)."},
+    {"suffix_of_length", automaton_suffix_of_length, METH_VARARGS, "The state holding the suffix of max_len tokens."},
+    {"tail_state", automaton_tail_state, METH_O, "State and length of the current sequence's suffix."},
+    {"ranked_children", automaton_ranked_children, METH_O, "Live continuations as (count, stamp, token, state)."},
+    {"children", automaton_children, METH_O, "(token, state) for every transition, dead ones included, by token."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyGetSetDef automaton_getset[] = {
+    {"num_states", automaton_num_states, nullptr, "number of states", nullptr},
+    {"clock", automaton_clock, nullptr, "occurrences appended so far", nullptr},
+    {"count_depth", automaton_count_depth, nullptr, "longest pattern whose count is exact", nullptr},
+    {"length", automaton_length, nullptr, "a copy of each state's longest length", nullptr},
+    {"link", automaton_link, nullptr, "a copy of each state's suffix link", nullptr},
+    {"count", automaton_count, nullptr, "a copy of each state's occurrence count", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+
+PyTypeObject AutomatonType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+PyObject* draft_result(const DraftOut& out) {
+  PyObject* tokens = int_list(out.tokens);
+  PyObject* parents = int_list(out.parents);
+  PyObject* probs = float_list(out.probs);
+  PyObject* result = nullptr;
+  if (tokens && parents && probs) result = Py_BuildValue("(OOOd)", tokens, parents, probs, out.score);
+  Py_XDECREF(tokens);
+  Py_XDECREF(parents);
+  Py_XDECREF(probs);
+  return result;
+}
+
+// best_draft(automaton, state, matched, limit, factor, offset, min_prob, tree, to_beat)
+//   -> None or (tokens, parents, probs, score, match_len): SuffixIndex._best_draft for one index.
+PyObject* core_best_draft(PyObject*, PyObject* args) {
+  PyObject* obj;
+  long long state, matched, limit, max_spec_tokens;
+  double factor, offset, min_prob, to_beat;
+  int tree;
+  if (!PyArg_ParseTuple(args, "OLLLLdddpd", &obj, &state, &matched, &limit, &max_spec_tokens, &factor, &offset,
+                        &min_prob, &tree, &to_beat)) {
+    return nullptr;
+  }
+  Automaton* a = automaton_of(obj);
+  if (a == nullptr || !valid_state(*a, state)) return nullptr;
+  DraftOut out, best;
+  bool have_best = false;
+  int32_t s = static_cast<int32_t>(state);
+  int64_t m = matched;
+  while (s > kRoot) {
+    long long allowed = static_cast<long long>(static_cast<double>(m) * factor + offset + 1e-6);
+    int64_t budget = std::max<int64_t>(0, std::min<int64_t>(std::min<int64_t>(allowed, max_spec_tokens), limit));
+    if (static_cast<double>(budget) <= to_beat + kTieTolerance) break;
+    if (a->edge_token[s] != kNoEdge) {
+      bool found = tree ? draft_tree(*a, s, budget, min_prob, to_beat, out)
+                        : draft_chain(*a, s, budget, min_prob, to_beat, out);
+      if (found) {
+        out.match_len = m;
+        std::swap(best, out);
+        have_best = true;
+        to_beat = best.score;
+      }
+    }
+    s = a->link[s];
+    m = a->length[s];
+  }
+  if (!have_best) Py_RETURN_NONE;
+  PyObject* result = draft_result(best);
+  if (result == nullptr) return nullptr;
+  PyObject* with_len = Py_BuildValue("(OOOdL)", PyTuple_GET_ITEM(result, 0), PyTuple_GET_ITEM(result, 1),
+                                     PyTuple_GET_ITEM(result, 2), best.score, static_cast<long long>(best.match_len));
+  Py_DECREF(result);
+  return with_len;
+}
+
+// budgeted_draft(sources, stats, prior, budget, min_prob) -> (tokens, parents, probs, keys): the candidate walk
+// of SuffixIndex._budgeted_draft (every state on each source's suffix path with a live continuation) and
+// draft_merged over them. sources: (source, automaton, state, matched) tuples.
+PyObject* core_budgeted_draft(PyObject*, PyObject* args) {
+  PyObject *sources, *stats;
+  double prior, min_prob;
+  long long budget;
+  if (!PyArg_ParseTuple(args, "OO!dLd", &sources, &PyDict_Type, &stats, &prior, &budget, &min_prob)) return nullptr;
+  PyObject* seq = PySequence_Fast(sources, "sources must be a sequence");
+  if (seq == nullptr) return nullptr;
+  std::vector<Candidate> candidates;
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    long long source, state, matched;
+    PyObject* obj;
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "LOLL", &source, &obj, &state, &matched)) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    Automaton* a = automaton_of(obj);
+    if (a == nullptr || !valid_state(*a, state)) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    int32_t s = static_cast<int32_t>(state);
+    int64_t m = matched;
+    while (s > kRoot) {
+      if (!a->ranked_children(s).empty()) candidates.push_back({a, s, source, m});
+      s = a->link[s];
+      m = a->length[s];
+    }
+  }
+  DraftOut out;
+  if (budget > 0) {
+    MergedBuilder builder{candidates, stats, prior, min_prob, budget, {}, 0};
+    if (!builder.build(out)) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+  }
+  Py_DECREF(seq);  // after the build: it keeps the automata alive
+  PyObject* tokens = int_list(out.tokens);
+  PyObject* parents = int_list(out.parents);
+  PyObject* probs = float_list(out.probs);
+  PyObject* keys = int64_list(out.keys);
+  PyObject* result = nullptr;
+  if (tokens && parents && probs && keys) result = PyTuple_Pack(4, tokens, parents, probs, keys);
+  Py_XDECREF(tokens);
+  Py_XDECREF(parents);
+  Py_XDECREF(probs);
+  Py_XDECREF(keys);
+  return result;
+}
+
+PyMethodDef module_methods[] = {
+    {"best_draft", core_best_draft, METH_VARARGS, "SuffixIndex._best_draft over one automaton."},
+    {"budgeted_draft", core_budgeted_draft, METH_VARARGS, "The candidate walk and draft_merged of budgeted mode."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_suffix_core",
+                          "Compiled core of specjax.drafters.suffix_index (bit-identical to its Python reference).",
+                          -1, module_methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__suffix_core(void) {
+  AutomatonType.tp_name = "specjax.drafters._suffix_core.SuffixAutomaton";
+  AutomatonType.tp_basicsize = sizeof(AutomatonObject);
+  AutomatonType.tp_flags = Py_TPFLAGS_DEFAULT;
+  AutomatonType.tp_doc = "Suffix automaton with occurrence counts (compiled; see suffix_index.SuffixAutomaton).";
+  AutomatonType.tp_new = automaton_new;
+  AutomatonType.tp_dealloc = automaton_dealloc;
+  AutomatonType.tp_methods = automaton_methods;
+  AutomatonType.tp_getset = automaton_getset;
+  if (PyType_Ready(&AutomatonType) < 0) return nullptr;
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  Py_INCREF(&AutomatonType);
+  if (PyModule_AddObject(module, "SuffixAutomaton", reinterpret_cast<PyObject*>(&AutomatonType)) < 0) {
+    Py_DECREF(&AutomatonType);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
