@@ -223,6 +223,16 @@ struct Automaton {
     return state;
   }
 
+  bool has_live_child(int32_t state) const {
+    int32_t edge = edge_token[state];
+    if (edge >= 0) return count[edge_target[state]] > 0;
+    if (edge != kBranches) return false;
+    for (const auto& kv : branch_maps[edge_target[state]]) {
+      if (count[kv.second] > 0) return true;
+    }
+    return false;
+  }
+
   // Live continuations, most frequent (then most recent) first; cached like the reference's ranked_children.
   const std::vector<Child>& ranked_children(int32_t state) {
     auto it = ranked.find(state);
@@ -639,34 +649,6 @@ PyObject* int_list(const std::vector<int32_t>& values) {
   return list;
 }
 
-PyObject* int64_list(const std::vector<int64_t>& values) {
-  PyObject* list = PyList_New(static_cast<Py_ssize_t>(values.size()));
-  if (list == nullptr) return nullptr;
-  for (size_t i = 0; i < values.size(); ++i) {
-    PyObject* item = PyLong_FromLongLong(values[i]);
-    if (item == nullptr) {
-      Py_DECREF(list);
-      return nullptr;
-    }
-    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
-  }
-  return list;
-}
-
-PyObject* float_list(const std::vector<double>& values) {
-  PyObject* list = PyList_New(static_cast<Py_ssize_t>(values.size()));
-  if (list == nullptr) return nullptr;
-  for (size_t i = 0; i < values.size(); ++i) {
-    PyObject* item = PyFloat_FromDouble(values[i]);
-    if (item == nullptr) {
-      Py_DECREF(list);
-      return nullptr;
-    }
-    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
-  }
-  return list;
-}
-
 PyObject* automaton_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   static const char* keywords[] = {"count_depth", nullptr};
   long long depth;
@@ -852,20 +834,36 @@ PyGetSetDef automaton_getset[] = {
 
 PyTypeObject AutomatonType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
-PyObject* draft_result(const DraftOut& out) {
-  PyObject* tokens = int_list(out.tokens);
-  PyObject* parents = int_list(out.parents);
-  PyObject* probs = float_list(out.probs);
+template <typename T>
+PyObject* packed(const std::vector<T>& values) {
+  return PyByteArray_FromStringAndSize(reinterpret_cast<const char*>(values.data()),
+                                       static_cast<Py_ssize_t>(values.size() * sizeof(T)));
+}
+
+// A draft as (tokens int32, parents int32, probs float64, ...extra): native-endian bytearrays that
+// numpy wraps without a copy (np.frombuffer), instead of lists it would convert element by element.
+PyObject* packed_draft(const DraftOut& out, const char* extra_format, double score, long long extra) {
+  PyObject* tokens = packed(out.tokens);
+  PyObject* parents = packed(out.parents);
+  PyObject* probs = packed(out.probs);
+  PyObject* keys = extra_format[0] == 'O' ? packed(out.keys) : nullptr;
   PyObject* result = nullptr;
-  if (tokens && parents && probs) result = Py_BuildValue("(OOOd)", tokens, parents, probs, out.score);
+  if (tokens && parents && probs) {
+    if (keys) {
+      result = Py_BuildValue("(OOOOd)", tokens, parents, probs, keys, score);
+    } else if (extra_format[0] != 'O') {
+      result = Py_BuildValue("(OOOdL)", tokens, parents, probs, score, extra);
+    }
+  }
   Py_XDECREF(tokens);
   Py_XDECREF(parents);
   Py_XDECREF(probs);
+  Py_XDECREF(keys);
   return result;
 }
 
-// best_draft(automaton, state, matched, limit, factor, offset, min_prob, tree, to_beat)
-//   -> None or (tokens, parents, probs, score, match_len): SuffixIndex._best_draft for one index.
+// best_draft(automaton, state, matched, limit, max_spec_tokens, factor, offset, min_prob, tree, to_beat)
+//   -> None or packed (tokens, parents, probs, score, match_len): SuffixIndex._best_draft for one index.
 PyObject* core_best_draft(PyObject*, PyObject* args) {
   PyObject* obj;
   long long state, matched, limit, max_spec_tokens;
@@ -899,15 +897,11 @@ PyObject* core_best_draft(PyObject*, PyObject* args) {
     m = a->length[s];
   }
   if (!have_best) Py_RETURN_NONE;
-  PyObject* result = draft_result(best);
-  if (result == nullptr) return nullptr;
-  PyObject* with_len = Py_BuildValue("(OOOdL)", PyTuple_GET_ITEM(result, 0), PyTuple_GET_ITEM(result, 1),
-                                     PyTuple_GET_ITEM(result, 2), best.score, static_cast<long long>(best.match_len));
-  Py_DECREF(result);
-  return with_len;
+  return packed_draft(best, "L", best.score, static_cast<long long>(best.match_len));
 }
 
-// budgeted_draft(sources, stats, prior, budget, min_prob) -> (tokens, parents, probs, keys): the candidate walk
+// budgeted_draft(sources, stats, prior, budget, min_prob) -> packed (tokens, parents, probs, keys int64, score):
+// the candidate walk
 // of SuffixIndex._budgeted_draft (every state on each source's suffix path with a live continuation) and
 // draft_merged over them. sources: (source, automaton, state, matched) tuples.
 PyObject* core_budgeted_draft(PyObject*, PyObject* args) {
@@ -934,7 +928,7 @@ PyObject* core_budgeted_draft(PyObject*, PyObject* args) {
     int32_t s = static_cast<int32_t>(state);
     int64_t m = matched;
     while (s > kRoot) {
-      if (!a->ranked_children(s).empty()) candidates.push_back({a, s, source, m});
+      if (a->has_live_child(s)) candidates.push_back({a, s, source, m});
       s = a->link[s];
       m = a->length[s];
     }
@@ -948,22 +942,90 @@ PyObject* core_budgeted_draft(PyObject*, PyObject* args) {
     }
   }
   Py_DECREF(seq);  // after the build: it keeps the automata alive
-  PyObject* tokens = int_list(out.tokens);
-  PyObject* parents = int_list(out.parents);
-  PyObject* probs = float_list(out.probs);
-  PyObject* keys = int64_list(out.keys);
-  PyObject* result = nullptr;
-  if (tokens && parents && probs && keys) result = PyTuple_Pack(4, tokens, parents, probs, keys);
-  Py_XDECREF(tokens);
-  Py_XDECREF(parents);
-  Py_XDECREF(probs);
-  Py_XDECREF(keys);
-  return result;
+  double score = 0.0;  // summed in node order, as the reference does
+  for (double prob : out.probs) score += prob;
+  return packed_draft(out, "O", score, 0);
+}
+
+struct Buffer {
+  Py_buffer view{};
+  bool ok = false;
+  Buffer(PyObject* obj, Py_ssize_t item_size, const char* what) {
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return;
+    ok = view.len % item_size == 0;
+    if (!ok) PyErr_Format(PyExc_ValueError, "%s: a packed buffer of %zd-byte items expected", what, item_size);
+  }
+  ~Buffer() {
+    if (view.obj != nullptr) PyBuffer_Release(&view);
+  }
+  template <typename T>
+  const T* data() const { return static_cast<const T*>(view.buf); }
+  template <typename T>
+  Py_ssize_t size() const { return view.len / static_cast<Py_ssize_t>(sizeof(T)); }
+};
+
+// learn(stats, tokens, parents, keys, accepted_ids): NodeCalibration.learn on a packed draft (as
+// budgeted_draft returns it), updating the same dict the same way.
+PyObject* core_learn(PyObject*, PyObject* args) {
+  PyObject *stats, *tokens_obj, *parents_obj, *keys_obj, *accepted_obj;
+  if (!PyArg_ParseTuple(args, "O!OOOO", &PyDict_Type, &stats, &tokens_obj, &parents_obj, &keys_obj, &accepted_obj)) {
+    return nullptr;
+  }
+  Buffer tokens(tokens_obj, 4, "tokens"), parents(parents_obj, 4, "parents"), keys(keys_obj, 8, "keys");
+  if (!tokens.ok || !parents.ok || !keys.ok) return nullptr;
+  Py_ssize_t n = tokens.size<int32_t>();
+  if (parents.size<int32_t>() != n || keys.size<int64_t>() != n) {
+    PyErr_SetString(PyExc_ValueError, "tokens, parents and keys differ in length");
+    return nullptr;
+  }
+  std::vector<int32_t> accepted;
+  if (!read_tokens(accepted_obj, accepted)) return nullptr;
+  const auto known = static_cast<int64_t>(accepted.size());
+  std::vector<int64_t> next_truth(static_cast<size_t>(n), -1);  // accepted node -> index of the token after it
+  for (Py_ssize_t node = 0; node < n; ++node) {
+    int32_t parent = parents.data<int32_t>()[node];
+    int64_t at = parent < 0 ? 0 : next_truth[static_cast<size_t>(parent)];
+    if (at < 0 || at >= known) continue;
+    bool hit = tokens.data<int32_t>()[node] == accepted[static_cast<size_t>(at)];
+    if (hit) next_truth[static_cast<size_t>(node)] = at + 1;
+    PyObject* key = PyLong_FromLongLong(keys.data<int64_t>()[node]);
+    if (key == nullptr) return nullptr;
+    PyObject* seen = PyDict_GetItemWithError(stats, key);  // borrowed
+    bool ok;
+    if (seen == nullptr) {
+      ok = !PyErr_Occurred();
+      PyObject* fresh = ok ? Py_BuildValue("[dd]", hit ? 1.0 : 0.0, 1.0) : nullptr;
+      ok = fresh != nullptr && PyDict_SetItem(stats, key, fresh) == 0;
+      Py_XDECREF(fresh);
+    } else {
+      double accepted_count = 0.0, tested = 0.0;
+      PyObject* a = PySequence_GetItem(seen, 0);
+      PyObject* t = PySequence_GetItem(seen, 1);
+      ok = a != nullptr && t != nullptr;
+      if (ok) {
+        accepted_count = PyFloat_AsDouble(a);
+        tested = PyFloat_AsDouble(t);
+        ok = !PyErr_Occurred();
+      }
+      Py_XDECREF(a);
+      Py_XDECREF(t);
+      PyObject* new_a = ok ? PyFloat_FromDouble(accepted_count + (hit ? 1.0 : 0.0)) : nullptr;
+      PyObject* new_t = ok ? PyFloat_FromDouble(tested + 1.0) : nullptr;
+      ok = new_a != nullptr && new_t != nullptr && PySequence_SetItem(seen, 0, new_a) == 0 &&
+           PySequence_SetItem(seen, 1, new_t) == 0;
+      Py_XDECREF(new_a);
+      Py_XDECREF(new_t);
+    }
+    Py_DECREF(key);
+    if (!ok) return nullptr;
+  }
+  Py_RETURN_NONE;
 }
 
 PyMethodDef module_methods[] = {
     {"best_draft", core_best_draft, METH_VARARGS, "SuffixIndex._best_draft over one automaton."},
     {"budgeted_draft", core_budgeted_draft, METH_VARARGS, "The candidate walk and draft_merged of budgeted mode."},
+    {"learn", core_learn, METH_VARARGS, "NodeCalibration.learn on a packed draft."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_suffix_core",

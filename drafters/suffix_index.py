@@ -66,7 +66,7 @@ import itertools
 import operator
 import os
 from array import array
-from typing import Hashable, Iterable, Iterator, Optional, Sequence
+from typing import Hashable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -133,6 +133,32 @@ class Draft:
     def to_proposal(self) -> Proposal:
         return Proposal(np.asarray(self.tokens, np.int32), np.asarray(self.parents, np.int32),
                         np.asarray(self.probs, np.float32), score=float(self.score), match_len=self.match_len)
+
+    def to_draft(self) -> "Draft":
+        return self
+
+
+class _PackedDraft(NamedTuple):
+    """A draft from the compiled core: native int32, int32 and float64 buffers instead of lists.
+
+    The engine wants arrays: wrapping buffers skips the per-element conversion of
+    ``np.asarray(list)``, which cost more than the compiled draft itself.
+    """
+
+    tokens: bytearray
+    parents: bytearray
+    probs: bytearray
+    score: float
+    match_len: int
+
+    def to_proposal(self) -> Proposal:
+        return Proposal(np.frombuffer(self.tokens, np.int32), np.frombuffer(self.parents, np.int32),
+                        np.frombuffer(self.probs, np.float64).astype(np.float32), score=self.score,
+                        match_len=self.match_len)
+
+    def to_draft(self) -> Draft:
+        return Draft(np.frombuffer(self.tokens, np.int32).tolist(), np.frombuffer(self.parents, np.int32).tolist(),
+                     np.frombuffer(self.probs, np.float64).tolist(), self.score, self.match_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -698,7 +724,15 @@ def draft_merged(candidates: Sequence[tuple[SuffixAutomaton, int, int, int]], ca
             break
         if item is None and heap:
             item = heappop(heap)
-    return Draft(tokens, parents, probs, sum(probs), 0), keys
+    return Draft(tokens, parents, probs, sum_in_order(probs), 0), keys
+
+
+def sum_in_order(values: Iterable[float]) -> float:
+    """Left-to-right float sum: Python 3.12's ``sum`` compensates rounding, the compiled core does not."""
+    total = 0.0
+    for value in values:
+        total += value
+    return total
 
 
 @dataclasses.dataclass
@@ -720,7 +754,14 @@ class _ActiveRequest:
 
     def learn_from_last_draft(self, calibration: "NodeCalibration") -> None:
         if self.last_draft is not None and self.outcome is not None:
-            calibration.learn(*self.last_draft, self.outcome)
+            tokens, parents, keys = self.last_draft
+            if not isinstance(tokens, bytearray):
+                calibration.learn(tokens, parents, keys, self.outcome)
+            elif type(calibration.stats) is dict:  # a draft of the compiled core: its own learn, same dict
+                _suffix_core.learn(calibration.stats, tokens, parents, keys, self.outcome)
+            else:  # statistics of another kind (a test's): read by the reference
+                calibration.learn(np.frombuffer(tokens, np.int32).tolist(), np.frombuffer(parents, np.int32).tolist(),
+                                  np.frombuffer(keys, np.int64).tolist(), self.outcome)
         self.last_draft = self.outcome = None
 
 
@@ -874,6 +915,13 @@ class SuffixIndex:
 
     def speculate(self, request_id: Hashable, max_tokens: Optional[int] = None) -> Draft:
         """The best-scoring draft over both indexes and every matched suffix length."""
+        return self._speculate(request_id, max_tokens).to_draft()
+
+    def propose(self, request_id: Hashable, max_tokens: Optional[int] = None) -> Proposal:
+        """``speculate`` as the engine's arrays."""
+        return self._speculate(request_id, max_tokens).to_proposal()
+
+    def _speculate(self, request_id: Hashable, max_tokens: Optional[int]) -> Union[Draft, _PackedDraft]:
         request = self._request(request_id)
         limit = self.spec.max_spec_tokens if max_tokens is None else min(max_tokens, self.spec.max_spec_tokens)
         if limit <= 0:
@@ -887,29 +935,30 @@ class SuffixIndex:
         state, matched = self._global_match(request)
         return self._best_draft(self._global, state, matched, limit, best)
 
-    def _budgeted_draft(self, request: _ActiveRequest, budget: int) -> Draft:
+    def _budgeted_draft(self, request: _ActiveRequest, budget: int) -> Union[Draft, _PackedDraft]:
         """One tree over every matched suffix of every source; keeps the draft to learn from its outcome."""
-        candidates = []
         sources = [(SOURCE_LOCAL, request.local, *request.local.tail_state(self.max_depth)),
                    (SOURCE_GLOBAL, self._global, *self._global_match(request))]
         if self.max_shared_requests and len(self._active) > 1:
             sources += self._shared_sources(request)
         request.learn_from_last_draft(self.calibration)
+        match_len = max(matched for *_, matched in sources)
         if self.compiled:  # the same candidate walk and draft_merged, compiled
-            tokens, parents, probs, keys = _suffix_core.budgeted_draft(
+            tokens, parents, probs, keys, score = _suffix_core.budgeted_draft(
                 sources, self.calibration.stats, self.calibration.prior_weight, budget, self.spec.min_token_prob)
-            draft = Draft(tokens, parents, probs, sum(probs), 0)
-        else:
-            for source, automaton, state, matched in sources:
-                length, link = automaton.length, automaton.link
-                while state > _ROOT:
-                    if automaton.ranked_children(state):
-                        candidates.append((automaton, state, source, matched))
-                    state = link[state]
-                    matched = length[state]
-            draft, keys = draft_merged(candidates, self.calibration, budget, self.spec.min_token_prob)
+            request.last_draft = (tokens, parents, keys)
+            return _PackedDraft(tokens, parents, probs, score, match_len if tokens else 0)
+        candidates = []
+        for source, automaton, state, matched in sources:
+            length, link = automaton.length, automaton.link
+            while state > _ROOT:
+                if automaton.ranked_children(state):
+                    candidates.append((automaton, state, source, matched))
+                state = link[state]
+                matched = length[state]
+        draft, keys = draft_merged(candidates, self.calibration, budget, self.spec.min_token_prob)
         request.last_draft = (draft.tokens, draft.parents, keys)
-        draft.match_len = max(matched for *_, matched in sources) if draft.tokens else 0
+        draft.match_len = match_len if draft.tokens else 0
         return draft
 
     def _shared_sources(self, request: _ActiveRequest) -> list[tuple[int, SuffixAutomaton, int, int]]:
@@ -940,7 +989,7 @@ class SuffixIndex:
         request.shared_matches = current
         return sources
 
-    def _compiled_best_draft(self, request: _ActiveRequest, limit: int) -> Draft:
+    def _compiled_best_draft(self, request: _ActiveRequest, limit: int) -> Union[Draft, _PackedDraft]:
         """``_best_draft`` over the local, then the global index, in the compiled core."""
         spec, best = self.spec, Draft.empty()
         for automaton, (state, matched) in ((request.local, request.local.tail_state(self.max_depth)),
@@ -949,7 +998,7 @@ class SuffixIndex:
                                             spec.max_spec_factor, spec.max_spec_offset, spec.min_token_prob,
                                             spec.tree, best.score)
             if found is not None:
-                best = Draft(*found)
+                best = _PackedDraft(*found)
         return best
 
     def _best_draft(self, automaton: SuffixAutomaton, state: int, matched: int, limit: int, best: Draft) -> Draft:
@@ -1006,7 +1055,7 @@ class SuffixDecodingDrafter:
         self.index.start_request(request_id, prompt_ids)
 
     def propose(self, request_id: Hashable, max_tokens: int) -> Proposal:
-        return self.index.speculate(request_id, max_tokens).to_proposal()
+        return self.index.propose(request_id, max_tokens)
 
     def observe(self, request_id: Hashable, accepted_ids: Sequence[int]) -> None:
         self.index.extend(request_id, accepted_ids)
