@@ -169,3 +169,30 @@ def select_hidden(aux: StepAux, index: Optional[tuple[int, ...]]) -> StepAux:
 def prefill_drafter(dparams, dstate, tokens, lengths, first, hidden, *, drafter):
     """A device drafter's prefill, compiled (the hybrid loops call it once per batch)."""
     return drafter.prefill(dparams, dstate, tokens, lengths, first, hidden)
+
+
+def load_device_drafter(model_dir: str, target, capacity: int, topk: int = 4, depth: int = 6, dtype=None):
+    """A trained drafter directory as a device drafter for ``target``: an EAGLE-3 head when its
+    config.json says so (``draft_vocab_size`` or an Eagle architecture), else a draft model."""
+    import json
+    import os
+
+    from specjax.drafters.draft_model import DraftModelDrafter
+    from specjax.drafters.eagle3 import load_eagle3
+    from specjax.models.loading import load_model
+    from specjax.models.safetensors_io import CheckpointError
+
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"drafter directory {model_dir!r} has no config.json")
+    with open(config_path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
+    dtype = dtype if dtype is not None else target.params["embed"].dtype
+    shape = dict(capacity=capacity, topk=min(topk, capacity), depth=min(depth, capacity))
+    eagle = "draft_vocab_size" in config or any("eagle" in a.lower() for a in config.get("architectures") or [])
+    if eagle:
+        return load_eagle3(model_dir, target, dtype=dtype, **shape)
+    return DraftModelDrafter(load_model(model_dir, dtype=dtype), target.config.vocab_size, **shape)

@@ -1,0 +1,295 @@
+"""Hybrid drafters: Graft (pruned model tree + grafted retrieval) and TAPS (routing / merged trees).
+
+Greedy output equals plain greedy for Graft and every TAPS mode; retrieved
+nodes are grafted into the verified trees and accepted on a repeating
+workload; merged trees are trees (no duplicate siblings, at most T nodes).
+Under sampling, Graft and merged / routed TAPS keep the target's distribution
+(chi-square against exact enumeration on a 6-token vocab); a Graft that
+forwards its model tree's q to the hybrid tree (whose children are not draws
+from that q) is the negative control the same test must reject.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from engine_helpers import tiny_model
+from specjax.drafters.draft_model import DraftModelDrafter
+from specjax.drafters.graft import GRAFTED, KEPT, GraftDrafter
+from specjax.drafters.hybrid import concat_parts, merge_trees
+from specjax.drafters.prompt_lookup import PromptLookupDrafter
+from specjax.drafters.routing import TapsDrafter, weight_average
+from specjax.drafters.suffix_index import SuffixDecodingDrafter
+from specjax.drafters.token_recycling import TokenRecyclingDrafter
+from specjax.engine.device_loop import generate_on_device
+from specjax.engine.engine import Engine
+from specjax.engine.plain import greedy_generate
+from specjax.engine.tree import DraftTree, validate_tree
+from specjax.models.decoder import KVCache, causal_mask, forward
+from specjax.models.loading import Model
+
+VOCAB = 64
+TARGET = tiny_model(2, vocab=VOCAB, layers=1)
+PROMPTS = [[5, 17, 33, 8], [9, 42, 61, 7, 7, 3, 30, 11], [3], [50, 51, 52]]
+NEW_TOKENS = 20
+
+
+def draft(model: Model, capacity: int = 6, topk: int = 2, depth: int = 3) -> DraftModelDrafter:
+    return DraftModelDrafter(model, model.config.vocab_size, capacity=capacity, topk=topk, depth=depth)
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return greedy_generate(TARGET, PROMPTS, NEW_TOKENS)
+
+
+def no_duplicate_siblings(tree: DraftTree) -> bool:
+    tokens, parents, valid = (np.asarray(x) for x in (tree.tokens, tree.parents, tree.valid))
+    for b in range(tokens.shape[0]):
+        pairs = [(int(p), int(t)) for p, t, v in zip(parents[b], tokens[b], valid[b]) if v]
+        if len(pairs) != len(set(pairs)):
+            return False
+    return True
+
+
+def paths(tree: DraftTree, row: int) -> set:
+    """Every node's path (a token tuple) in one row of a tree."""
+    tokens, parents, valid = (np.asarray(x)[row] for x in (tree.tokens, tree.parents, tree.valid))
+    out = {}
+    for i in range(len(tokens)):
+        if valid[i]:
+            out[i] = (out[parents[i]] if parents[i] >= 0 else ()) + (int(tokens[i]),)
+    return set(out.values())
+
+
+# ------------------------------------------------------------------ merging trees
+
+
+def test_merge_trees_unions_paths_and_keeps_the_best_ancestor_closed():
+    # Tree A: 7 -> 8 -> 9, 7 -> 4; tree B: 7 -> 8 -> 5, 3 (7 -> 8 duplicates A's prefix).
+    a = (np.array([[7, 8, 9, 4]]), np.array([[-1, 0, 1, 0]]), np.ones((1, 4), bool), np.array([[0.9, 0.8, 0.2, 0.1]]))
+    b = (np.array([[7, 8, 5, 3]]), np.array([[-1, 0, 1, -1]]), np.ones((1, 4), bool), np.array([[0.95, 0.5, 0.4, 0.3]]))
+    parts = [(*a, a[3]), (*b, b[3])]
+    tree, key = merge_trees(*concat_parts([tuple(map(jnp.asarray, p)) for p in parts]), 6)
+    validate_tree(tree, 10)
+    assert no_duplicate_siblings(tree)
+    assert paths(tree, 0) == {(7,), (7, 8), (7, 8, 9), (7, 8, 5), (3,), (7, 4)}
+    probs = dict(zip(map(int, np.asarray(tree.tokens)[0]), np.asarray(tree.draft_probs)[0]))
+    assert probs[7] == pytest.approx(0.95)  # a merged node keeps its best copy's probability
+    # Capacity 4: the 4 best of the union, ancestor-closed (9 at 0.2 loses to 3 at 0.3).
+    small, _ = merge_trees(*concat_parts([tuple(map(jnp.asarray, p)) for p in parts]), 4)
+    validate_tree(small, 10)
+    assert paths(small, 0) == {(7,), (7, 8), (7, 8, 5), (3,)}
+    # A child ranked above its parent is capped at the parent's key: never orphaned.
+    low_root = (np.array([[6, 2]]), np.array([[-1, 0]]), np.ones((1, 2), bool), np.array([[0.01, 0.99]]))
+    capped, _ = merge_trees(*concat_parts([tuple(map(jnp.asarray, (*low_root, low_root[3])))]), 1)
+    assert paths(capped, 0) == {(6,)}
+
+
+# ------------------------------------------------------------------ Graft, greedy
+
+
+def test_graft_greedy_equals_plain_and_grafts_retrieved_nodes(expected):
+    """A random draft model (few accepts) plus the suffix index; the second pass over the same
+    prompts retrieves the first pass's outputs, so grafted nodes are verified and accepted."""
+    graft = GraftDrafter(draft(tiny_model(7, vocab=VOCAB, layers=1)), SuffixDecodingDrafter(), capacity=8)
+    engine = Engine(TARGET, graft, attention="xla")
+    first = engine.generate(PROMPTS, NEW_TOKENS)
+    assert [r.token_ids for r in first] == expected
+    first_stats = dict(graft.stats)
+    second = engine.generate(PROMPTS, NEW_TOKENS)
+    assert [r.token_ids for r in second] == expected
+    assert graft.stats["grafted"] > 0 and graft.stats["accepted_grafted"] > NEW_TOKENS
+    assert graft.stats["verified"] <= 8 * graft.stats["steps"]
+    assert sum(r.target_passes for r in second) < sum(r.target_passes for r in first)
+    assert graft.stats["accepted_grafted"] > first_stats["accepted_grafted"]
+    graft.retrieval = PromptLookupDrafter(max_branches=2)  # host-side only: the same compiled steps
+    assert [r.token_ids for r in engine.generate(PROMPTS, NEW_TOKENS)] == expected
+
+
+def test_graft_tree_priorities():
+    """Kept model nodes first, then retrieved ones, then refilled model nodes; a retrieved path
+    running along a kept model node continues below it."""
+    graft = GraftDrafter(draft(TARGET), PromptLookupDrafter(), capacity=5, model_budget=2)
+    model = DraftTree(tokens=jnp.array([[7, 4, 8, 9]]), parents=jnp.array([[-1, -1, 0, 2]]),
+                      valid=jnp.ones((1, 4), bool), draft_probs=jnp.array([[0.6, 0.3, 0.5, 0.2]]))
+    retrieved = (jnp.array([[7, 8, 1, 2]]), jnp.array([[-1, 0, 1, 2]]), jnp.ones((1, 4), bool),
+                 jnp.array([[1.0, 1.0, 1.0, 1.0]]))
+    tree, origin = graft.graft_tree(model, retrieved)
+    validate_tree(tree, VOCAB)
+    assert paths(tree, 0) == {(7,), (7, 8), (7, 8, 1), (7, 8, 1, 2), (4,)}
+    by_path = {}
+    tokens, parents, org = np.asarray(tree.tokens)[0], np.asarray(tree.parents)[0], np.asarray(origin)[0]
+    for i in range(5):
+        by_path[i] = (by_path[parents[i]] if parents[i] >= 0 else ()) + (int(tokens[i]),)
+    kinds = {by_path[i]: org[i] for i in range(5)}
+    assert kinds[(7,)] == KEPT and kinds[(7, 8)] == KEPT and kinds[(7, 8, 1)] == GRAFTED
+    assert kinds[(4,)] == 0.0  # refilled: the pruned model node fills the last slot
+
+
+# ------------------------------------------------------------------ TAPS, greedy
+
+
+def taps(routing: str, vocab: int = VOCAB, target: Model = TARGET, noise_seed: int = 7, **kwargs) -> TapsDrafter:
+    """The target as its own draft (always right) and a random draft model (rarely right)."""
+    return TapsDrafter([draft(target, **kwargs), draft(tiny_model(noise_seed, vocab=vocab, layers=1), **kwargs)],
+                       vocab, routing=routing)
+
+
+@pytest.mark.parametrize("routing", ["confidence", "entropy", "merged"])
+def test_taps_greedy_equals_plain(routing, expected):
+    drafter = taps(routing)
+    results = generate_on_device(Engine(TARGET, attention="xla"), PROMPTS, NEW_TOKENS, drafter=drafter,
+                                 steps_per_sync=4)
+    assert [r.token_ids for r in results] == expected
+    tokens = sum(len(r.token_ids) for r in results)
+    assert tokens / sum(r.target_passes for r in results) > 1.5  # the self-draft's proposals are used
+    if routing != "merged":
+        assert drafter.last_picks.sum() > 0
+
+
+def test_merged_trees_are_trees_within_capacity():
+    drafter = taps("merged")
+    rows, max_len = len(PROMPTS), 64
+    tokens = np.zeros((rows, 16), np.int32)
+    lengths = np.array([len(p) for p in PROMPTS], np.int32)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, : len(p)] = p
+    state = drafter.prefill(drafter.params, drafter.init_state(rows, max_len), jnp.asarray(tokens),
+                            jnp.asarray(lengths), jnp.asarray([1, 2, 3, 4]), None)
+    from specjax.engine.sampling import SamplingParams
+
+    tree, _ = drafter.propose(drafter.params, state, jnp.asarray([1, 2, 3, 4]), jnp.asarray(lengths),
+                              SamplingParams.make(rows), jax.random.key(0))
+    validate_tree(tree, VOCAB)
+    assert tree.capacity == drafter.capacity and tree.q_dists is None
+    assert no_duplicate_siblings(tree)
+    assert np.asarray(tree.valid).sum(axis=1).min() == drafter.capacity  # the union fills T
+    # Each drafter keeps its T // 2 best nodes ("even" split): the union covers both drafters' top nodes.
+    own = [d.propose(d.params, s, jnp.asarray([1, 2, 3, 4]), jnp.asarray(lengths), SamplingParams.make(rows),
+                     jax.random.key(0))[0] for d, s in zip(drafter.drafters, state.states)]
+    for t in own:
+        probs = np.asarray(t.draft_probs)
+        for b in range(rows):
+            best = np.argsort(-probs[b], kind="stable")[: drafter.capacity // 2]
+            node_paths = {i: p for i, p in zip(range(t.capacity), _node_paths(t, b))}
+            assert {node_paths[i] for i in best} <= paths(tree, b)
+
+
+def _node_paths(tree: DraftTree, row: int) -> list:
+    tokens, parents = np.asarray(tree.tokens)[row], np.asarray(tree.parents)[row]
+    out = []
+    for i in range(len(tokens)):
+        out.append((out[parents[i]] if parents[i] >= 0 else ()) + (int(tokens[i]),))
+    return out
+
+
+def test_weight_average_and_bad_members():
+    a, b = tiny_model(1, vocab=VOCAB, layers=1).params, tiny_model(2, vocab=VOCAB, layers=1).params
+    avg = weight_average([a, b])
+    np.testing.assert_allclose(avg["embed"], (a["embed"] + b["embed"]) / 2, rtol=1e-6)
+    with pytest.raises(ValueError, match="one architecture"):
+        weight_average([a, {"embed": a["embed"]}])
+    with pytest.raises(ValueError, match="differs"):
+        weight_average([{"d2t": np.arange(3)}, {"d2t": np.arange(3) + 1}])
+    with pytest.raises(ValueError, match="Token Recycling"):
+        TapsDrafter([draft(TARGET), TokenRecyclingDrafter(VOCAB, capacity=6)], VOCAB)
+    with pytest.raises(ValueError, match="routing must be"):
+        TapsDrafter([draft(TARGET), draft(TARGET)], VOCAB, routing="vote")
+    with pytest.raises(ValueError, match="model_budget"):
+        GraftDrafter(draft(TARGET), PromptLookupDrafter(), capacity=4, model_budget=5)
+
+
+# ------------------------------------------------------------------ sampling keeps the distribution
+
+V = 6
+SMALL = tiny_model(3, vocab=V)
+PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]  # repetitive, so prompt lookup drafts
+N = 3000
+
+
+def near_copy(model: Model, noise: float, seed: int) -> Model:
+    leaves, treedef = jax.tree_util.tree_flatten(model.params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return Model(model.config, jax.tree_util.tree_unflatten(
+        treedef, [x + noise * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+
+
+def exact_pair_distribution(temperature: float) -> np.ndarray:
+    """P(t2, t3) of the target after PROMPT, by running every continuation."""
+    seqs = jnp.array([PROMPT + [a, b] for a, b in itertools.product(range(V), repeat=2)])
+    b, t = seqs.shape
+    logits = forward(SMALL.params, SMALL.config, seqs, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                     KVCache.zeros(SMALL.config, b, t), jnp.zeros(b, jnp.int32), causal_mask(b, t)).logits
+    probs = np.asarray(jax.nn.softmax(logits / temperature, axis=-1), np.float64).reshape(V, V, t, V)
+    p1, p2, p3 = probs[0, 0, len(PROMPT) - 1], probs[:, 0, len(PROMPT)], probs[:, :, len(PROMPT) + 1]
+    return np.einsum("a,ab,abc->bc", p1, p2, p3)
+
+
+def chi_square_p(pairs: np.ndarray, expected: np.ndarray) -> float:
+    observed = np.zeros((V, V))
+    np.add.at(observed, (pairs[:, 0], pairs[:, 1]), 1)
+    exp, obs = expected.ravel() * len(pairs), observed.ravel()
+    keep = exp >= 5  # sparse cells merged into one bucket
+    obs, exp = np.append(obs[keep], obs[~keep].sum()), np.append(exp[keep], exp[~keep].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+def sampled_pairs(drafter, temperature: float, seed: int) -> np.ndarray:
+    engine = Engine(SMALL, drafter, attention="xla", max_batch_size=N)
+    results = engine.generate([PROMPT] * N, 3, temperature=temperature, seed=seed)
+    assert sum(r.accepted_draft_tokens for r in results) > N // 4  # the drafts matter
+    return np.array([r.token_ids[1:3] for r in results])
+
+
+def near_draft(seed: int, capacity: int = 4) -> DraftModelDrafter:
+    return draft(near_copy(SMALL, 0.25, seed=seed), capacity=capacity, topk=2, depth=2)
+
+
+class AlwaysQ:
+    """Control: the model drafts as for a q-carrying tree (sampled children, q_dists) whatever it is asked."""
+
+    def __init__(self, inner: DraftModelDrafter):
+        self.inner, self.capacity, self.hidden_layers, self.shape = inner, inner.capacity, (), inner.shape
+        self.params = inner.params
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def propose(self, params, dstate, root_tokens, lengths, sampling, key, *, with_q=False):
+        return self.inner.propose(params, dstate, root_tokens, lengths, sampling, key, with_q=True)
+
+
+class ForwardsModelQ(GraftDrafter):
+    """Control: the hybrid tree carries the model tree's q_dists, though its children are top
+    model nodes and grafted tokens, not draws from that q."""
+
+    def graft_tree(self, model_tree, retrieved):
+        tree, origin = super().graft_tree(model_tree, retrieved)
+        return DraftTree(tree.tokens, tree.parents, tree.valid, tree.draft_probs, model_tree.q_dists), origin
+
+
+def test_graft_sampling_keeps_the_distribution():
+    graft = GraftDrafter(near_draft(9), PromptLookupDrafter(max_branches=2), capacity=4)
+    pairs = sampled_pairs(graft, 0.8, seed=1)
+    assert graft.stats["grafted"] > N // 4 and graft.stats["accepted_grafted"] > 0
+    assert chi_square_p(pairs, exact_pair_distribution(0.8)) > 1e-4
+
+
+def test_graft_forwarding_model_q_is_detected():
+    control = ForwardsModelQ(AlwaysQ(near_draft(9)), PromptLookupDrafter(max_branches=2), capacity=4)
+    pairs = sampled_pairs(control, 0.8, seed=2)
+    assert chi_square_p(pairs, exact_pair_distribution(0.8)) < 1e-6
+
+
+@pytest.mark.parametrize("routing", ["merged", "confidence"])
+def test_taps_sampling_keeps_the_distribution(routing):
+    drafter = TapsDrafter([near_draft(9), near_draft(10)], V, routing=routing)
+    pairs = sampled_pairs(drafter, 0.8, seed=3)
+    assert chi_square_p(pairs, exact_pair_distribution(0.8)) > 1e-4
