@@ -120,3 +120,20 @@ class CapacityPolicy:
             self.probe_every = (CapacityPolicy.probe_every if accepted > 0
                                 else min(2 * self.probe_every, self.max_probe_every))
         self.idle_steps = 0 if capacity > 0 and accepted > 0 else self.idle_steps + 1
+
+
+# Below this share of a step's cost, host drafting cannot make two lanes pay.
+PIPELINE_MIN_DRAFT_SHARE = 0.25
+
+
+def pipelined_round_pays(full_step_s: float, half_step_s: float, drafting_s: float, margin: float = 0.95) -> bool:
+    """Whether two half-batch lanes in ping-pong beat one batch, per round of all rows.
+
+    Serially a round is one full-batch step plus drafting every row. With two
+    lanes the device runs two half steps while the host drafts one lane during
+    the other's step: the round is bounded below by the device's work, by the
+    host's work, and by one lane's step followed by its own drafting.
+    """
+    serial = full_step_s + drafting_s
+    pipelined = max(2 * half_step_s, drafting_s, half_step_s + drafting_s / 2)
+    return pipelined < margin * serial

@@ -26,7 +26,8 @@ from jax.sharding import Mesh
 
 from specjax.drafters.base import HostDrafter, Proposal
 from specjax.drafters.device import is_device_drafter
-from specjax.engine.autotune import CapacityPolicy, capacity_buckets, expected_accepted
+from specjax.engine.autotune import (PIPELINE_MIN_DRAFT_SHARE, CapacityPolicy, capacity_buckets,
+                                     expected_accepted, pipelined_round_pays)
 from specjax.engine.compile_cache import enable_compilation_cache
 from specjax.engine.plain import pad_prompts
 from specjax.engine.sampling import PerRow, SamplingParams
@@ -94,6 +95,38 @@ class Session:
         return int(limit if same.all() else np.argmin(same))
 
 
+@dataclasses.dataclass
+class _Lane:
+    """Rows of a batch that step together (one ``DecodeState``); two lanes ping-pong when pipelined."""
+
+    rows: np.ndarray  # the batch rows this lane holds
+    state: DecodeState
+    policy: Optional[CapacityPolicy]
+    device_finished: Optional[np.ndarray] = None
+    in_flight: Optional[tuple] = None  # a dispatched step not yet read: (accepted, T, proposals, active, t)
+
+
+class _Book:
+    """Per-row outputs and costs of one batch, shared by its lanes."""
+
+    def __init__(self, rows: int, n_requests: int, rids: list):
+        self.n_requests, self.rids = n_requests, rids
+        self.outputs: list[list[int]] = [[] for _ in range(rows)]
+        # Accepted tokens reach the drafter only when it is next asked for a draft (or at the end):
+        # while "auto" has drafting paused, the host does no per-step drafter work.
+        self.unobserved: list[list[int]] = [[] for _ in range(rows)]
+        self.finished = np.zeros(rows, bool)
+        self.passes = np.ones(rows, np.int64)
+        self.accepted = np.zeros(rows, np.int64)
+        self.draft_s, self.verify_s, self.read_s = np.zeros(rows), np.zeros(rows), np.zeros(rows)
+
+    def start(self, rows: np.ndarray, first: np.ndarray, finished: np.ndarray) -> None:
+        for j, i in enumerate(rows):
+            self.outputs[i] = [int(first[j])]
+            self.unobserved[i] = [int(first[j])]
+        self.finished[rows] = finished | (rows >= self.n_requests)
+
+
 def next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
 
@@ -119,11 +152,16 @@ class Engine:
       mesh: a ("data", "model") ``jax.sharding.Mesh``: the target is tensor-parallel
         over "model" (see ``specjax.models.sharding``), the batch split over "data".
       prefill_chunk: prompts longer than this prefill in chunks of this many tokens.
+      pipeline: split each batch into two lanes that ping-pong, so host drafting for one overlaps
+        the other's device step. ``"auto"`` (default) does it for a batch on a TPU/GPU when the
+        measured drafting time and step costs say it pays (drafting comparable to a step; never on
+        a CPU, whose steps run on the drafting cores); True / False force it.
     """
 
     def __init__(self, target: Model, drafter: Optional[HostDrafter] = None, *,
                  draft_capacity: Union[int, str] = AUTO, max_draft_capacity: int = 16, attention: str = "auto",
-                 max_batch_size: int = 16, mesh: Optional[Mesh] = None, prefill_chunk: int = PREFILL_CHUNK):
+                 max_batch_size: int = 16, mesh: Optional[Mesh] = None, prefill_chunk: int = PREFILL_CHUNK,
+                 pipeline: Union[bool, str] = AUTO):
         if draft_capacity != AUTO and (not isinstance(draft_capacity, int) or draft_capacity < 0):
             raise ValueError(f"draft_capacity must be 'auto' or an int >= 0, got {draft_capacity!r}")
         if max_draft_capacity < 1:
@@ -132,6 +170,8 @@ class Engine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
+        if pipeline not in (True, False, AUTO):
+            raise ValueError(f"pipeline must be True, False or 'auto', got {pipeline!r}")
         enable_compilation_cache()
         if mesh is not None:  # heads padded to the model axis; attention under shard_map over heads
             params, cfg = shard_model(target.params, target.config, mesh)
@@ -153,6 +193,9 @@ class Engine:
         self._request_ids = itertools.count()
         self._step_costs: dict[tuple[int, int], dict[int, float]] = {}
         self._calibration = 1.0  # the drafter's accepted / claimed tokens, carried across batches
+        self.pipeline = pipeline
+        self._draft_s_per_row: Optional[float] = None  # running host drafting seconds per drafted row
+        self._steps_share_host_cores = jax.default_backend() == "cpu"  # then overlap is not free
 
     # ------------------------------------------------------------ text
 
@@ -306,81 +349,140 @@ class Engine:
 
     def _generate_batch(self, prompts, max_new_tokens, sampling: dict, seed, stop, progress,
                         session: Optional[Session] = None):
-        cfg, params = self.target.config, self.target.params
+        cfg = self.target.config
         t0 = time.perf_counter()
         n_requests = len(prompts)
         rows = 1 if session is not None else self.batch_bucket(n_requests)
         padded = list(prompts) + [prompts[-1]] * (rows - n_requests)  # padding rows finish at once
         sampling = SamplingParams.make(rows, *(np.pad(sampling[k], (0, rows - n_requests), mode="edge")
                                                for k in ("temperature", "top_k", "top_p")))
-        if session is None:
-            width = self.prompt_bucket(max(len(p) for p in prompts))
-            max_len = self.cache_bucket(width, max_new_tokens)
-            state, first = self._prefill(padded, width, max_len, max_new_tokens, sampling, seed)
-        else:
-            max_len = session.max_len
-            state, first = self._continue_session(session, prompts[0], max_new_tokens, sampling, seed)
-        outputs = [[int(t)] for t in np.asarray(first)]
-        device_finished = np.asarray(state.finished)
-        finished = device_finished.copy()
-        finished[n_requests:] = True
-        passes = np.ones(rows, np.int64)
-        accepted = np.zeros(rows, np.int64)
-        draft_s, verify_s, read_s = np.zeros(rows), np.zeros(rows), np.zeros(rows)
-        rids = [next(self._request_ids) for _ in range(rows)]
-        policy = self._policy(rows, max_len) if self.auto else None
-        # Accepted tokens reach the drafter only when it is next asked for a draft (or at the
-        # end): while "auto" has drafting paused, the host does no per-step drafter work.
-        unobserved: list[list[int]] = [list(out) for out in outputs]
+        width = self.prompt_bucket(max(len(p) for p in prompts))
+        max_len = session.max_len if session is not None else self.cache_bucket(width, max_new_tokens)
+        lanes = self._lanes(rows, max_len) if session is None else [np.arange(1)]
+        book = _Book(rows, n_requests, [next(self._request_ids) for _ in range(rows)])
+        running = []
+        for lane_rows in lanes:
+            lane_sampling = jax.tree_util.tree_map(lambda a: a[lane_rows], sampling)
+            if session is None:
+                state, first = self._prefill([padded[i] for i in lane_rows], width, max_len, max_new_tokens,
+                                             lane_sampling, seed + int(lane_rows[0]))
+            else:
+                state, first = self._continue_session(session, prompts[0], max_new_tokens, lane_sampling, seed)
+            book.start(lane_rows, np.asarray(first), np.asarray(state.finished))
+            policy = self._policy(len(lane_rows), max_len) if self.auto else None
+            running.append(_Lane(lane_rows, state, policy, np.asarray(state.finished)))
         if self.drafter is not None:
-            for rid, prompt in zip(rids[:n_requests], prompts):
+            for rid, prompt in zip(book.rids[:n_requests], prompts):
                 self.drafter.start_request(rid, prompt)
-        finished |= self._apply_stop_strings(outputs, stop)
+        book.finished |= self._apply_stop_strings(book.outputs, stop)
         self._report(progress, n_requests)
-        while not finished.all():
-            active = ~finished
-            d0 = time.perf_counter()
-            proposals = self._propose(rids, active, policy, unobserved)
-            capacity = self._choose_capacity(proposals, active, policy)
-            tree = self._pack(proposals, rows, capacity)
-            d1 = time.perf_counter()
-            if (finished != device_finished).any():  # stop strings end rows the device doesn't know of
-                state = state.replace(finished=jnp.asarray(finished))
-            state, acc = step(params, state, tree, cfg=cfg, attention=self.attention, eos_ids=cfg.eos_token_ids)
-            jax.block_until_ready(acc.num)
-            d2 = time.perf_counter()
-            emitted, num, n_draft, device_finished = jax.device_get(
-                (acc.tokens, acc.num, acc.num_draft_accepted, state.finished))
-            d3 = time.perf_counter()
-            if policy is not None:
-                policy.record(capacity, d3 - d1, expected_accepted(_probs(proposals), capacity), int(n_draft.sum()))
-            share = active / active.sum()
-            draft_s += (d1 - d0) * share
-            verify_s += (d2 - d1) * share
-            read_s += (d3 - d2) * share
-            passes[active] += 1
-            accepted += n_draft
-            for i in np.flatnonzero(active):
-                new = emitted[i, : num[i]].tolist()
-                outputs[i].extend(new)
-                unobserved[i].extend(new)
-            self._report(progress, int(num[:n_requests].sum()))
-            finished = device_finished | self._apply_stop_strings(outputs, stop)
-        if self.drafter is not None:
-            for i, rid in enumerate(rids[:n_requests]):
-                self._observe(rid, unobserved[i])
-                self.drafter.stop_request(rid)
-        if policy is not None:
-            self._calibration = policy.calibration
+        # Serial: draft -> step -> read, per step. Two lanes ping-pong: while one lane's step runs on
+        # the device, the host reads the other lane's tokens and drafts its next tree.
+        while not book.finished.all():
+            for lane in running:
+                if lane.in_flight is not None:
+                    self._collect(lane, book, stop, progress)
+                if not book.finished[lane.rows].all():
+                    self._dispatch(lane, book)
+        self._finish_drafting(book)
+        for lane in running:
+            if lane.policy is not None:
+                self._calibration = lane.policy.calibration
         if session is not None:
-            session.cache = state.cache
-            session.cached_ids = (list(prompts[0]) + outputs[0])[: int(state.lengths[0])]
+            session.cache = running[0].state.cache
+            session.cached_ids = (list(prompts[0]) + book.outputs[0])[: int(running[0].state.lengths[0])]
         wall = time.perf_counter() - t0
-        outputs = outputs[:n_requests]
+        outputs = book.outputs[:n_requests]
         texts = [self.decode(out) for out in outputs]
         outputs, texts = self._cut_stops(outputs, texts, stop)
-        return [GenerationResult(out, text, int(passes[i]), int(accepted[i]), float(draft_s[i]), float(verify_s[i]),
-                                 wall, float(read_s[i])) for i, (out, text) in enumerate(zip(outputs, texts))]
+        return [GenerationResult(out, text, int(book.passes[i]), int(book.accepted[i]), float(book.draft_s[i]),
+                                 float(book.verify_s[i]), wall, float(book.read_s[i]))
+                for i, (out, text) in enumerate(zip(outputs, texts))]
+
+    # ------------------------------------------------------------ the step loop
+
+    def _lanes(self, rows: int, max_len: int) -> list[np.ndarray]:
+        """The batch's rows as one lane, or as two halves that ping-pong when that is expected to pay."""
+        if self.pipeline is False or self.drafter is None or self.capacity == 0 or rows < 2:
+            return [np.arange(rows)]
+        half = rows // 2
+        if self.mesh is not None and half % self.mesh.shape[DATA]:
+            return [np.arange(rows)]
+        if self.pipeline == AUTO and not self._pipeline_pays(rows, max_len):
+            return [np.arange(rows)]
+        return [np.arange(half), np.arange(half, rows)]
+
+    def _pipeline_pays(self, rows: int, max_len: int) -> bool:
+        """Two half-batch lanes beat one batch by the measured costs (see ``pipelined_round_pays``)."""
+        if self._steps_share_host_cores or self._draft_s_per_row is None:
+            return False  # CPU steps run on the drafting cores; nothing measured yet (first batch): serial
+        drafting = self._draft_s_per_row * rows
+        t = self.capacity if not self.auto else capacity_buckets(self.capacity)[1]
+        if (rows, max_len) not in self._step_costs:
+            self._measure_step_costs(rows, max_len)
+        full = self._step_costs[(rows, max_len)][t]
+        if drafting < PIPELINE_MIN_DRAFT_SHARE * full:  # cannot pay: spare the half-batch compiles
+            return False
+        if (rows // 2, max_len) not in self._step_costs:
+            self._measure_step_costs(rows // 2, max_len)
+        return pipelined_round_pays(full, self._step_costs[(rows // 2, max_len)][t], drafting)
+
+    def _dispatch(self, lane: "_Lane", book: "_Book") -> None:
+        """Draft this lane's trees and launch its step; the results are read by ``_collect``."""
+        active = ~book.finished[lane.rows]
+        d0 = time.perf_counter()
+        proposals = self._propose(book.rids, lane.rows, active, lane.policy, book.unobserved)
+        capacity = self._choose_capacity(proposals, active, lane.policy)
+        tree = self._pack(proposals, len(lane.rows), capacity)
+        d1 = time.perf_counter()
+        finished = book.finished[lane.rows]
+        if (finished != lane.device_finished).any():  # stop strings end rows the device doesn't know of
+            lane.state = lane.state.replace(finished=jnp.asarray(finished))
+        cfg = self.target.config
+        lane.state, acc = step(self.target.params, lane.state, tree, cfg=cfg, attention=self.attention,
+                               eos_ids=cfg.eos_token_ids)
+        lane.in_flight = (acc, capacity, proposals, active, d1)
+        drafted = [p for p in proposals if p is not None]
+        if drafted:
+            per_row = (d1 - d0) / len(drafted)
+            self._draft_s_per_row = per_row if self._draft_s_per_row is None else (
+                0.8 * self._draft_s_per_row + 0.2 * per_row)
+        share = active / active.sum()
+        book.draft_s[lane.rows] += (d1 - d0) * share
+
+    def _collect(self, lane: "_Lane", book: "_Book", stop, progress) -> None:
+        """Wait for the lane's step, read back only the emitted tokens, and book them."""
+        acc, capacity, proposals, active, dispatched = lane.in_flight
+        lane.in_flight = None
+        jax.block_until_ready(acc.num)
+        d2 = time.perf_counter()
+        emitted, num, n_draft, lane.device_finished = jax.device_get(
+            (acc.tokens, acc.num, acc.num_draft_accepted, lane.state.finished))
+        d3 = time.perf_counter()
+        if lane.policy is not None:
+            lane.policy.record(capacity, d3 - dispatched, expected_accepted(_probs(proposals), capacity),
+                               int(n_draft.sum()))
+        share = active / active.sum()
+        book.verify_s[lane.rows] += (d2 - dispatched) * share
+        book.read_s[lane.rows] += (d3 - d2) * share
+        for j in np.flatnonzero(active):
+            i = lane.rows[j]
+            new = emitted[j, : num[j]].tolist()
+            book.outputs[i].extend(new)
+            book.unobserved[i].extend(new)
+            book.passes[i] += 1
+            book.accepted[i] += n_draft[j]
+        self._report(progress, int(num[lane.rows < book.n_requests].sum()))
+        book.finished[lane.rows] = lane.device_finished | self._apply_stop_strings(
+            [book.outputs[i] for i in lane.rows], stop)
+
+    def _finish_drafting(self, book: "_Book") -> None:
+        """Hand the drafter the last tokens of each request and end it."""
+        if self.drafter is None:
+            return
+        for i, rid in enumerate(book.rids[: book.n_requests]):
+            self._observe(rid, book.unobserved[i])
+            self.drafter.stop_request(rid)
 
     # ------------------------------------------------------------ drafting
 
@@ -418,14 +520,16 @@ class Engine:
         self._step_costs[(rows, max_len)] = costs
         return first_calls
 
-    def _propose(self, rids, active, policy: Optional[CapacityPolicy], unobserved) -> list[Optional[Proposal]]:
-        """Each active row's proposal (None for rows not drafted this step)."""
-        proposals: list[Optional[Proposal]] = [None] * len(rids)
+    def _propose(self, rids, rows: np.ndarray, active, policy: Optional[CapacityPolicy],
+                 unobserved) -> list[Optional[Proposal]]:
+        """Each active lane row's proposal (None for rows not drafted this step)."""
+        proposals: list[Optional[Proposal]] = [None] * len(rows)
         if self.drafter is None or self.capacity == 0 or (policy is not None and not policy.should_draft()):
             return proposals
-        for i in np.flatnonzero(active):
+        for j in np.flatnonzero(active):
+            i = rows[j]
             self._observe(rids[i], unobserved[i])
-            proposals[i] = self.drafter.propose(rids[i], self.capacity)
+            proposals[j] = self.drafter.propose(rids[i], self.capacity)
         return proposals
 
     def _observe(self, rid, tokens: list) -> None:
