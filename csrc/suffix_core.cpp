@@ -23,6 +23,10 @@ constexpr int32_t kNoEdge = -1;
 constexpr int32_t kBranches = -2;  // edge_target then indexes Automaton::branch_maps
 constexpr double kTieTolerance = 1e-9;
 constexpr size_t kRankedCacheLimit = size_t(1) << 16;
+// Rankings keep their best kRankedTop children: a draft only reads children with a count ratio of at
+// least min_token_prob (at most 1 / min_token_prob of them), and a full sort of a short suffix's
+// thousands of children, redone each time it occurs again, was the slowest step of a draft.
+constexpr size_t kRankedTop = 16;
 
 struct Child {
   int32_t count;
@@ -51,7 +55,13 @@ struct Automaton {
   std::vector<int64_t> stamp{0};
   std::vector<std::unordered_map<int32_t, int32_t>> branch_maps;
   int64_t clock = 0;
-  std::unordered_map<int32_t, std::pair<int64_t, std::vector<Child>>> ranked;
+  struct Ranking {
+    int64_t clock;  // when ranked: valid while the state has not occurred since (see top_ranking)
+    bool truncated;  // more live children than top holds
+    std::vector<Child> top;
+  };
+  std::unordered_map<int32_t, Ranking> ranked;
+  std::vector<Child> full_scratch;
   int32_t last = kRoot, window = kRoot;
   int64_t written = 0;
 
@@ -223,6 +233,18 @@ struct Automaton {
     return state;
   }
 
+  // Heap bytes held (vector capacities, hash tables with their nodes at a malloc'd 32 bytes each): tracemalloc
+  // does not see them, so the replay's memory report adds them.
+  size_t memory_bytes() const {
+    size_t bytes = (length.capacity() + link.capacity() + count.capacity() + edge_token.capacity() +
+                    edge_target.capacity()) * sizeof(int32_t) + stamp.capacity() * sizeof(int64_t) +
+                   branch_maps.capacity() * sizeof(branch_maps[0]);
+    for (const auto& targets : branch_maps) bytes += targets.bucket_count() * sizeof(void*) + targets.size() * 32;
+    bytes += ranked.bucket_count() * sizeof(void*);
+    for (const auto& entry : ranked) bytes += 64 + entry.second.top.capacity() * sizeof(Child);
+    return bytes;
+  }
+
   bool has_live_child(int32_t state) const {
     int32_t edge = edge_token[state];
     if (edge >= 0) return count[edge_target[state]] > 0;
@@ -233,30 +255,59 @@ struct Automaton {
     return false;
   }
 
-  // Live continuations, most frequent (then most recent) first; cached like the reference's ranked_children.
-  const std::vector<Child>& ranked_children(int32_t state) {
-    auto it = ranked.find(state);
-    if (it != ranked.end() && (stamp[state] < it->second.first || it->second.first == clock)) {
-      return it->second.second;
-    }
-    std::vector<Child> out;
+  void live_children(int32_t state, std::vector<Child>& out) const {
     int32_t edge = edge_token[state];
     if (edge >= 0) {
       int32_t target = edge_target[state];
       if (count[target] > 0) out.push_back({count[target], stamp[target], edge, target});
     } else if (edge == kBranches) {
       const auto& targets = branch_maps[edge_target[state]];
-      out.reserve(targets.size());
+      out.reserve(out.size() + targets.size());
       for (const auto& kv : targets) {
         if (count[kv.second] > 0) out.push_back({count[kv.second], stamp[kv.second], kv.first, kv.second});
       }
+    }
+  }
+
+  // Every live continuation, most frequent (then most recent) first: the reference's ranked_children.
+  void full_ranking(int32_t state, std::vector<Child>& out) const {
+    out.clear();
+    live_children(state, out);
+    std::sort(out.begin(), out.end(), ranks_before);
+  }
+
+  // The best kRankedTop continuations, cached under the reference's validity rule: a ranking stays
+  // valid while the state does not occur again (or nothing was appended since it was made).
+  const Ranking& top_ranking(int32_t state) {
+    auto it = ranked.find(state);
+    if (it != ranked.end() && (stamp[state] < it->second.clock || it->second.clock == clock)) return it->second;
+    std::vector<Child> out;
+    live_children(state, out);
+    bool truncated = out.size() > kRankedTop;
+    if (truncated) {
+      std::partial_sort(out.begin(), out.begin() + kRankedTop, out.end(), ranks_before);
+      out.resize(kRankedTop);
+    } else {
       std::sort(out.begin(), out.end(), ranks_before);
     }
     if (ranked.size() >= kRankedCacheLimit) ranked.clear();
-    auto& slot = ranked[state];
-    slot.first = clock;
-    slot.second = std::move(out);
-    return slot.second;
+    Ranking& slot = ranked[state];
+    slot.clock = clock;
+    slot.truncated = truncated;
+    slot.top = std::move(out);
+    return slot;
+  }
+
+  // A ranked list whose prefix holds every live continuation that ``passes`` (a test that only gets
+  // harder as the count falls): the cached top when its last child fails, else the full ranking.
+  template <typename Passes>
+  const std::vector<Child>& ranked_prefix(int32_t state, Passes passes) {
+    const Ranking& ranking = top_ranking(state);
+    if (!ranking.truncated) return ranking.top;
+    const Child& last_kept = ranking.top.back();
+    if (!passes(last_kept) && last_kept.count != count[state]) return ranking.top;
+    full_ranking(state, full_scratch);
+    return full_scratch;
   }
 };
 
@@ -282,7 +333,7 @@ bool draft_chain(Automaton& a, int32_t state, int64_t budget, double min_prob, d
       c = a.count[next];
       if (c == 0) break;
     } else if (token == kBranches) {
-      const auto& ranked = a.ranked_children(state);
+      const auto& ranked = a.top_ranking(state).top;  // its first is the best of all
       if (ranked.empty()) break;
       c = ranked[0].count;
       token = ranked[0].token;
@@ -333,7 +384,11 @@ void push_tree_children(Automaton& a, std::vector<TreeItem>& heap, int64_t& push
     begin = &single;
     end = begin + 1;
   } else if (token == kBranches) {
-    const auto& ranked = a.ranked_children(state);
+    auto passes = [&](const Child& child) {
+      return (child.count == total ? prob : prob * static_cast<double>(child.count) / static_cast<double>(total)) >=
+             min_prob;
+    };
+    const auto& ranked = a.ranked_prefix(state, passes);  // the rest would not be pushed
     begin = ranked.data();
     end = begin + ranked.size();
   } else {
@@ -471,7 +526,9 @@ struct MergedBuilder {
     Automaton& a = *cand.automaton;
     int32_t total = a.count[state];
     int64_t prefix = ((cand.source << 5 | bit_length(cand.matched + depth)) << 5 | bit_length(total)) << 3;
-    const auto& ranked = a.ranked_children(state);
+    const auto& ranked = a.ranked_prefix(state, [&](const Child& child) {
+      return prob * static_cast<double>(child.count) / static_cast<double>(total) >= min_prob;
+    });
     size_t kept = 0;
     for (const Child& child : ranked) {
       double child_prob = prob * static_cast<double>(child.count) / static_cast<double>(total);
@@ -495,10 +552,19 @@ struct MergedBuilder {
 
   // draft_merged's main loop; false on a Python error.
   bool build(DraftOut& out) {
-    std::unordered_map<int64_t, int32_t> nodes;  // (parent node + 1) << 32 | token -> node
-    auto node_key = [](int32_t parent, int32_t token) {
-      return (static_cast<int64_t>(parent) + 1) << 32 | static_cast<int64_t>(static_cast<uint32_t>(token));
+    // The reference's (parent node, token) -> node dict, as sibling lists: a draft has at most budget nodes.
+    std::vector<int32_t> first_child(static_cast<size_t>(budget), -1), next_sibling(static_cast<size_t>(budget), -1);
+    int32_t first_root_child = -1;
+    auto find_node = [&](int32_t parent, int32_t token) {
+      int32_t node = parent < 0 ? first_root_child : first_child[static_cast<size_t>(parent)];
+      while (node >= 0 && out.tokens[static_cast<size_t>(node)] != token) node = next_sibling[static_cast<size_t>(node)];
+      return node;
     };
+    out.tokens.reserve(static_cast<size_t>(budget));
+    out.parents.reserve(static_cast<size_t>(budget));
+    out.probs.reserve(static_cast<size_t>(budget));
+    out.keys.reserve(static_cast<size_t>(budget));
+    heap.reserve(256);
     for (size_t i = 0; i < candidates.size(); ++i) {
       if (!push_children(static_cast<int32_t>(i), candidates[i].state, 1.0, 1.0, -1, 0)) return false;
     }
@@ -517,13 +583,14 @@ struct MergedBuilder {
       const int64_t source_bits = cand.source << 5, matched = cand.matched;
       int64_t span_total = -1, span_limit = 0, span_key = 0;
       double span_estimate = 1.0;
-      auto found_node = nodes.find(node_key(parent, token));
-      int32_t node = found_node == nodes.end() ? -1 : found_node->second;
+      int32_t node = find_node(parent, token);
       while (true) {
         bool fresh = node < 0;
         if (fresh) {
           node = static_cast<int32_t>(out.tokens.size());
-          nodes.emplace(node_key(parent, token), node);
+          int32_t& head = parent < 0 ? first_root_child : first_child[static_cast<size_t>(parent)];
+          next_sibling[static_cast<size_t>(node)] = head;
+          head = node;
           out.tokens.push_back(token);
           out.parents.push_back(parent);
           out.probs.push_back(value);
@@ -574,12 +641,7 @@ struct MergedBuilder {
         parent = node;
         state = next;
         value = child_value;
-        if (fresh) {
-          node = -1;  // a new node has no children yet
-        } else {
-          auto it = nodes.find(node_key(parent, token));
-          node = it == nodes.end() ? -1 : it->second;
-        }
+        node = fresh ? -1 : find_node(parent, token);  // a new node has no children yet
       }
       if (static_cast<int64_t>(out.tokens.size()) == budget) break;
       if (!have_item && !heap.empty()) {
@@ -755,7 +817,8 @@ PyObject* automaton_ranked_children(PyObject* self, PyObject* arg) {
   if (state == -1 && PyErr_Occurred()) return nullptr;
   Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
   if (!valid_state(a, state)) return nullptr;
-  const auto& ranked = a.ranked_children(static_cast<int32_t>(state));
+  std::vector<Child> ranked;
+  a.full_ranking(static_cast<int32_t>(state), ranked);
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(ranked.size()));
   if (list == nullptr) return nullptr;
   for (size_t i = 0; i < ranked.size(); ++i) {
@@ -798,6 +861,10 @@ PyObject* automaton_length(PyObject* self, void*) { return int_list(reinterpret_
 PyObject* automaton_link(PyObject* self, void*) { return int_list(reinterpret_cast<AutomatonObject*>(self)->core->link); }
 PyObject* automaton_count(PyObject* self, void*) { return int_list(reinterpret_cast<AutomatonObject*>(self)->core->count); }
 
+PyObject* automaton_memory_bytes(PyObject* self, void*) {
+  return PyLong_FromSize_t(reinterpret_cast<AutomatonObject*>(self)->core->memory_bytes());
+}
+
 PyObject* automaton_num_states(PyObject* self, void*) {
   return PyLong_FromSize_t(reinterpret_cast<AutomatonObject*>(self)->core->length.size());
 }
@@ -825,6 +892,7 @@ PyMethodDef automaton_methods[] = {
 
 PyGetSetDef automaton_getset[] = {
     {"num_states", automaton_num_states, nullptr, "number of states", nullptr},
+    {"memory_bytes", automaton_memory_bytes, nullptr, "heap bytes held (outside Python's allocator)", nullptr},
     {"clock", automaton_clock, nullptr, "occurrences appended so far", nullptr},
     {"count_depth", automaton_count_depth, nullptr, "longest pattern whose count is exact", nullptr},
     {"length", automaton_length, nullptr, "a copy of each state's longest length", nullptr},

@@ -822,6 +822,11 @@ class SuffixIndex:
         return self._cached_tokens
 
     @property
+    def native_bytes(self) -> int:
+        """Bytes the compiled global index holds outside Python's allocator (tracemalloc misses them)."""
+        return self._global.memory_bytes if self.compiled else 0
+
+    @property
     def cached_responses(self) -> list[list[int]]:
         """The responses in the global index, oldest first."""
         return [seq.tolist() for seq in self._cached]

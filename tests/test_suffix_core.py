@@ -106,7 +106,10 @@ def assert_same_proposal(compiled, reference, step: int) -> None:
     (replay.ReplayConfig(tree=True, budget=64), 1),  # budgeted trees
     (replay.ReplayConfig(tree=True, budget=64), 4),  # with in-flight sharing between the 4 tau trials
     (replay.ReplayConfig(tree=True, budget=16, max_cached_requests=2), 4),  # evictions: remove and rebuild
-], ids=["chain", "tree", "budget64", "budget64-shared", "budget16-evicting"])
+    # No pruning: every continuation is a node, past the core's cached top-16 rankings.
+    (replay.ReplayConfig(tree=True, min_token_prob=0.0), 1),
+    (replay.ReplayConfig(tree=True, budget=64, min_token_prob=0.0), 1),
+], ids=["chain", "tree", "budget64", "budget64-shared", "budget16-evicting", "tree-unpruned", "budget64-unpruned"])
 def test_compiled_drafts_equal_the_reference_on_the_agentic_sample(config, concurrency):
     requests = replay.load_traces(str(SAMPLE))
     backend = Lockstep(config)
@@ -118,10 +121,9 @@ def test_compiled_drafts_equal_the_reference_on_the_agentic_sample(config, concu
 
 
 @needs_core
-@pytest.mark.parametrize("budget", [None, 64])
-def test_replay_reports_equal_tokens_per_step_with_either_core(budget, monkeypatch):
+def test_replay_reports_equal_tokens_per_step_with_either_core(monkeypatch):
     requests = replay.load_traces(str(SAMPLE))
-    config = replay.ReplayConfig(tree=True, budget=budget)
+    config = replay.ReplayConfig(tree=True, budget=64)
     results = []
     for choice in ("compiled", "python"):
         monkeypatch.setenv("SPECJAX_SUFFIX_CORE", choice)
@@ -168,7 +170,7 @@ def test_compiled_automaton_equals_the_reference(sequences, removed, depth, prob
 
 
 @needs_core
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), budgeted=st.booleans(), tree=st.booleans(),
        min_prob=st.sampled_from([0.0, 0.1, 0.3]), factor=st.sampled_from([0.5, 1.0, 2.0]))
 def test_compiled_index_drafts_equal_the_reference_on_random_requests(seed, budgeted, tree, min_prob, factor):
