@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-DRAFTERS = ("suffix", "prompt-lookup", "draft-model", "eagle3", "token-recycling", "none")
+DRAFTERS = ("suffix", "prompt-lookup", "draft-model", "eagle3", "token-recycling", "graft", "taps", "none")
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,11 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter-model", help="directory of the drafter's weights: a Hugging Face causal LM with the "
                                            "target's vocabulary (--drafter draft-model) or an EAGLE-3 head "
                                            "(--drafter eagle3)")
+    p.add_argument("--routing", choices=("confidence", "entropy", "merged"), default="confidence",
+                   help="--drafter taps (--drafter-model DIR1,DIR2): verify the most confident drafter's tree "
+                        "per step and row, the least uncertain one's, or one merged tree of all of them")
+    p.add_argument("--retrieval", choices=("suffix", "prompt-lookup"), default="suffix",
+                   help="--drafter graft: where grafted continuations are retrieved from")
     p.add_argument("--no-spec", action="store_true", help="plain decoding (same as --drafter none)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: demo SQL prompts")
     p.add_argument("--num-demo-prompts", type=int, default=32, help="demo prompts when no --prompt is given")
@@ -76,6 +81,8 @@ def make_drafter(name: str, target=None, args=None):
     if not args.drafter_model:
         raise ValueError(f"--drafter {name} needs --drafter-model DIR (the drafter's weights)")
     dtype = target.params["embed"].dtype
+    if name in ("graft", "taps"):
+        return _make_hybrid(name, target, args, fixed or args.max_draft_capacity)
     if name == "draft-model":
         from specjax.drafters.draft_model import DraftModelDrafter
         from specjax.models.loading import load_model
@@ -89,6 +96,26 @@ def make_drafter(name: str, target=None, args=None):
         return load_eagle3(args.drafter_model, target, dtype=dtype)
     return load_eagle3(args.drafter_model, target, dtype=dtype, capacity=fixed, topk=min(10, fixed),
                        depth=min(7, fixed))
+
+
+def _make_hybrid(name: str, target, args, capacity: int):
+    """Graft (one drafter directory + retrieval) or TAPS (comma-separated drafter directories)."""
+    from specjax.drafters.hybrid import load_device_drafter
+
+    dirs = [d for d in args.drafter_model.split(",") if d]
+    if name == "graft":
+        from specjax.drafters.graft import GraftDrafter
+
+        if len(dirs) != 1:
+            raise ValueError(f"--drafter graft takes one --drafter-model DIR, got {len(dirs)}")
+        return GraftDrafter(load_device_drafter(dirs[0], target, capacity), make_drafter(args.retrieval),
+                            capacity=capacity)
+    from specjax.drafters.routing import TapsDrafter
+
+    if len(dirs) < 2:
+        raise ValueError(f"--drafter taps needs at least two drafters: --drafter-model DIR1,DIR2, got {len(dirs)}")
+    return TapsDrafter([load_device_drafter(d, target, capacity) for d in dirs], target.config.vocab_size,
+                       routing=args.routing, capacity=capacity)
 
 
 def _load(args):
