@@ -229,6 +229,38 @@ def convert_llama2c_main(args) -> int:
     return 0
 
 
+def _add_train_drafter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", help="target model directory (default: the embedded tiny text-to-SQL model)")
+    p.add_argument("--kind", choices=("eagle3", "draft-model"), default="eagle3")
+    p.add_argument("--method", choices=("sft", "online", "opd"), default="online",
+                   help="sft: fixed target trajectories; online: fresh ones each step; opd: online + Draft-OPD "
+                        "on-policy weighting from simulated speculative rollouts")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, checkpoints/)")
+    p.add_argument("--prompts", help="JSONL file with a \"prompt\" field per line (default: sample from the target "
+                                     "starting at BOS)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--keep", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    p.add_argument("--ttt-steps", type=int, default=7, help="EAGLE-3 training-time-test unroll depth")
+    p.add_argument("--feature-weight", type=float, default=0.0, help="Smooth L1 feature loss weight (EAGLE-3)")
+    p.add_argument("--opd-weight", type=float, default=2.0)
+    p.add_argument("--prompt-weight", type=float, default=0.1, help="loss weight inside the prompt")
+    p.add_argument("--rollout-temperature", type=float, default=0.0)
+    p.add_argument("--draft-layers", type=int, default=1)
+    p.add_argument("--draft-hidden", type=int, help="draft model hidden size (default: the target's)")
+
+
+def train_drafter_main(args) -> int:
+    from specjax.drafters.training import cli_main
+
+    return cli_main(args)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "replay":
@@ -243,7 +275,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                      "Llama directory")
     convert.add_argument("checkpoint", help="llama2.c checkpoint file (version 0 or 1 float32 export)")
     convert.add_argument("out_dir", help="output directory (config.json, model.safetensors)")
+    _add_train_drafter_args(sub.add_parser("train-drafter", help="train an EAGLE-3 head or a draft model "
+                                                                 "for a target (online distillation)"))
     args = parser.parse_args(argv)
+    if args.command == "train-drafter":
+        return train_drafter_main(args)
     if args.command == "convert-llama2c":
         return convert_llama2c_main(args)
     return generate_main(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -115,3 +116,208 @@ def test_save_safetensors_and_plot(tmp_path):
     assert plot_curves(png, {"step": [1, 2, 3], "loss": [3.0, 2.0, 1.0], "accept": [0.1, 0.2, 0.4]})
     with open(png, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ drafters/training.py
+
+from engine_helpers import tiny_model  # noqa: E402
+
+from specjax.drafters import training as dt  # noqa: E402
+from specjax.drafters.eagle3 import Eagle3Drafter, default_hidden_layers, fuse_features, load_eagle3  # noqa: E402
+from specjax.models.decoder import KVCache, causal_mask, forward_hidden, lm_head  # noqa: E402
+
+K = 3  # unroll depth in these tests
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model(seed=3, vocab=64, layers=4, eos=(0,))
+
+
+def _prompts(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(2, 64, size=int(rng.integers(3, 8)))) for _ in range(n)]
+
+
+def _greedy_rows(target, seq_len=16):
+    tokens, plen = dt.prompt_batch(_prompts(), 0, 4, seq_len)
+    tokens, valid = dt.rollout(target.params, target.config, jnp.asarray(tokens), jnp.asarray(plen),
+                               jax.random.key(0), 0.0)
+    return np.asarray(tokens), np.asarray(valid), plen
+
+
+def _target_outputs(target, tokens, valid, hidden_layers=()):
+    b, s = tokens.shape
+    x, _, hidden = forward_hidden(target.params, target.config, jnp.asarray(tokens),
+                                  jnp.broadcast_to(jnp.arange(s), (b, s)), KVCache.zeros(target.config, b, s),
+                                  jnp.zeros(b, jnp.int32), causal_mask(b, s, jnp.asarray(valid)),
+                                  hidden_layers=hidden_layers)
+    return np.asarray(lm_head(target.params, target.config, x)), hidden
+
+
+def test_ttt_alignment_hand_checked():
+    pos, valid = dt.ttt_alignment(jnp.asarray([5]), 6, 3)
+    assert np.asarray(pos[:, 0]).tolist() == [[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7], [3, 4, 5, 6, 7, 8]]
+    assert np.asarray(valid[:, 0]).astype(int).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0],
+                                                           [1, 1, 0, 0, 0, 0]]
+
+
+def test_ttt_teacher_verifies_the_drafted_token(target):
+    """On a greedy target trajectory, the teacher of step i at chain j (the logits that verify the
+    draft of token j + 2 + i) has argmax token j + 2 + i (for generated tokens); off-by-one
+    alignments do not."""
+    tokens, valid, plen = _greedy_rows(target)
+    teacher, _ = _target_outputs(target, tokens, valid)
+    s = tokens.shape[1]
+
+    def agrees(pos_of):
+        pos, ok = dt.ttt_alignment(jnp.asarray(valid), s, K)
+        pos, ok = np.asarray(pos_of(pos)), np.asarray(ok)
+        checked = 0
+        for i in range(K):
+            for b in range(tokens.shape[0]):
+                for j in range(s):
+                    nxt = j + 2 + i
+                    if ok[i, b, j] and plen[b] <= nxt < valid[b] and 0 <= pos[i, b, j] < s:
+                        checked += 1
+                        if teacher[b, pos[i, b, j]].argmax() != tokens[b, nxt]:
+                            return False
+        return checked > 10
+
+    assert agrees(lambda p: p)
+    assert not agrees(lambda p: p - 1)  # the token's own position (EAGLE-1 style feature alignment)
+    assert not agrees(lambda p: p + 1)
+
+
+def _head_for(target, seed=0):
+    layers = default_hidden_layers(target.config.num_layers)
+    cfg, params, frozen = dt.init_eagle3(target, layers, jax.random.key(seed))
+    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(seed + 1), x.shape), params)
+    return cfg, {**params, **frozen}, layers
+
+
+def test_unroll_equals_the_drafters_own_chain(target):
+    """Unrolled step i feeds the head its own step i - 1 output: on a sequence that continues the
+    root with the drafter's own greedy chain, the unroll reproduces the chain's tokens and
+    probabilities; feeding the target's features at steps i > 0 does not."""
+    cfg, params, layers = _head_for(target)
+    drafter = Eagle3Drafter(cfg, params, target.config.num_layers, capacity=K, topk=1, depth=K)
+    prompt = np.asarray(_prompts()[0], np.int32)
+    p = len(prompt)
+    _, hidden = _target_outputs(target, prompt[None], np.asarray([p]), layers)
+    root = 5
+    dstate = drafter.prefill(params, drafter.init_state(1, 64), jnp.asarray(prompt[None]), jnp.asarray([p]),
+                             jnp.asarray([root]), hidden)
+    tree, _ = drafter.propose(params, dstate, jnp.asarray([root]), jnp.asarray([p]),
+                              type("Greedy", (), {"temperature": 0.0}), jax.random.key(0))
+    chain = np.asarray(tree.tokens[0]).tolist()
+    assert np.asarray(tree.parents[0]).tolist() == [-1, 0, 1]
+    seq = np.concatenate([prompt, [root], chain]).astype(np.int32)[None]
+    _, hidden = _target_outputs(target, seq, np.asarray([seq.shape[1]]), layers)
+    fused = fuse_features(params, hidden)
+
+    def chain_of(outs):
+        probs = jax.nn.softmax(dt.draft_logits(cfg, params, outs[:, 0, p - 1]), axis=-1)
+        return np.asarray(jnp.argmax(probs, -1)).tolist(), np.cumprod(np.asarray(jnp.max(probs, -1)))
+
+    unroll = jax.jit(dt.unroll_head, static_argnums=(0, 4))
+    toks, cum = chain_of(unroll(cfg, params, fused, jnp.asarray(seq), K))
+    assert toks == chain
+    np.testing.assert_allclose(cum, np.asarray(tree.draft_probs[0]), rtol=1e-4)
+
+    def teacher_fed(fused, tokens):  # EAGLE-1 style: step i at chain j gets the target's features of j + i
+        outs = []
+        for i in range(K):
+            f = jnp.roll(fused, -i, axis=1)
+            outs.append(unroll(cfg, params, f, jnp.roll(tokens, -i, axis=1), 1)[0])
+        return jnp.stack(outs)
+
+    wrong_toks, wrong_cum = chain_of(teacher_fed(fused, jnp.asarray(seq)))
+    assert wrong_toks != chain or not np.allclose(wrong_cum, np.asarray(tree.draft_probs[0]), rtol=1e-4)
+
+
+def test_opd_weights_hand_made():
+    """Chains start at 1: chain 1 accepts 2 drafts (rejects depth 2), so the next root is 4;
+    chain 4 rejects at once, next root 5; chain 5 accepts all 3 (no rejection), next root 9."""
+    match = np.zeros((3, 1, 8), bool)
+    for j, a in {0: 3, 1: 2, 2: 1, 3: 3, 4: 0, 5: 3, 6: 1}.items():
+        match[:a, 0, j] = True
+    valid = np.ones((3, 1, 8), bool)
+    acc = np.asarray(dt.accepted_depths(jnp.asarray(match), jnp.asarray(valid)))[0]
+    assert acc.tolist() == [3, 2, 1, 3, 0, 3, 1, 0]
+    visited = np.asarray(dt.visited_roots(jnp.asarray(acc[None]), jnp.asarray([1])))[0]
+    assert np.flatnonzero(visited).tolist() == [1, 4, 5]
+    w = np.asarray(dt.opd_weights(jnp.asarray(match), jnp.asarray(valid), jnp.asarray([1]), 1.0))[:, 0]
+    expected = np.ones((3, 8))
+    expected[:, 1] = [2, 2, 3]  # accepted depths 0, 1; rejected depth 2
+    expected[:, 4] = [3, 1, 1]  # rejected at depth 0
+    expected[:, 5] = [2, 2, 2]  # all accepted
+    np.testing.assert_array_equal(w, expected)
+    # Negative controls: forgetting the target's correction token (next root r + a), or counting the
+    # bonus chain from the first position, visit other chains.
+    wrong_next = np.asarray(jax.lax.scan(lambda n, c: (jnp.where(n == c[0], c[0] + c[1], n), n == c[0]),
+                                         jnp.int32(1), (jnp.arange(8), jnp.asarray(acc)))[1])
+    assert np.flatnonzero(wrong_next).tolist() != [1, 4, 5]
+    wrong_start = np.asarray(dt.visited_roots(jnp.asarray(acc[None]), jnp.asarray([0])))[0]
+    assert np.flatnonzero(wrong_start).tolist() != [1, 4, 5]
+
+
+def _lossless(target, drafter):
+    from specjax.engine.engine import Engine
+    from specjax.engine.plain import generate_plain
+
+    prompts = _prompts(4, seed=7)
+    plain = generate_plain(target, prompts, 24, stop_at_eos=True)
+    got = Engine(target, drafter, draft_capacity=drafter.capacity, max_batch_size=4).generate(prompts, 24)
+    assert [r.token_ids for r in got] == plain
+
+
+def test_eagle3_trains_resumes_exactly_and_loads_losslessly(target, tmp_path):
+    opts = dt.TrainOptions(batch_size=4, seq_len=24, lr=1e-2, ttt_steps=K, save_every=4, keep=3, prompt_weight=1.0)
+    out = str(tmp_path / "straight")
+    res = dt.train_drafter(target, "eagle3", "opd", 12, out, prompts=_prompts(), options=opts, progress=False)
+    loss = res.history["loss"]
+    assert np.mean(loss[-3:]) < np.mean(loss[:3])
+    assert res.plot_path is None or os.path.getsize(res.plot_path) > 0
+
+    # Resume from step 8 in another directory: bitwise the same final params.
+    import shutil
+
+    other = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(out, "checkpoints"), os.path.join(other, "checkpoints"))
+    shutil.copy(os.path.join(out, "history.json"), other)
+    shutil.rmtree(os.path.join(other, "checkpoints", "12"))
+    again = dt.train_drafter(target, "eagle3", "opd", 12, other, prompts=_prompts(), options=opts, resume=True,
+                             progress=False)
+    assert again.history["step"] == list(range(1, 13))
+    for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(again.params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+    drafter = load_eagle3(out, target, dtype=jnp.float32, capacity=8, topk=2, depth=4)
+    assert drafter.hidden_layers == default_hidden_layers(target.config.num_layers)
+    _lossless(target, drafter)
+
+
+def test_draft_model_trains_and_loads_losslessly(target, tmp_path):
+    from specjax.drafters.draft_model import DraftModelDrafter
+    from specjax.models.loading import load_model
+
+    opts = dt.TrainOptions(batch_size=4, seq_len=24, lr=1e-2, ttt_steps=K, save_every=100, prompt_weight=1.0)
+    res = dt.train_drafter(target, "draft-model", "sft", 10, str(tmp_path / "dm"), prompts=_prompts(),
+                           options=opts, progress=False)
+    assert np.mean(res.history["loss"][-3:]) < np.mean(res.history["loss"][:3])
+    draft = load_model(str(tmp_path / "dm"), dtype=jnp.float32)
+    _lossless(target, DraftModelDrafter(draft, target.config.vocab_size, capacity=4, topk=1))
+
+
+def test_bad_arguments_are_named(target, tmp_path):
+    with pytest.raises(ValueError, match="kind"):
+        dt.train_drafter(target, "medusa", "sft", 1, str(tmp_path))
+    with pytest.raises(ValueError, match="method"):
+        dt.train_drafter(target, "eagle3", "ppo", 1, str(tmp_path))
+    with pytest.raises(ValueError, match="outside the vocab"):
+        dt.train_drafter(target, "eagle3", "sft", 1, str(tmp_path), prompts=[[1, 99]])
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="prompt"):
+        dt.read_prompts_jsonl(str(bad))

@@ -1,0 +1,701 @@
+"""Drafter training: EAGLE-3 heads and draft models distilled online from a frozen target.
+
+The target runs frozen inside the jitted train step: from a token batch it
+computes its logits (the teacher distribution) and, for EAGLE-3, the hidden
+states of the head's feature layers (SpecVLM's online distillation: nothing but
+token ids is stored). The drafter is trained by soft cross-entropy to the
+target's next-token distribution.
+
+EAGLE-3 training-time test (TTT, Li et al.): the head is unrolled ``k`` steps
+exactly as it drafts a chain. Unroll step 0 at position j pairs the fused
+target features of position j with token j + 1 (the alignment in
+``eagle3.py``); unroll step i > 0 at chain j feeds the head its *own* output
+hidden of step i - 1 (as a draft node is paired with its parent's draft output
+hidden) with token j + 1 + i, at RoPE position j + i, attending to the step-0
+pairs at positions <= j and to its own chain's steps 1..i (its tree ancestors).
+Step i at chain j predicts token j + 2 + i: its teacher is the target's
+distribution at position j + 1 + i (the logits that verify that draft node).
+Step i's loss is weighted by ``step_decay ** i``. The optional feature loss
+(Smooth L1, weight ``feature_weight``, default 0 as in EAGLE-3; SpecVLM uses
+it) regresses the head's output at (i, j) on the quantity drafting feeds in its
+place: the fused target features of position j + 1 + i (stop-gradient).
+
+Draft model: a small Llama with the target's vocabulary, soft cross-entropy to
+the target's distribution at every position.
+
+Methods (where the token batches come from):
+
+- ``sft``: target continuations of the prompts generated once, then trained on
+  as a fixed dataset (cycled).
+- ``online``: fresh target continuations of the next prompts at every step.
+- ``opd`` (Draft-OPD, on-policy distillation): the online batch, plus the
+  speculative loop run on it with the current drafter. With a lossless loop
+  the emitted text is the target's continuation, and a greedy chain of depth
+  ``k`` from root r is accepted while the drafter's top-1 agrees with the
+  target's; so the loop is simulated exactly from the drafter's unrolled
+  predictions (which are what it computes on the accepted path): roots start
+  at the first generated token; after a accepted drafts the next root is the
+  target's correction (r + a + 1). Concrete rule: every loss term of a chain
+  the loop actually visited (a root) gets weight ``1 + opd_weight`` at the
+  depths it accepted (the drafter's own accepted proposals) and
+  ``1 + 2 opd_weight`` at its first rejected depth (the target's distribution
+  there is the feedback on the rejected proposal); every other term keeps
+  weight 1 (the normal online loss). Chains starting at rejected positions are
+  the next roots, so drafting is replayed from them. (A draft model's loss is
+  per position: a position takes the largest weight of the terms there, so the
+  visited chains, which tile the generated text, leave the rejected positions
+  up-weighted.)
+
+Outputs in ``out_dir``: ``config.json`` + ``model.safetensors`` that
+``load_eagle3`` (EAGLE-3) or ``load_model`` (draft model: a Hugging Face Llama
+directory) read, ``history.json``, ``curves.png``, and orbax checkpoints in
+``checkpoints/`` (``resume=True`` continues exactly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from specjax.drafters.eagle3 import (Eagle3Config, _finish, _qkv, default_hidden_layers, draft_logits,
+                                     fuse_features)
+from specjax.models.config import ModelConfig
+from specjax.models.decoder import (KVCache, causal_mask, forward, forward_hidden, init_params, linear, lm_head,
+                                    mlp_block, qkv_projection, rms_norm)
+from specjax.models.rope import inverse_frequencies
+from specjax.models.loading import Model, hf_tensor_name
+from specjax.models.training import (TrainCheckpointer, TrainState, make_optimizer, plot_curves,
+                                     save_safetensors)
+
+KINDS = ("eagle3", "draft-model")
+METHODS = ("sft", "online", "opd")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """Hyperparameters (defaults in parentheses are EAGLE-3's / this module's choices)."""
+
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: Optional[int] = None  # default: steps // 10
+    weight_decay: float = 0.01
+    seed: int = 0
+    ttt_steps: int = 7  # EAGLE-3 unroll depth k; also the chain depth of acceptance estimates
+    step_decay: float = 0.8  # weight of unroll step i: step_decay ** i
+    feature_weight: float = 0.0  # Smooth L1 on features (EAGLE-3: 0; SpecVLM: > 0)
+    opd_weight: float = 2.0  # extra weight of on-policy (visited, up to rejection) terms
+    prompt_weight: float = 0.1  # loss weight of chains inside the prompt (drafting happens after it)
+    rollout_temperature: float = 0.0  # target continuations: 0 = greedy (prompts from BOS: always 1)
+    sft_sequences: Optional[int] = None  # size of sft's fixed pool (default: one per prompt)
+    save_every: int = 100
+    keep: int = 2
+    draft_layers: int = 1
+    draft_hidden: Optional[int] = None  # default: the target's hidden size (embedding initialized from it)
+
+    def __post_init__(self):
+        if self.seq_len < 8 or self.batch_size < 1 or self.ttt_steps < 1:
+            raise ValueError("seq_len must be >= 8, batch_size and ttt_steps >= 1")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    history: dict
+    params: dict  # the final trained params (float32)
+    out_dir: str
+    config_path: str
+    weights_path: str
+    plot_path: Optional[str]
+    checkpoint_dir: str
+
+
+# ------------------------------------------------------------------ the target's rollouts
+
+
+def rollout(params, cfg: ModelConfig, tokens: jax.Array, prompt_lengths: jax.Array, key: jax.Array,
+            temperature: float) -> tuple[jax.Array, jax.Array]:
+    """Continue each right-padded prompt with the target up to the buffer's width [B, S].
+
+    Returns the filled tokens and each row's valid length (through its first generated EOS)."""
+    b, s = tokens.shape
+    cache = KVCache.zeros(cfg, b, s + 1, params["embed"].dtype)
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    out = forward(params, cfg, tokens, positions, cache, jnp.zeros(b, jnp.int32),
+                  causal_mask(b, s, prompt_lengths))
+    logits = jnp.take_along_axis(out.logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
+
+    def pick(key, logits):
+        if temperature == 0.0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+    def cond(carry):
+        _, lengths, done, *_ = carry
+        return jnp.any(~done & (lengths < s))
+
+    def body(carry):
+        tokens, lengths, done, cache, logits, key = carry
+        key, sub = jax.random.split(key)
+        nxt = pick(sub, logits)
+        live = ~done & (lengths < s)
+        tokens = tokens.at[jnp.arange(b), jnp.where(live, lengths, s)].set(nxt, mode="drop")
+        done = done | (live & jnp.isin(nxt, eos))
+        out = forward(params, cfg, nxt[:, None], lengths[:, None], cache, lengths, jnp.ones((b, 1, 1), bool))
+        return tokens, lengths + live, done, out.cache, out.logits[:, 0], key
+
+    init = (tokens, prompt_lengths.astype(jnp.int32), jnp.zeros(b, bool), out.cache, logits, key)
+    tokens, lengths, *_ = jax.lax.while_loop(cond, body, init)
+    return tokens, lengths
+
+
+# ------------------------------------------------------------------ EAGLE-3: the training-time test
+
+
+def ttt_alignment(valid_lengths: jax.Array, seq_len: int, k: int) -> tuple[jax.Array, jax.Array]:
+    """For unroll step i and chain j: the position of the token fed (= of the teacher logits,
+    j + 1 + i) and whether it is real (< the row's valid length). int32/bool [k, B, S]."""
+    i = jnp.arange(k, dtype=jnp.int32)[:, None, None]
+    j = jnp.arange(seq_len, dtype=jnp.int32)[None, None, :]
+    pos = jnp.broadcast_to(j + 1 + i, (k, valid_lengths.shape[0], seq_len))
+    return pos, pos < valid_lengths[None, :, None]
+
+
+def _gather_positions(x: jax.Array, pos: jax.Array) -> jax.Array:
+    """x [B, S, ...] at positions pos [B, S] (clipped), -> [B, S, ...]."""
+    idx = jnp.clip(pos, 0, x.shape[1] - 1)
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _unrolled_attention(q, k0, v0, diag_k, diag_v, diag_visible):
+    """q [B, S, Hq, D] of chain j sees the step-0 keys at positions <= j and its own chain's
+    keys of the later steps (``diag_k`` [n, B, S, Hkv, D], entry m visible where
+    ``diag_visible[m]``). fp32 softmax."""
+    b, s, hq, d = q.shape
+    hkv = k0.shape[2]
+    qg = q.reshape(b, s, hkv, hq // hkv, d).astype(jnp.float32) * d ** -0.5
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k0.astype(jnp.float32))
+    scores = jnp.where(jnp.tril(jnp.ones((s, s), bool)), scores, -jnp.inf)
+    own = jnp.einsum("bqkgd,mbqkd->bkgqm", qg, diag_k.astype(jnp.float32))
+    own = jnp.where(diag_visible, own, -jnp.inf)
+    weights = jax.nn.softmax(jnp.concatenate([scores, own], axis=-1), axis=-1)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights[..., :s], v0.astype(jnp.float32))
+    out = out + jnp.einsum("bkgqm,mbqkd->bqkgd", weights[..., s:], diag_v.astype(jnp.float32))
+    return out.reshape(b, s, hq, d).astype(q.dtype)
+
+
+def unroll_head(cfg: Eagle3Config, params, fused: jax.Array, tokens: jax.Array, k: int) -> jax.Array:
+    """The head's output hidden states [k, B, S, H] over k unrolled draft steps.
+
+    ``fused`` [B, S, H]: fused target features; step 0 at chain j pairs them with token
+    j + 1, step i > 0 pairs the head's own step i - 1 output with token j + 1 + i.
+    Steps 1..k-1 run as one ``lax.scan`` (compile time independent of k)."""
+    b, s = tokens.shape
+    lp = params["layer"]
+    pos, _ = ttt_alignment(jnp.full((b,), s, jnp.int32), s, k)
+
+    def step(i, feats):
+        """Step i's layer input: (residual, q, k, v) of token j + 1 + i paired with ``feats``."""
+        fed = _gather_positions(tokens, pos[i])
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + i, (b, s))
+        return _qkv(cfg, lp, params["embed"][fed], feats, positions)
+
+    d, hkv = cfg.layer.head_dim, cfg.layer.num_kv_heads
+    diag_k = jnp.zeros((max(k - 1, 1), b, s, hkv, d), fused.dtype)
+    diag_v = jnp.zeros_like(diag_k)
+    residual, q, k0, v0 = step(0, fused)
+    first = _finish(cfg, lp, residual, _unrolled_attention(q, k0, v0, diag_k, diag_v,
+                                                           jnp.zeros(diag_k.shape[0], bool)))
+
+    def later(carry, i):
+        feats, diag_k, diag_v = carry
+        residual, q, kk, vv = step(i, feats)
+        diag_k, diag_v = diag_k.at[i - 1].set(kk.astype(diag_k.dtype)), diag_v.at[i - 1].set(vv.astype(diag_v.dtype))
+        visible = jnp.arange(diag_k.shape[0]) < i
+        out = _finish(cfg, lp, residual, _unrolled_attention(q, k0, v0, diag_k, diag_v, visible))
+        return (out, diag_k, diag_v), out
+
+    if k == 1:
+        return first[None]
+    _, rest = jax.lax.scan(later, (first, diag_k, diag_v), jnp.arange(1, k))
+    return jnp.concatenate([first[None], rest])
+
+
+def causal_logits(params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """fp32 logits [B, S, V] of a full causal forward without a KV cache: the decoder's own
+    projections and blocks with plain causal attention, differentiable (the cached forward's
+    prefix loop has a data-dependent trip count, which reverse mode cannot go through)."""
+    b, s = tokens.shape
+    inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    causal = jnp.tril(jnp.ones((s, s), bool))
+
+    def layer(x, lp):
+        q, k, v = qkv_projection(cfg, lp, x, positions, inv_freq)
+        g = cfg.num_heads // cfg.num_kv_heads
+        qg = q.reshape(b, s, cfg.num_kv_heads, g, cfg.head_dim).astype(jnp.float32) * cfg.head_dim ** -0.5
+        scores = jnp.where(causal, jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32)), -jnp.inf)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", jax.nn.softmax(scores, axis=-1), v.astype(jnp.float32))
+        x = x + linear(out.reshape(b, s, -1).astype(x.dtype), lp["wo"], lp.get("bo"))
+        return mlp_block(cfg, lp, x), None
+
+    x, _ = jax.lax.scan(layer, params["embed"][tokens], params["layers"])
+    return lm_head(params, cfg, rms_norm(x, params["final_norm"], cfg.rms_norm_eps))
+
+
+def soft_cross_entropy(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
+    """-sum_v p_teacher(v) log q_student(v) over the last axis (fp32)."""
+    p = jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(p * jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1), axis=-1)
+
+
+# ------------------------------------------------------------------ on-policy (Draft-OPD) weights
+
+
+def accepted_depths(match: jax.Array, valid: jax.Array) -> jax.Array:
+    """Leading agreements per chain: int32 [B, S] from match/valid bool [k, B, S]."""
+    return jnp.sum(jnp.cumprod(match & valid, axis=0), axis=0).astype(jnp.int32)
+
+
+def visited_roots(accepted: jax.Array, first_root: jax.Array) -> jax.Array:
+    """bool [B, S]: the chains a greedy speculative loop visits, starting at ``first_root``
+    [B]; after ``a`` accepted drafts the next chain starts at the correction, ``a + 1`` on."""
+    b, s = accepted.shape
+
+    def scan(nxt, col):
+        j, acc = col
+        here = nxt == j
+        return jnp.where(here, j + acc + 1, nxt), here
+
+    _, visited = jax.lax.scan(scan, first_root.astype(jnp.int32),
+                              (jnp.arange(s, dtype=jnp.int32), accepted.T))
+    return visited.T
+
+
+def opd_weights(match: jax.Array, valid: jax.Array, first_root: jax.Array, opd_weight: float) -> jax.Array:
+    """float [k, B, S]: on a chain the loop visits, 1 + ``opd_weight`` at the accepted depths and
+    1 + 2 ``opd_weight`` at the first rejected one; 1 elsewhere (see the module docstring)."""
+    acc = accepted_depths(match, valid)
+    visited = (visited_roots(acc, first_root)[None] & valid).astype(jnp.float32)
+    depth = jnp.arange(match.shape[0])[:, None, None]
+    reached = (depth <= acc[None]).astype(jnp.float32) + (depth == acc[None]).astype(jnp.float32)
+    return 1.0 + opd_weight * visited * reached
+
+
+# ------------------------------------------------------------------ the losses
+
+
+def _metrics(match, valid, weight_mask):
+    """Top-1 agreement at unroll step 0 and the expected accepted length of a greedy chain
+    (+1 for the target's own token: an estimate of tokens per pass), over generated chains."""
+    chains = valid[0] & weight_mask
+    n = jnp.maximum(jnp.sum(chains), 1)
+    top1 = jnp.sum(match[0] & chains) / n
+    accepted = accepted_depths(match, valid)
+    return top1, 1.0 + jnp.sum(jnp.where(chains, accepted, 0)) / n
+
+
+def make_loss(kind: str, method: str, target: Model, dcfg, opts: TrainOptions, hidden_layers, frozen):
+    """loss(params, target_params, tokens, valid_lengths, prompt_lengths) -> (loss, metrics)."""
+    tcfg, k = target.config, opts.ttt_steps
+
+    def chain_weights(match, valid, prompt_lengths, first_root_offset):
+        s = match.shape[2]
+        in_gen = jnp.arange(s)[None, :] >= (prompt_lengths - first_root_offset)[:, None]
+        base = jnp.where(in_gen, 1.0, opts.prompt_weight)[None] * jnp.asarray(
+            [opts.step_decay ** i for i in range(k)], jnp.float32)[:, None, None]
+        if method == "opd":
+            base = base * opd_weights(match, valid, prompt_lengths - first_root_offset, opts.opd_weight)
+        return base * valid, in_gen
+
+    def eagle3_loss(params, tparams, tokens, valid_lengths, prompt_lengths):
+        b, s = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        x, _, hidden = forward_hidden(tparams, tcfg, tokens, positions, KVCache.zeros(tcfg, b, s), jnp.zeros(b, jnp.int32),
+                                      causal_mask(b, s, valid_lengths), hidden_layers=hidden_layers)
+        teacher = jax.lax.stop_gradient(lm_head(tparams, tcfg, x))
+        hidden = jax.lax.stop_gradient(hidden)
+        full = {**params, **frozen}
+        fused = fuse_features(full, hidden)
+        outs = unroll_head(dcfg, full, fused, tokens, k)
+        pos, valid = ttt_alignment(valid_lengths, s, k)
+        draft_ids = jnp.arange(dcfg.draft_vocab_size) + frozen["d2t"]
+        logits = draft_logits(dcfg, full, outs)  # [k, B, S, Vd]
+        t_logits = jnp.stack([_gather_positions(teacher, pos[i]) for i in range(k)])[..., draft_ids]
+        ce = soft_cross_entropy(t_logits, logits)
+        match = (jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)) & valid
+        weights, in_gen = chain_weights(jax.lax.stop_gradient(match), valid, prompt_lengths, 1)
+        loss = jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights[0] > 0), 1)
+        if opts.feature_weight:
+            want = jax.lax.stop_gradient(jnp.stack([_gather_positions(fused, pos[i]) for i in range(k)]))
+            l1 = jnp.mean(optax.huber_loss(outs, want, delta=1.0), axis=-1)
+            loss = loss + opts.feature_weight * jnp.sum(weights * l1) / jnp.maximum(jnp.sum(weights[0] > 0), 1)
+        return loss, _metrics(match, valid, in_gen)
+
+    def draft_model_loss(params, tparams, tokens, valid_lengths, prompt_lengths):
+        b, s = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        mask = causal_mask(b, s, valid_lengths)
+        teacher = jax.lax.stop_gradient(
+            forward(tparams, tcfg, tokens, positions, KVCache.zeros(tcfg, b, s), jnp.zeros(b, jnp.int32), mask).logits)
+        logits = causal_logits(params, dcfg, tokens)
+        ce_pos = soft_cross_entropy(teacher, logits)
+        valid_pos = jnp.arange(s)[None, :] < valid_lengths[:, None]
+        match_pos = (jnp.argmax(logits, -1) == jnp.argmax(teacher, -1)) & valid_pos
+        idx = jnp.arange(s)[None, None, :] + jnp.arange(k)[:, None, None]  # depth i of chain j: position j + i
+        shift = lambda x: jnp.stack([_gather_positions(x, jnp.broadcast_to(idx[i, 0], x.shape)) for i in range(k)])
+        valid = shift(valid_pos) & (idx < s)
+        match = shift(match_pos) & valid
+        weights, in_gen = chain_weights(jax.lax.stop_gradient(match), valid, prompt_lengths, 0)
+        # Each position's loss once, weighted by the largest weight any chain gives it.
+        per_pos = _scatter_max(weights, idx, s)
+        loss = jnp.sum(per_pos * ce_pos) / jnp.maximum(jnp.sum(per_pos > 0), 1)
+        return loss, _metrics(match, valid, in_gen)
+
+    return eagle3_loss if kind == "eagle3" else draft_model_loss
+
+
+def _scatter_max(weights: jax.Array, idx: jax.Array, s: int) -> jax.Array:
+    """Chain-term weights [k, B, S] -> per-position [B, S]: the max over terms at that position."""
+    k, b, _ = weights.shape
+    flat_idx = jnp.broadcast_to(idx, weights.shape).transpose(1, 0, 2).reshape(b, -1)
+    return jnp.zeros((b, s)).at[jnp.arange(b)[:, None], flat_idx].max(
+        weights.transpose(1, 0, 2).reshape(b, -1), mode="drop")
+
+
+# ------------------------------------------------------------------ drafter construction and export
+
+
+def eagle3_hf_config(tcfg: ModelConfig, hidden_layers: Sequence[int]) -> dict:
+    """An EAGLE-3 head config.json for this target: one Llama layer of the target's shape,
+    full draft vocabulary (d2t = 0)."""
+    return {**_llama_fields(tcfg, tcfg.hidden_size, tcfg.intermediate_size, 1, tcfg.num_heads, tcfg.num_kv_heads,
+                            tcfg.head_dim),
+            "architectures": ["LlamaForCausalLMEagle3"], "draft_vocab_size": tcfg.vocab_size,
+            "target_hidden_size": tcfg.hidden_size, "norm_before_residual": False,
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": [int(i) for i in hidden_layers]}}
+
+
+def _llama_fields(tcfg: ModelConfig, hidden: int, inter: int, layers: int, heads: int, kv_heads: int,
+                  head_dim: int) -> dict:
+    rope = tcfg.rope
+    out = {"model_type": "llama", "vocab_size": tcfg.vocab_size, "hidden_size": hidden, "intermediate_size": inter,
+           "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+           "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": tcfg.max_position_embeddings,
+           "rms_norm_eps": tcfg.rms_norm_eps, "rope_theta": rope.theta, "attention_bias": False, "mlp_bias": False,
+           "torch_dtype": "bfloat16"}
+    if rope.kind != "default":
+        out["rope_scaling"] = {"rope_type": rope.kind, "factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
+                               "high_freq_factor": rope.high_freq_factor,
+                               "original_max_position_embeddings": rope.original_max_position}
+    return out
+
+
+def draft_model_hf_config(tcfg: ModelConfig, layers: int, hidden: Optional[int]) -> dict:
+    """A small Llama with the target's vocabulary, tied embeddings, heads of the target's size."""
+    hidden = hidden or tcfg.hidden_size
+    heads = max(1, hidden // tcfg.head_dim)
+    kv_heads = max(1, heads * tcfg.num_kv_heads // tcfg.num_heads)
+    while heads % kv_heads:
+        kv_heads -= 1
+    inter = int(round(tcfg.intermediate_size * hidden / tcfg.hidden_size))
+    eos = list(tcfg.eos_token_ids)
+    return {**_llama_fields(tcfg, hidden, inter, layers, heads, kv_heads, tcfg.head_dim),
+            "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True,
+            "bos_token_id": tcfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
+
+
+def _target_head(target: Model):
+    p = target.params
+    return p["embed"] if target.config.tie_word_embeddings else p["lm_head"]
+
+
+def init_eagle3(target: Model, hidden_layers, key) -> tuple[Eagle3Config, dict, dict]:
+    """(config, trainable params, frozen params): fc and the layer random; final norm and LM head
+    copied from the target (the head starts out predicting like the target's last layer); the
+    token embedding is the target's, frozen (not saved: ``load_eagle3`` shares the target's)."""
+    from specjax.drafters.eagle3 import init_params as init_head
+
+    cfg = Eagle3Config.from_hf(eagle3_hf_config(target.config, hidden_layers))
+    fresh = init_head(cfg, key, jnp.float32, scale=0.02)
+    params = {"fc": fresh["fc"], "layer": fresh["layer"],
+              "final_norm": jnp.asarray(target.params["final_norm"], jnp.float32),
+              "lm_head": jnp.asarray(_target_head(target), jnp.float32)}
+    frozen = {"embed": jnp.asarray(target.params["embed"], jnp.float32),
+              "d2t": jnp.zeros(cfg.draft_vocab_size, jnp.int32)}
+    return cfg, params, frozen
+
+
+def init_draft_model(target: Model, layers: int, hidden: Optional[int], key) -> tuple[ModelConfig, dict]:
+    cfg = ModelConfig.from_hf(draft_model_hf_config(target.config, layers, hidden))
+    params = init_params(cfg, key, jnp.float32, scale=0.02)
+    if cfg.hidden_size == target.config.hidden_size:
+        params["embed"] = jnp.asarray(_target_head(target), jnp.float32)
+        params["final_norm"] = jnp.asarray(target.params["final_norm"], jnp.float32)
+    return cfg, params
+
+
+def _bf16(x) -> np.ndarray:
+    import ml_dtypes
+
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16)
+
+
+def export_eagle3(out_dir: str, hf_config: dict, params: dict) -> tuple[str, str]:
+    """config.json + model.safetensors in the SafeAILab EAGLE-3 layout ``load_eagle3`` reads."""
+    from specjax.drafters.eagle3 import _LAYER_TENSORS
+
+    vocab = hf_config["vocab_size"]
+    tensors = {"fc.weight": _bf16(params["fc"]), "norm.weight": _bf16(params["final_norm"]),
+               "lm_head.weight": _bf16(params["lm_head"]),
+               "d2t": np.zeros(hf_config["draft_vocab_size"], np.int64), "t2d": np.ones(vocab, np.bool_)}
+    tensors.update({name: _bf16(params["layer"][k]) for k, name in _LAYER_TENSORS.items()})
+    return _write_dir(out_dir, hf_config, tensors)
+
+
+def export_draft_model(out_dir: str, hf_config: dict, params: dict, cfg: ModelConfig,
+                       target_dir: Optional[str]) -> tuple[str, str]:
+    """A Hugging Face Llama directory (plus the target's tokenizer files, when it has them)."""
+    tensors = {}
+    for key, value in params.items():
+        if key == "layers":
+            for name, stacked in value.items():
+                for i in range(cfg.num_layers):
+                    tensors[hf_tensor_name(("layers", name), i)] = _bf16(stacked[i])
+        else:
+            tensors[hf_tensor_name((key,))] = _bf16(value)
+    paths = _write_dir(out_dir, hf_config, tensors)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if target_dir and os.path.isfile(os.path.join(target_dir, name)):
+            shutil.copy(os.path.join(target_dir, name), os.path.join(out_dir, name))
+    return paths
+
+
+def _write_dir(out_dir: str, hf_config: dict, tensors: dict) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    config_path, weights_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
+    with open(config_path, "w") as f:
+        json.dump(hf_config, f, indent=2)
+    save_safetensors(weights_path, tensors)
+    return config_path, weights_path
+
+
+# ------------------------------------------------------------------ data
+
+
+def encode_prompts(target: Model, texts: Sequence[str]) -> list[list[int]]:
+    if target.tokenizer is None:
+        raise ValueError("the target has no tokenizer.json: cannot encode text prompts")
+    return [target.tokenizer.encode(t).ids for t in texts]
+
+
+def read_prompts_jsonl(path: str) -> list[str]:
+    """The ``"prompt"`` field of every line of a JSONL file."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON: {e}") from e
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}:{n}: expected an object with a string field \"prompt\"")
+            out.append(row["prompt"])
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+def prompt_batch(prompts: Sequence[Sequence[int]], position: int, batch_size: int,
+                 seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``position .. position + B - 1`` (cyclic) right-padded to [B, seq_len]; prompts longer
+    than 3/4 of ``seq_len`` keep their last tokens (room is left for the continuation)."""
+    keep = max(1, seq_len * 3 // 4)
+    tokens = np.zeros((batch_size, seq_len), np.int32)
+    lengths = np.zeros(batch_size, np.int32)
+    for r in range(batch_size):
+        ids = list(prompts[(position + r) % len(prompts)])[-keep:]
+        tokens[r, : len(ids)] = ids
+        lengths[r] = len(ids)
+    return tokens, lengths
+
+
+def _start_token(cfg: ModelConfig) -> int:
+    if cfg.bos_token_id is not None:
+        return int(cfg.bos_token_id)
+    if cfg.eos_token_ids:
+        return int(cfg.eos_token_ids[0])
+    raise ValueError("the target config has no bos_token_id nor eos_token_id: pass prompts to sample from")
+
+
+# ------------------------------------------------------------------ the training loop
+
+
+def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: str, *,
+                  prompts: Optional[Sequence[Sequence[int]]] = None, options: TrainOptions = TrainOptions(),
+                  resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train an EAGLE-3 head (``kind="eagle3"``) or a draft model for ``target`` (see the module
+    docstring); ``prompts`` are token-id lists (None: sequences sampled from the target at BOS)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    opts = options
+    tcfg = target.config
+    from_bos = prompts is None
+    if from_bos:
+        prompts = [[_start_token(tcfg)]]
+    bad = [i for i, p in enumerate(prompts) if not len(p) or min(p) < 0 or max(p) >= tcfg.vocab_size]
+    if bad:
+        raise ValueError(f"prompt {bad[0]} is empty or has token ids outside the vocab [0, {tcfg.vocab_size})")
+    temperature = 1.0 if from_bos else opts.rollout_temperature
+    tparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), target.params)
+    key = jax.random.key(opts.seed)
+    init_key, data_key, sft_key = jax.random.split(key, 3)
+
+    hidden_layers = default_hidden_layers(tcfg.num_layers) if kind == "eagle3" else ()
+    if kind == "eagle3":
+        dcfg, params, frozen = init_eagle3(target, hidden_layers, init_key)
+        hf_config = eagle3_hf_config(tcfg, hidden_layers)
+    else:
+        dcfg, params = init_draft_model(target, opts.draft_layers, opts.draft_hidden, init_key)
+        frozen = {}
+        hf_config = draft_model_hf_config(tcfg, opts.draft_layers, opts.draft_hidden)
+    optimizer = make_optimizer(opts.lr, steps, steps // 10 if opts.warmup_steps is None else opts.warmup_steps,
+                               opts.weight_decay)
+    loss_fn = make_loss(kind, method, target, dcfg, opts, hidden_layers, frozen)
+
+    mesh = _data_mesh(opts.batch_size)
+    place_batch = (lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))) if mesh else jnp.asarray
+    replicate = (lambda t: jax.device_put(t, NamedSharding(mesh, PartitionSpec()))) if mesh else (lambda t: t)
+    tparams, params = replicate(tparams), replicate(params)
+
+    @jax.jit
+    def train_step(params, opt_state, tparams, tokens, valid, plen):
+        (loss, (top1, tpp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tparams, tokens, valid, plen)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, top1, tpp
+
+    roll = jax.jit(rollout, static_argnames=("cfg", "temperature"))
+
+    def continue_prompts(position: int, rkey):
+        tokens, plen = prompt_batch(prompts, position, opts.batch_size, opts.seq_len)
+        tokens, valid = roll(tparams, tcfg, place_batch(tokens), place_batch(plen), rkey, temperature=temperature)
+        return tokens, valid, place_batch(plen)
+
+    pool = None
+    if method == "sft":  # the fixed dataset: generated once (deterministically, so a resume rebuilds it)
+        size = opts.sft_sequences or (opts.batch_size * 16 if from_bos else len(prompts))
+        chunks = [continue_prompts(c, jax.random.fold_in(sft_key, c)) for c in range(0, size, opts.batch_size)]
+        pool = [np.concatenate([np.asarray(c[n]) for c in chunks])[:size] for n in range(3)]
+
+    def next_batch(state: TrainState):
+        if pool is not None:
+            rows = (state.data_position + np.arange(opts.batch_size)) % len(pool[0])
+            return tuple(place_batch(a[rows]) for a in pool), state.rng
+        rkey, sub = jax.random.split(state.rng)
+        return continue_prompts(state.data_position, sub), rkey
+
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    os.makedirs(out_dir, exist_ok=True)
+    checkpointer = TrainCheckpointer(ckpt_dir, opts.save_every, opts.keep)
+    state = TrainState(params, optimizer.init(params), 0, 0, data_key)
+    history = {"step": [], "loss": [], "top1": [], "tokens_per_pass": []}
+    history_path = os.path.join(out_dir, "history.json")
+    if resume:
+        restored = checkpointer.restore_latest(state)
+        if restored is not None:
+            state = dataclasses.replace(restored, params=replicate(restored.params),
+                                        opt_state=replicate(restored.opt_state))
+            if os.path.isfile(history_path):
+                with open(history_path) as f:
+                    old = json.load(f)["history"]
+                n = sum(1 for s in old["step"] if s <= state.step)
+                history = {k: list(v[:n]) for k, v in old.items()}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=state.step, desc=f"train {kind} ({method})", disable=not progress,
+               file=sys.stderr, mininterval=2.0)
+    ema = None
+    while state.step < steps:
+        (tokens, valid, plen), rng = next_batch(state)
+        params, opt_state, loss, top1, tpp = train_step(state.params, state.opt_state, tparams, tokens, valid, plen)
+        state = TrainState(params, opt_state, state.step + 1, state.data_position + opts.batch_size, rng)
+        row = [float(loss), float(top1), float(tpp)]
+        for name, value in zip(("loss", "top1", "tokens_per_pass"), row):
+            history[name].append(value)
+        history["step"].append(state.step)
+        ema = row if ema is None else [0.9 * e + 0.1 * r for e, r in zip(ema, row)]
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema[0]:.3f}", top1=f"{ema[1]:.2f}", tok_per_pass=f"{ema[2]:.2f}", refresh=False)
+        if checkpointer.save(state, force=state.step == steps):
+            _write_history(history_path, history, kind, method, opts)
+    bar.close()
+    checkpointer.close()
+    _write_history(history_path, history, kind, method, opts)
+
+    final = jax.device_get(state.params)
+    if kind == "eagle3":
+        config_path, weights_path = export_eagle3(out_dir, hf_config, final)
+    else:
+        config_path, weights_path = export_draft_model(out_dir, hf_config, final, dcfg, target.path)
+    plot_path = os.path.join(out_dir, "curves.png")
+    if not plot_curves(plot_path, history):
+        plot_path = None
+    return TrainResult(history, final, out_dir, config_path, weights_path, plot_path, ckpt_dir)
+
+
+def _data_mesh(batch_size: int) -> Optional[Mesh]:
+    """A 1-D ``data`` mesh over all devices when there are several and they divide the batch."""
+    n = jax.device_count()
+    if n == 1 or batch_size % n:
+        return None
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def _write_history(path: str, history: dict, kind: str, method: str, opts: TrainOptions) -> None:
+    with open(path, "w") as f:
+        json.dump({"kind": kind, "method": method, "options": dataclasses.asdict(opts), "history": history}, f)
+
+
+def cli_main(args) -> int:
+    """``specjax train-drafter``: load the target, train, print where everything went."""
+    from specjax.models.loading import load_model
+
+    target_dir = args.target
+    if target_dir is None:
+        from specjax.models.embedded import default_model_dir
+
+        target_dir = default_model_dir()
+    target = load_model(target_dir, dtype=jnp.float32)
+    prompts = encode_prompts(target, read_prompts_jsonl(args.prompts)) if args.prompts else None
+    options = TrainOptions(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+                           ttt_steps=args.ttt_steps, feature_weight=args.feature_weight, opd_weight=args.opd_weight,
+                           prompt_weight=args.prompt_weight, rollout_temperature=args.rollout_temperature,
+                           save_every=args.save_every, keep=args.keep, draft_layers=args.draft_layers,
+                           draft_hidden=args.draft_hidden)
+    result = train_drafter(target, args.kind, args.method, args.steps, args.out, prompts=prompts, options=options,
+                           resume=args.resume)
+    h = result.history
+    print(f"trained {args.kind} ({args.method}) for {h['step'][-1] if h['step'] else 0} steps: final loss "
+          f"{np.mean(h['loss'][-20:]):.4f}, top-1 agreement {np.mean(h['top1'][-20:]):.3f}, estimated chain "
+          f"tokens/pass {np.mean(h['tokens_per_pass'][-20:]):.2f} (last 20 steps)")
+    print(f"wrote {result.weights_path}, {result.config_path}" + (f", {result.plot_path}" if result.plot_path else ""))
+    print(f"use it: specjax generate --drafter {'eagle3' if args.kind == 'eagle3' else 'draft-model'} "
+          f"--drafter-model {result.out_dir}" + (f" --model {target_dir}" if args.target else ""))
+    return 0
