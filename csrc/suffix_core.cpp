@@ -908,30 +908,26 @@ PyObject* packed(const std::vector<T>& values) {
                                        static_cast<Py_ssize_t>(values.size() * sizeof(T)));
 }
 
-// A draft as (tokens int32, parents int32, probs float64, ...extra): native-endian bytearrays that
-// numpy wraps without a copy (np.frombuffer), instead of lists it would convert element by element.
-PyObject* packed_draft(const DraftOut& out, const char* extra_format, double score, long long extra) {
-  PyObject* tokens = packed(out.tokens);
-  PyObject* parents = packed(out.parents);
-  PyObject* probs = packed(out.probs);
-  PyObject* keys = extra_format[0] == 'O' ? packed(out.keys) : nullptr;
-  PyObject* result = nullptr;
-  if (tokens && parents && probs) {
-    if (keys) {
-      result = Py_BuildValue("(OOOOd)", tokens, parents, probs, keys, score);
-    } else if (extra_format[0] != 'O') {
-      result = Py_BuildValue("(OOOdL)", tokens, parents, probs, score, extra);
-    }
+// A draft as native-endian bytearrays that numpy wraps without a copy (np.frombuffer), instead of lists it
+// would convert element by element: (tokens int32, parents int32, probs float64, probs float32 (rounded as
+// numpy rounds), extra, more). Steals the references to extra and more.
+PyObject* packed_draft(const DraftOut& out, PyObject* extra, PyObject* more) {
+  const std::vector<float> probs32(out.probs.begin(), out.probs.end());
+  PyObject* items[6] = {packed(out.tokens), packed(out.parents), packed(out.probs), packed(probs32), extra, more};
+  PyObject* result = PyTuple_New(6);
+  bool ok = result != nullptr;
+  for (PyObject* item : items) ok = ok && item != nullptr;
+  if (!ok) {
+    for (PyObject* item : items) Py_XDECREF(item);
+    Py_XDECREF(result);
+    return nullptr;
   }
-  Py_XDECREF(tokens);
-  Py_XDECREF(parents);
-  Py_XDECREF(probs);
-  Py_XDECREF(keys);
+  for (Py_ssize_t i = 0; i < 6; ++i) PyTuple_SET_ITEM(result, i, items[i]);
   return result;
 }
 
 // best_draft(automaton, state, matched, limit, max_spec_tokens, factor, offset, min_prob, tree, to_beat)
-//   -> None or packed (tokens, parents, probs, score, match_len): SuffixIndex._best_draft for one index.
+//   -> None or packed (tokens, parents, probs, probs32, score, match_len): SuffixIndex._best_draft for one index.
 PyObject* core_best_draft(PyObject*, PyObject* args) {
   PyObject* obj;
   long long state, matched, limit, max_spec_tokens;
@@ -965,10 +961,11 @@ PyObject* core_best_draft(PyObject*, PyObject* args) {
     m = a->length[s];
   }
   if (!have_best) Py_RETURN_NONE;
-  return packed_draft(best, "L", best.score, static_cast<long long>(best.match_len));
+  return packed_draft(best, PyFloat_FromDouble(best.score), PyLong_FromLongLong(best.match_len));
 }
 
-// budgeted_draft(sources, stats, prior, budget, min_prob) -> packed (tokens, parents, probs, keys int64, score):
+// budgeted_draft(sources, stats, prior, budget, min_prob)
+//   -> packed (tokens, parents, probs, probs32, keys int64, score):
 // the candidate walk
 // of SuffixIndex._budgeted_draft (every state on each source's suffix path with a live continuation) and
 // draft_merged over them. sources: (source, automaton, state, matched) tuples.
@@ -1012,7 +1009,7 @@ PyObject* core_budgeted_draft(PyObject*, PyObject* args) {
   Py_DECREF(seq);  // after the build: it keeps the automata alive
   double score = 0.0;  // summed in node order, as the reference does
   for (double prob : out.probs) score += prob;
-  return packed_draft(out, "O", score, 0);
+  return packed_draft(out, packed(out.keys), PyFloat_FromDouble(score));
 }
 
 struct Buffer {

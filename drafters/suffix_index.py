@@ -139,7 +139,7 @@ class Draft:
 
 
 class _PackedDraft(NamedTuple):
-    """A draft from the compiled core: native int32, int32 and float64 buffers instead of lists.
+    """A draft from the compiled core: native int32, int32, float64 and float32 buffers instead of lists.
 
     The engine wants arrays: wrapping buffers skips the per-element conversion of
     ``np.asarray(list)``, which cost more than the compiled draft itself.
@@ -148,13 +148,13 @@ class _PackedDraft(NamedTuple):
     tokens: bytearray
     parents: bytearray
     probs: bytearray
+    probs32: bytearray  # probs rounded to float32, as np.asarray(probs, np.float32) rounds them
     score: float
     match_len: int
 
     def to_proposal(self) -> Proposal:
         return Proposal(np.frombuffer(self.tokens, np.int32), np.frombuffer(self.parents, np.int32),
-                        np.frombuffer(self.probs, np.float64).astype(np.float32), score=self.score,
-                        match_len=self.match_len)
+                        np.frombuffer(self.probs32, np.float32), score=self.score, match_len=self.match_len)
 
     def to_draft(self) -> Draft:
         return Draft(np.frombuffer(self.tokens, np.int32).tolist(), np.frombuffer(self.parents, np.int32).tolist(),
@@ -949,10 +949,10 @@ class SuffixIndex:
         request.learn_from_last_draft(self.calibration)
         match_len = max(matched for *_, matched in sources)
         if self.compiled:  # the same candidate walk and draft_merged, compiled
-            tokens, parents, probs, keys, score = _suffix_core.budgeted_draft(
+            tokens, parents, probs, probs32, keys, score = _suffix_core.budgeted_draft(
                 sources, self.calibration.stats, self.calibration.prior_weight, budget, self.spec.min_token_prob)
             request.last_draft = (tokens, parents, keys)
-            return _PackedDraft(tokens, parents, probs, score, match_len if tokens else 0)
+            return _PackedDraft(tokens, parents, probs, probs32, score, match_len if tokens else 0)
         candidates = []
         for source, automaton, state, matched in sources:
             length, link = automaton.length, automaton.link
