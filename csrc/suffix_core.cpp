@@ -51,8 +51,27 @@ int ratio_bin(double ratio) {
 
 struct Automaton {
   int64_t count_depth;
-  std::vector<int32_t> length{0}, link{-1}, count{0}, edge_token{kNoEdge}, edge_target{0};
-  std::vector<int64_t> stamp{0};
+  // One record per state (one cache line holds two): a draft walks suffix paths through memory that other
+  // work has evicted from the caches, and separate arrays cost a miss per field.
+  struct State {
+    int64_t stamp;  // clock of the latest occurrence
+    int32_t length, link, count;
+    int32_t edge_token;  // the only transition's token, or kNoEdge / kBranches
+    int32_t edge_target;  // its target, or (kBranches) the index into branch_maps
+  };
+  std::vector<State> states{State{0, 0, -1, 0, kNoEdge, 0}};
+  int32_t& length(int32_t s) { return states[static_cast<size_t>(s)].length; }
+  int32_t& link(int32_t s) { return states[static_cast<size_t>(s)].link; }
+  int32_t& count(int32_t s) { return states[static_cast<size_t>(s)].count; }
+  int32_t& edge_token(int32_t s) { return states[static_cast<size_t>(s)].edge_token; }
+  int32_t& edge_target(int32_t s) { return states[static_cast<size_t>(s)].edge_target; }
+  int64_t& stamp(int32_t s) { return states[static_cast<size_t>(s)].stamp; }
+  int32_t length(int32_t s) const { return states[static_cast<size_t>(s)].length; }
+  int32_t link(int32_t s) const { return states[static_cast<size_t>(s)].link; }
+  int32_t count(int32_t s) const { return states[static_cast<size_t>(s)].count; }
+  int32_t edge_token(int32_t s) const { return states[static_cast<size_t>(s)].edge_token; }
+  int32_t edge_target(int32_t s) const { return states[static_cast<size_t>(s)].edge_target; }
+  int64_t stamp(int32_t s) const { return states[static_cast<size_t>(s)].stamp; }
   std::vector<std::unordered_map<int32_t, int32_t>> branch_maps;
   int64_t clock = 0;
   struct Ranking {
@@ -68,10 +87,10 @@ struct Automaton {
   explicit Automaton(int64_t depth) : count_depth(depth) {}
 
   int32_t child(int32_t state, int32_t token) const {
-    int32_t edge = edge_token[state];
-    if (edge == token) return edge_target[state];
+    int32_t edge = edge_token(state);
+    if (edge == token) return edge_target(state);
     if (edge == kBranches) {
-      const auto& targets = branch_maps[edge_target[state]];
+      const auto& targets = branch_maps[edge_target(state)];
       auto it = targets.find(token);
       return it == targets.end() ? -1 : it->second;
     }
@@ -79,40 +98,35 @@ struct Automaton {
   }
 
   int32_t new_state(int32_t len, int32_t lnk, int32_t cnt, int64_t stp) {
-    length.push_back(len);
-    link.push_back(lnk);
-    count.push_back(cnt);
-    stamp.push_back(stp);
-    edge_token.push_back(kNoEdge);
-    edge_target.push_back(0);
-    return static_cast<int32_t>(length.size()) - 1;
+    states.push_back(State{stp, len, lnk, cnt, kNoEdge, 0});
+    return static_cast<int32_t>(states.size()) - 1;
   }
 
   int32_t split(int32_t p, int32_t q, int32_t token) {
-    int32_t clone = new_state(length[p] + 1, link[q], count[q], stamp[q]);
-    edge_token[clone] = edge_token[q];
-    if (edge_token[q] == kBranches) {
-      std::unordered_map<int32_t, int32_t> copy = branch_maps[edge_target[q]];
+    int32_t clone = new_state(length(p) + 1, link(q), count(q), stamp(q));
+    edge_token(clone) = edge_token(q);
+    if (edge_token(q) == kBranches) {
+      std::unordered_map<int32_t, int32_t> copy = branch_maps[edge_target(q)];
       branch_maps.push_back(std::move(copy));
-      edge_target[clone] = static_cast<int32_t>(branch_maps.size()) - 1;
+      edge_target(clone) = static_cast<int32_t>(branch_maps.size()) - 1;
     } else {
-      edge_target[clone] = edge_target[q];
+      edge_target(clone) = edge_target(q);
     }
-    link[q] = clone;
+    link(q) = clone;
     while (p != -1) {
-      int32_t edge = edge_token[p];
+      int32_t edge = edge_token(p);
       if (edge == token) {
-        if (edge_target[p] != q) break;
-        edge_target[p] = clone;
+        if (edge_target(p) != q) break;
+        edge_target(p) = clone;
       } else if (edge == kBranches) {
-        auto& targets = branch_maps[edge_target[p]];
+        auto& targets = branch_maps[edge_target(p)];
         auto it = targets.find(token);
         if (it == targets.end() || it->second != q) break;
         it->second = clone;
       } else {
         break;
       }
-      p = link[p];
+      p = link(p);
     }
     return clone;
   }
@@ -120,32 +134,32 @@ struct Automaton {
   void link_new_state(int32_t p, int32_t token, int32_t cur) {
     int32_t q = -1;
     while (p != -1) {
-      int32_t edge = edge_token[p];
+      int32_t edge = edge_token(p);
       if (edge == kNoEdge) {
-        edge_token[p] = token;
-        edge_target[p] = cur;
+        edge_token(p) = token;
+        edge_target(p) = cur;
       } else if (edge == kBranches) {
-        auto& targets = branch_maps[edge_target[p]];
+        auto& targets = branch_maps[edge_target(p)];
         auto inserted = targets.emplace(token, cur);
         if (!inserted.second) {
           q = inserted.first->second;
           break;
         }
       } else if (edge == token) {
-        q = edge_target[p];
+        q = edge_target(p);
         break;
       } else {
         branch_maps.emplace_back();
         auto& targets = branch_maps.back();
-        targets.emplace(edge, edge_target[p]);
+        targets.emplace(edge, edge_target(p));
         targets.emplace(token, cur);
-        edge_token[p] = kBranches;
-        edge_target[p] = static_cast<int32_t>(branch_maps.size()) - 1;
+        edge_token(p) = kBranches;
+        edge_target(p) = static_cast<int32_t>(branch_maps.size()) - 1;
       }
-      p = link[p];
+      p = link(p);
     }
     if (p == -1) return;  // cur's link stays the root
-    link[cur] = length[p] + 1 == length[q] ? q : split(p, q, token);
+    link(cur) = length(p) + 1 == length(q) ? q : split(p, q, token);
   }
 
   void extend(const std::vector<int32_t>& tokens) {
@@ -154,9 +168,9 @@ struct Automaton {
       int32_t q = child(last, token);
       int32_t cur;
       if (q >= 0) {
-        cur = length[q] == length[last] + 1 ? q : split(last, q, token);
+        cur = length(q) == length(last) + 1 ? q : split(last, q, token);
       } else {
-        cur = new_state(length[last] + 1, 0, 0, 0);
+        cur = new_state(length(last) + 1, 0, 0, 0);
         link_new_state(last, token, cur);
       }
       last = cur;
@@ -164,13 +178,13 @@ struct Automaton {
       if (written <= count_depth) {
         window = cur;
       } else {
-        while (length[link[window]] >= shorter) window = link[window];
+        while (length(link(window)) >= shorter) window = link(window);
         window = child(window, token);
       }
       clock += 1;
-      for (int32_t state = window; state > kRoot; state = link[state]) {
-        count[state] += 1;
-        stamp[state] = clock;
+      for (int32_t state = window; state > kRoot; state = link(state)) {
+        count(state) += 1;
+        stamp(state) = clock;
       }
     }
   }
@@ -189,9 +203,9 @@ struct Automaton {
       matched += 1;
       if (matched > count_depth) {
         matched = count_depth;
-        if (length[link[state]] >= count_depth) state = link[state];
+        if (length(link(state)) >= count_depth) state = link(state);
       }
-      for (int32_t suffix = state; suffix > kRoot; suffix = link[suffix]) count[suffix] -= 1;
+      for (int32_t suffix = state; suffix > kRoot; suffix = link(suffix)) count(suffix) -= 1;
     }
   }
 
@@ -201,7 +215,7 @@ struct Automaton {
       state = child(state, token);
       if (state < 0) return 0;
     }
-    return count[state];
+    return count(state);
   }
 
   void advance(int32_t& state, int64_t& matched, const int32_t* tokens, size_t n, int64_t max_len) const {
@@ -209,7 +223,7 @@ struct Automaton {
       int32_t token = tokens[i];
       while (true) {
         int32_t next = child(state, token);
-        if (next >= 0 && count[next] > 0) {
+        if (next >= 0 && count(next) > 0) {
           state = next;
           matched += 1;
           break;
@@ -218,27 +232,25 @@ struct Automaton {
           matched = 0;
           break;
         }
-        state = link[state];
-        matched = length[state];
+        state = link(state);
+        matched = length(state);
       }
       if (matched > max_len) {
         matched = max_len;
-        if (length[link[state]] >= max_len) state = link[state];
+        if (length(link(state)) >= max_len) state = link(state);
       }
     }
   }
 
   int32_t suffix_of_length(int32_t state, int64_t max_len) const {
-    while (state > kRoot && length[link[state]] >= max_len) state = link[state];
+    while (state > kRoot && length(link(state)) >= max_len) state = link(state);
     return state;
   }
 
   // Heap bytes held (vector capacities, hash tables with their nodes at a malloc'd 32 bytes each): tracemalloc
   // does not see them, so the replay's memory report adds them.
   size_t memory_bytes() const {
-    size_t bytes = (length.capacity() + link.capacity() + count.capacity() + edge_token.capacity() +
-                    edge_target.capacity()) * sizeof(int32_t) + stamp.capacity() * sizeof(int64_t) +
-                   branch_maps.capacity() * sizeof(branch_maps[0]);
+    size_t bytes = states.capacity() * sizeof(State) + branch_maps.capacity() * sizeof(branch_maps[0]);
     for (const auto& targets : branch_maps) bytes += targets.bucket_count() * sizeof(void*) + targets.size() * 32;
     bytes += ranked.bucket_count() * sizeof(void*);
     for (const auto& entry : ranked) bytes += 64 + entry.second.top.capacity() * sizeof(Child);
@@ -246,25 +258,25 @@ struct Automaton {
   }
 
   bool has_live_child(int32_t state) const {
-    int32_t edge = edge_token[state];
-    if (edge >= 0) return count[edge_target[state]] > 0;
+    int32_t edge = edge_token(state);
+    if (edge >= 0) return count(edge_target(state)) > 0;
     if (edge != kBranches) return false;
-    for (const auto& kv : branch_maps[edge_target[state]]) {
-      if (count[kv.second] > 0) return true;
+    for (const auto& kv : branch_maps[edge_target(state)]) {
+      if (count(kv.second) > 0) return true;
     }
     return false;
   }
 
   void live_children(int32_t state, std::vector<Child>& out) const {
-    int32_t edge = edge_token[state];
+    int32_t edge = edge_token(state);
     if (edge >= 0) {
-      int32_t target = edge_target[state];
-      if (count[target] > 0) out.push_back({count[target], stamp[target], edge, target});
+      int32_t target = edge_target(state);
+      if (count(target) > 0) out.push_back({count(target), stamp(target), edge, target});
     } else if (edge == kBranches) {
-      const auto& targets = branch_maps[edge_target[state]];
+      const auto& targets = branch_maps[edge_target(state)];
       out.reserve(out.size() + targets.size());
       for (const auto& kv : targets) {
-        if (count[kv.second] > 0) out.push_back({count[kv.second], stamp[kv.second], kv.first, kv.second});
+        if (count(kv.second) > 0) out.push_back({count(kv.second), stamp(kv.second), kv.first, kv.second});
       }
     }
   }
@@ -280,7 +292,7 @@ struct Automaton {
   // valid while the state does not occur again (or nothing was appended since it was made).
   const Ranking& top_ranking(int32_t state) {
     auto it = ranked.find(state);
-    if (it != ranked.end() && (stamp[state] < it->second.clock || it->second.clock == clock)) return it->second;
+    if (it != ranked.end() && (stamp(state) < it->second.clock || it->second.clock == clock)) return it->second;
     std::vector<Child> out;
     live_children(state, out);
     bool truncated = out.size() > kRankedTop;
@@ -305,7 +317,7 @@ struct Automaton {
     const Ranking& ranking = top_ranking(state);
     if (!ranking.truncated) return ranking.top;
     const Child& last_kept = ranking.top.back();
-    if (!passes(last_kept) && last_kept.count != count[state]) return ranking.top;
+    if (!passes(last_kept) && last_kept.count != count(state)) return ranking.top;
     full_ranking(state, full_scratch);
     return full_scratch;
   }
@@ -325,12 +337,12 @@ bool draft_chain(Automaton& a, int32_t state, int64_t budget, double min_prob, d
   out.parents.clear();
   out.probs.clear();
   double prob = 1.0, score = 0.0;
-  int32_t total = a.count[state];
+  int32_t total = a.count(state);
   for (int64_t drafted = 0; drafted < budget; ++drafted) {
-    int32_t token = a.edge_token[state], next, c;
+    int32_t token = a.edge_token(state), next, c;
     if (token >= 0) {
-      next = a.edge_target[state];
-      c = a.count[next];
+      next = a.edge_target(state);
+      c = a.count(next);
       if (c == 0) break;
     } else if (token == kBranches) {
       const auto& ranked = a.top_ranking(state).top;  // its first is the best of all
@@ -372,15 +384,15 @@ bool tree_pops_later(const TreeItem& a, const TreeItem& b) {
 
 void push_tree_children(Automaton& a, std::vector<TreeItem>& heap, int64_t& pushes, int32_t state, double prob,
                         int32_t parent, double min_prob) {
-  int32_t total = a.count[state];
-  int32_t token = a.edge_token[state];
+  int32_t total = a.count(state);
+  int32_t token = a.edge_token(state);
   Child single;
   const Child* begin;
   const Child* end;
   if (token >= 0) {
-    int32_t target = a.edge_target[state];
-    if (a.count[target] == 0) return;
-    single = {a.count[target], 0, token, target};
+    int32_t target = a.edge_target(state);
+    if (a.count(target) == 0) return;
+    single = {a.count(target), 0, token, target};
     begin = &single;
     end = begin + 1;
   } else if (token == kBranches) {
@@ -417,10 +429,10 @@ bool draft_tree(Automaton& a, int32_t state, int64_t budget, double min_prob, do
   auto size = [&]() { return static_cast<int64_t>(out.tokens.size()); };
   while (true) {
     while (size() < budget) {
-      int32_t token = a.edge_token[state];
+      int32_t token = a.edge_token(state);
       if (token < 0) break;
-      int32_t next = a.edge_target[state];
-      if (a.count[next] != a.count[state]) break;
+      int32_t next = a.edge_target(state);
+      if (a.count(next) != a.count(state)) break;
       out.parents.push_back(parent);
       out.tokens.push_back(token);
       out.probs.push_back(prob);
@@ -524,7 +536,7 @@ struct MergedBuilder {
   bool push_children(int32_t candidate, int32_t state, double value, double prob, int32_t parent, int64_t depth) {
     const Candidate& cand = candidates[candidate];
     Automaton& a = *cand.automaton;
-    int32_t total = a.count[state];
+    int32_t total = a.count(state);
     int64_t prefix = ((cand.source << 5 | bit_length(cand.matched + depth)) << 5 | bit_length(total)) << 3;
     const auto& ranked = a.ranked_prefix(state, [&](const Child& child) {
       return prob * static_cast<double>(child.count) / static_cast<double>(total) >= min_prob;
@@ -597,13 +609,13 @@ struct MergedBuilder {
           out.keys.push_back(key);
           if (node + 1 == budget) break;
         }
-        token = a.edge_token[state];
+        token = a.edge_token(state);
         if (token < 0) {
           if (token == kBranches && !push_children(candidate, state, value, prob, node, depth)) return false;
           break;
         }
-        int32_t next = a.edge_target[state];
-        int32_t total = a.count[state], c = a.count[next];
+        int32_t next = a.edge_target(state);
+        int32_t total = a.count(state), c = a.count(next);
         double estimate;
         if (c == total) {
           int64_t at_length = matched + depth;
@@ -690,8 +702,8 @@ Automaton* automaton_of(PyObject* obj) {
 }
 
 bool valid_state(const Automaton& a, long long state) {
-  if (state < 0 || state >= static_cast<long long>(a.length.size())) {
-    PyErr_Format(PyExc_ValueError, "state %lld out of range (%zu states)", state, a.length.size());
+  if (state < 0 || state >= static_cast<long long>(a.states.size())) {
+    PyErr_Format(PyExc_ValueError, "state %lld out of range (%zu states)", state, a.states.size());
     return false;
   }
   return true;
@@ -839,9 +851,9 @@ PyObject* automaton_children(PyObject* self, PyObject* arg) {
   Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
   if (!valid_state(a, state)) return nullptr;
   std::vector<std::pair<int32_t, int32_t>> out;
-  int32_t edge = a.edge_token[state];
-  if (edge >= 0) out.emplace_back(edge, a.edge_target[state]);
-  if (edge == kBranches) out.assign(a.branch_maps[a.edge_target[state]].begin(), a.branch_maps[a.edge_target[state]].end());
+  int32_t edge = a.edge_token(state);
+  if (edge >= 0) out.emplace_back(edge, a.edge_target(state));
+  if (edge == kBranches) out.assign(a.branch_maps[a.edge_target(state)].begin(), a.branch_maps[a.edge_target(state)].end());
   std::sort(out.begin(), out.end());
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(out.size()));
   if (list == nullptr) return nullptr;
@@ -857,16 +869,21 @@ PyObject* automaton_children(PyObject* self, PyObject* arg) {
 }
 
 // Snapshot copies of the per-state arrays, for tests and inspection (the reference exposes its arrays).
-PyObject* automaton_length(PyObject* self, void*) { return int_list(reinterpret_cast<AutomatonObject*>(self)->core->length); }
-PyObject* automaton_link(PyObject* self, void*) { return int_list(reinterpret_cast<AutomatonObject*>(self)->core->link); }
-PyObject* automaton_count(PyObject* self, void*) { return int_list(reinterpret_cast<AutomatonObject*>(self)->core->count); }
+PyObject* field_list(PyObject* self, int32_t Automaton::State::*field) {
+  std::vector<int32_t> values;
+  for (const auto& state : reinterpret_cast<AutomatonObject*>(self)->core->states) values.push_back(state.*field);
+  return int_list(values);
+}
+PyObject* automaton_length(PyObject* self, void*) { return field_list(self, &Automaton::State::length); }
+PyObject* automaton_link(PyObject* self, void*) { return field_list(self, &Automaton::State::link); }
+PyObject* automaton_count(PyObject* self, void*) { return field_list(self, &Automaton::State::count); }
 
 PyObject* automaton_memory_bytes(PyObject* self, void*) {
   return PyLong_FromSize_t(reinterpret_cast<AutomatonObject*>(self)->core->memory_bytes());
 }
 
 PyObject* automaton_num_states(PyObject* self, void*) {
-  return PyLong_FromSize_t(reinterpret_cast<AutomatonObject*>(self)->core->length.size());
+  return PyLong_FromSize_t(reinterpret_cast<AutomatonObject*>(self)->core->states.size());
 }
 
 PyObject* automaton_clock(PyObject* self, void*) {
@@ -947,7 +964,7 @@ PyObject* core_best_draft(PyObject*, PyObject* args) {
     long long allowed = static_cast<long long>(static_cast<double>(m) * factor + offset + 1e-6);
     int64_t budget = std::max<int64_t>(0, std::min<int64_t>(std::min<int64_t>(allowed, max_spec_tokens), limit));
     if (static_cast<double>(budget) <= to_beat + kTieTolerance) break;
-    if (a->edge_token[s] != kNoEdge) {
+    if (a->edge_token(s) != kNoEdge) {
       bool found = tree ? draft_tree(*a, s, budget, min_prob, to_beat, out)
                         : draft_chain(*a, s, budget, min_prob, to_beat, out);
       if (found) {
@@ -957,8 +974,8 @@ PyObject* core_best_draft(PyObject*, PyObject* args) {
         to_beat = best.score;
       }
     }
-    s = a->link[s];
-    m = a->length[s];
+    s = a->link(s);
+    m = a->length(s);
   }
   if (!have_best) Py_RETURN_NONE;
   return packed_draft(best, PyFloat_FromDouble(best.score), PyLong_FromLongLong(best.match_len));
@@ -994,8 +1011,8 @@ PyObject* core_budgeted_draft(PyObject*, PyObject* args) {
     int64_t m = matched;
     while (s > kRoot) {
       if (a->has_live_child(s)) candidates.push_back({a, s, source, m});
-      s = a->link[s];
-      m = a->length[s];
+      s = a->link(s);
+      m = a->length(s);
     }
   }
   DraftOut out;
