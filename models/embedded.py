@@ -1,4 +1,9 @@
-"""The checkpoint shipped inside the package: a tiny Llama text-to-SQL model (see assets/README.md)."""
+"""The checkpoints shipped inside the package (see assets/README.md).
+
+``tiny-sql`` (the default model: a tiny Llama text-to-SQL demo) and ``stdlib-code``
+(a small Llama code model trained on Python's standard library, a real target
+for drafter benchmarks).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,24 @@ import os
 from specjax.models.safetensors_io import CheckpointError
 
 EMBEDDED_MODEL = "tiny-sql"
+CODE_MODEL = "stdlib-code"
+_BUILD_SCRIPTS = {EMBEDDED_MODEL: "train_tiny_sql.py", CODE_MODEL: "train_code_model.py"}
+
+
+def _asset_dir(name: str) -> str:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(
+            f"the embedded model is missing from {path} (was the package installed without its data "
+            f"files?); rebuild it with: python benchmarks/{_BUILD_SCRIPTS[name]} --out " + path)
+    return path
 
 
 def default_model_dir() -> str:
     """Path of the embedded tiny text-to-SQL checkpoint (a Hugging Face model directory)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", EMBEDDED_MODEL)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CheckpointError(
-            f"the embedded model is missing from {path} (was the package installed without its data "
-            "files?); rebuild it with: python benchmarks/train_tiny_sql.py --out " + path)
-    return path
+    return _asset_dir(EMBEDDED_MODEL)
+
+
+def code_model_dir() -> str:
+    """Path of the shipped stdlib code model (a Hugging Face model directory)."""
+    return _asset_dir(CODE_MODEL)
