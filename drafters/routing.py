@@ -27,7 +27,9 @@ requested from the target.
 
 Signals without ``q_dists`` (greedy batches): the root's drafted children's
 draft probabilities (the top-k of the root distribution); the entropy then
-counts the undrafted mass as one outcome (a lower bound on the true entropy).
+spreads the undrafted mass uniformly over the rest of the vocabulary (the
+largest entropy consistent with the top-k: a flat draft must not look sure
+because its tail was not drafted).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class TapsState:
     picks: jax.Array  # int32[B, K] steps each drafter's tree was verified (routing modes)
 
 
-def root_distribution_signals(tree: DraftTree) -> tuple[jax.Array, jax.Array]:
+def root_distribution_signals(tree: DraftTree, vocab_size: int) -> tuple[jax.Array, jax.Array]:
     """(top-1 probability, entropy) [B] of the distribution the root's children were drafted from."""
     if tree.q_dists is not None:
         q = tree.q_dists[:, 0].astype(jnp.float32)
@@ -64,9 +66,11 @@ def root_distribution_signals(tree: DraftTree) -> tuple[jax.Array, jax.Array]:
     if tree.draft_probs is None:
         raise ValueError("routing needs draft_probs or q_dists in each drafter's tree")
     p = jnp.where(tree.valid & (tree.parents == -1), tree.draft_probs.astype(jnp.float32), 0.0)
+    drafted = (p > 0).sum(axis=-1)
     rest = jnp.clip(1.0 - p.sum(axis=-1), 0.0, 1.0)
+    spread = jnp.maximum(vocab_size - drafted, 1).astype(jnp.float32)  # the rest, uniform over the others
     plogp = lambda x: jnp.where(x > 0, x * jnp.log(jnp.maximum(x, 1e-30)), 0.0)
-    return p.max(axis=-1), -(plogp(p).sum(axis=-1) + plogp(rest))
+    return p.max(axis=-1), -(plogp(p).sum(axis=-1) + spread * plogp(rest / spread))
 
 
 def pad_tree(tree: DraftTree, capacity: int, vocab_size: int) -> DraftTree:
@@ -187,7 +191,7 @@ class TapsDrafter:
         dstate = dataclasses.replace(dstate, states=tuple(states))
         if merged:
             return self.merged_tree(trees), dstate
-        top1, entropy = zip(*(root_distribution_signals(t) for t in trees))
+        top1, entropy = zip(*(root_distribution_signals(t, self.vocab_size) for t in trees))
         signal = jnp.stack(top1 if self.routing == "confidence" else [-h for h in entropy], axis=1)  # [B, K]
         pick = jnp.argmax(signal, axis=1)
         tree = select_rows([pad_tree(t, self.capacity, self.vocab_size) for t in trees], pick)

@@ -19,16 +19,20 @@ from scipy import stats
 
 from engine_helpers import tiny_model
 from specjax.drafters.draft_model import DraftModelDrafter
+from specjax.drafters.eagle3 import Eagle3Config, Eagle3Drafter
+from specjax.drafters.eagle3 import init_params as eagle3_init
 from specjax.drafters.graft import GRAFTED, KEPT, GraftDrafter
 from specjax.drafters.hybrid import concat_parts, merge_trees
 from specjax.drafters.prompt_lookup import PromptLookupDrafter
-from specjax.drafters.routing import TapsDrafter, weight_average
+from specjax.drafters.routing import TapsDrafter, root_distribution_signals, weight_average
 from specjax.drafters.suffix_index import SuffixDecodingDrafter
 from specjax.drafters.token_recycling import TokenRecyclingDrafter
 from specjax.engine.device_loop import generate_on_device
 from specjax.engine.engine import Engine
 from specjax.engine.plain import greedy_generate
+from specjax.engine.sampling import SamplingParams
 from specjax.engine.tree import DraftTree, validate_tree
+from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward
 from specjax.models.loading import Model
 
@@ -40,6 +44,16 @@ NEW_TOKENS = 20
 
 def draft(model: Model, capacity: int = 6, topk: int = 2, depth: int = 3) -> DraftModelDrafter:
     return DraftModelDrafter(model, model.config.vocab_size, capacity=capacity, topk=topk, depth=depth)
+
+
+def random_eagle3(target: Model, capacity: int = 6) -> Eagle3Drafter:
+    """An untrained EAGLE-3 head (draft vocab 50 of 64) fed the target's embeddings and layer output."""
+    t = target.config
+    layer = ModelConfig(model_type="llama", vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=64,
+                        num_layers=1, num_heads=4, num_kv_heads=2, head_dim=t.hidden_size // 4, rms_norm_eps=1e-5)
+    cfg = Eagle3Config(layer, 50, t.hidden_size)
+    return Eagle3Drafter(cfg, eagle3_init(cfg, jax.random.key(0)), t.num_layers, capacity=capacity, topk=2, depth=3,
+                         hidden_layers=(0, 1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +108,9 @@ def test_merge_trees_unions_paths_and_keeps_the_best_ancestor_closed():
 
 
 def test_graft_greedy_equals_plain_and_grafts_retrieved_nodes(expected):
-    """A random draft model (few accepts) plus the suffix index; the second pass over the same
+    """An untrained EAGLE-3 head (few accepts) plus the suffix index; the second pass over the same
     prompts retrieves the first pass's outputs, so grafted nodes are verified and accepted."""
-    graft = GraftDrafter(draft(tiny_model(7, vocab=VOCAB, layers=1)), SuffixDecodingDrafter(), capacity=8)
+    graft = GraftDrafter(random_eagle3(TARGET), SuffixDecodingDrafter(), capacity=8)
     engine = Engine(TARGET, graft, attention="xla")
     first = engine.generate(PROMPTS, NEW_TOKENS)
     assert [r.token_ids for r in first] == expected
@@ -134,10 +148,24 @@ def test_graft_tree_priorities():
 # ------------------------------------------------------------------ TAPS, greedy
 
 
-def taps(routing: str, vocab: int = VOCAB, target: Model = TARGET, noise_seed: int = 7, **kwargs) -> TapsDrafter:
-    """The target as its own draft (always right) and a random draft model (rarely right)."""
-    return TapsDrafter([draft(target, **kwargs), draft(tiny_model(noise_seed, vocab=vocab, layers=1), **kwargs)],
-                       vocab, routing=routing)
+def taps(routing: str) -> TapsDrafter:
+    """The target as its own draft (always right) and a random draft model (rarely right); for entropy
+    routing an untrained EAGLE-3 head instead (drafters with different target features)."""
+    other = random_eagle3(TARGET) if routing == "entropy" else draft(tiny_model(7, vocab=VOCAB, layers=1))
+    return TapsDrafter([draft(TARGET), other], VOCAB, routing=routing)
+
+
+def test_routing_signals_rank_a_peaked_draft_above_a_flat_one():
+    one = lambda probs: DraftTree(jnp.array([[1, 2, 3]]), jnp.array([[-1, -1, 0]]), jnp.ones((1, 3), bool),
+                                  jnp.array([probs]))
+    peaked, flat = one([0.9, 0.05, 0.5]), one([0.03, 0.02, 0.01])
+    (c_peaked, h_peaked), (c_flat, h_flat) = (root_distribution_signals(t, VOCAB) for t in (peaked, flat))
+    assert c_peaked > c_flat and h_peaked < h_flat  # counting the flat draft's tail as one outcome would fail
+    q = np.random.default_rng(0).dirichlet(np.ones(VOCAB), 1).astype(np.float32)
+    with_q = DraftTree(peaked.tokens, peaked.parents, peaked.valid, peaked.draft_probs,
+                       jnp.asarray(np.repeat(q[:, None], 4, axis=1)))
+    top1, entropy = root_distribution_signals(with_q, VOCAB)
+    assert float(top1[0]) == pytest.approx(q.max()) and float(entropy[0]) == pytest.approx(stats.entropy(q[0]), 1e-5)
 
 
 @pytest.mark.parametrize("routing", ["confidence", "entropy", "merged"])
@@ -154,29 +182,31 @@ def test_taps_greedy_equals_plain(routing, expected):
 
 def test_merged_trees_are_trees_within_capacity():
     drafter = taps("merged")
-    rows, max_len = len(PROMPTS), 64
+    rows = len(PROMPTS)
     tokens = np.zeros((rows, 16), np.int32)
     lengths = np.array([len(p) for p in PROMPTS], np.int32)
     for i, p in enumerate(PROMPTS):
         tokens[i, : len(p)] = p
-    state = drafter.prefill(drafter.params, drafter.init_state(rows, max_len), jnp.asarray(tokens),
-                            jnp.asarray(lengths), jnp.asarray([1, 2, 3, 4]), None)
-    from specjax.engine.sampling import SamplingParams
+    roots = jnp.asarray([1, 2, 3, 4])
 
-    tree, _ = drafter.propose(drafter.params, state, jnp.asarray([1, 2, 3, 4]), jnp.asarray(lengths),
-                              SamplingParams.make(rows), jax.random.key(0))
+    @jax.jit
+    def trees(tokens, lengths):
+        state = drafter.prefill(drafter.params, drafter.init_state(rows, 64), tokens, lengths, roots, None)
+        own = [d.propose(p, s, roots, lengths, SamplingParams.make(rows), jax.random.key(0))[0]
+               for d, p, s in zip(drafter.drafters, drafter.params, state.states)]
+        return drafter.merged_tree(own), own
+
+    tree, own = trees(jnp.asarray(tokens), jnp.asarray(lengths))
     validate_tree(tree, VOCAB)
     assert tree.capacity == drafter.capacity and tree.q_dists is None
     assert no_duplicate_siblings(tree)
     assert np.asarray(tree.valid).sum(axis=1).min() == drafter.capacity  # the union fills T
-    # Each drafter keeps its T // 2 best nodes ("even" split): the union covers both drafters' top nodes.
-    own = [d.propose(d.params, s, jnp.asarray([1, 2, 3, 4]), jnp.asarray(lengths), SamplingParams.make(rows),
-                     jax.random.key(0))[0] for d, s in zip(drafter.drafters, state.states)]
+    # "even" split: each drafter's T // 2 most probable nodes are in the merged tree.
     for t in own:
         probs = np.asarray(t.draft_probs)
         for b in range(rows):
             best = np.argsort(-probs[b], kind="stable")[: drafter.capacity // 2]
-            node_paths = {i: p for i, p in zip(range(t.capacity), _node_paths(t, b))}
+            node_paths = _node_paths(t, b)
             assert {node_paths[i] for i in best} <= paths(tree, b)
 
 
