@@ -1,0 +1,375 @@
+"""Drafter training: sft vs online vs opd, EAGLE-3 heads and draft models, measured on held-out prompts.
+
+For each target (the embedded tiny-sql model; ``models/assets/stdlib-code`` when it
+is built; karpathy's stories260K from ``../shared/models``, converted to a temporary
+Hugging Face directory) and each drafter kind (``eagle3``, ``draft-model``), every
+method (``sft``: fixed target trajectories; ``online``: fresh ones each step;
+``opd``: Draft-OPD on-policy weighting) trains for the same number of steps of the
+same batch shape, so for the same number of target tokens. Each trained drafter
+then runs the EAGLE-2 dynamic tree (top-k 10, depth 7) at T = 16 and 60 on held-out
+prompts, greedy and at temperature 1, through the device loop; greedy outputs are
+asserted equal to plain greedy decoding (lossless). Reported per run: the mean
+accepted length (tokens emitted per verify step, the bonus token included) and
+tokens per target pass (prefill included).
+
+Prompts: tiny-sql trains on corpus questions (split ``train``) and is measured on
+the demo prompts of ``specjax generate``; stdlib-code trains on windows of its
+training modules and is measured on its held-out modules; stories260K (no
+tokenizer) uses story openings sampled from the model at BOS, with disjoint seeds
+for training and measurement.
+
+    python benchmarks/bench_drafter_training.py --quick               # minutes: a smoke run
+    python benchmarks/bench_drafter_training.py --targets sql --kinds eagle3 --seeds 0 1 2
+
+Prints a table, writes JSON (``benchmarks/results/drafter_training.json``) and a
+PNG of acceptance against training target tokens (training-time estimate as lines,
+held-out greedy tokens/pass at T = 60 as markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.drafters.draft_model import DraftModelDrafter
+from specjax.drafters.eagle3 import load_eagle3
+from specjax.drafters.training import KINDS, METHODS, TrainOptions, encode_prompts, rollout, train_drafter
+from specjax.engine.device_loop import generate_on_device
+from specjax.engine.engine import Engine
+from specjax.models.embedded import default_model_dir
+from specjax.models.loading import Model, load_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CODE_MODEL_DIR = os.path.join(REPO, "models", "assets", "stdlib-code")
+STORIES_BIN = os.path.join(REPO, "..", "shared", "models", "tinyllamas", "stories260K.bin")
+TARGETS = ("sql", "code", "stories")
+TREE_TOPK, TREE_DEPTH = 10, 7  # EAGLE-2's dynamic tree
+
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    model: Model
+    train_prompts: list  # token-id lists
+    eval_prompts: list
+    seq_len: int
+    max_new_tokens: int
+
+
+# ------------------------------------------------------------------ targets and their prompts
+
+
+def sql_target(n_train: int, n_eval: int) -> Target:
+    from specjax.models.toy_corpus import sql_examples, sql_prompts
+
+    model = load_model(default_model_dir(), dtype=jnp.float32)
+    train = encode_prompts(model, [e.prompt for e in sql_examples(n_train, seed=1000, split="train")])
+    held_out = encode_prompts(model, sql_prompts(n_eval, seed=0))  # the demo prompts of `specjax generate`
+    return Target("sql", model, train, held_out, seq_len=160, max_new_tokens=64)
+
+
+def _code_corpus_module():
+    """``benchmarks/train_code_model.py`` (the code model's build script: its corpus split)."""
+    spec = importlib.util.spec_from_file_location("train_code_model", os.path.join(HERE, "train_code_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def code_windows(model: Model, texts: list[str], n: int, width: int, seed: int) -> list[list[int]]:
+    """``n`` windows of ``width`` tokens starting at line starts of ``texts`` (deterministic in seed)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        text = texts[rng.integers(len(texts))]
+        starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
+        start = starts[rng.integers(len(starts))]
+        ids = model.tokenizer.encode(text[start: start + width * 8]).ids[:width]
+        if len(ids) == width:
+            out.append(ids)
+    return out
+
+
+def code_target(n_train: int, n_eval: int) -> Optional[Target]:
+    if not os.path.isfile(os.path.join(CODE_MODEL_DIR, "config.json")):
+        return None
+    import sysconfig
+
+    corpus = _code_corpus_module()
+    model = load_model(CODE_MODEL_DIR, dtype=jnp.float32)
+    root = sysconfig.get_paths()["stdlib"]
+    train_files, heldout_files = corpus.split_corpus(corpus.corpus_files(root))
+    rng = np.random.default_rng(0)
+    train_files = [train_files[i] for i in rng.choice(len(train_files), min(200, len(train_files)), replace=False)]
+    read = lambda rel: corpus.read_source(os.path.join(root, rel))
+    train = code_windows(model, [read(f) for f in train_files], n_train, 64, seed=1)
+    held_out = code_windows(model, [read(f) for f in heldout_files], n_eval, 64, seed=2)
+    return Target("code", model, train, held_out, seq_len=128, max_new_tokens=64)
+
+
+def story_openings(model: Model, n: int, length: int, seed: int) -> list[list[int]]:
+    """``n`` openings of up to ``length`` tokens sampled from the model at BOS (temperature 1)."""
+    cfg = model.config
+    tokens = np.zeros((n, length + 1), np.int32)
+    tokens[:, 0] = cfg.bos_token_id
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), model.params)
+    filled, lengths = jax.jit(rollout, static_argnames=("cfg", "temperature"))(
+        params, cfg, jnp.asarray(tokens), jnp.ones(n, jnp.int32), jax.random.key(seed), temperature=1.0)
+    filled, lengths = np.asarray(filled), np.asarray(lengths)
+    eos = set(cfg.eos_token_ids)
+    return [[t for t in row[: max(2, int(m))] if t not in eos] or [cfg.bos_token_id]
+            for row, m in zip(filled, lengths)]
+
+
+def stories_target(n_train: int, n_eval: int, work_dir: str) -> Optional[Target]:
+    if not os.path.isfile(STORIES_BIN):
+        return None
+    from specjax.models.llama2c import convert_llama2c
+
+    out = os.path.join(work_dir, "stories260K")
+    convert_llama2c(STORIES_BIN, out)
+    model = load_model(out, dtype=jnp.float32)
+    train = story_openings(model, n_train, 12, seed=1)
+    held_out = story_openings(model, n_eval, 12, seed=2)
+    return Target("stories", model, train, held_out, seq_len=128, max_new_tokens=64)
+
+
+def load_targets(names, n_train: int, n_eval: int, work_dir: str) -> list[Target]:
+    makers: dict[str, Callable[[], Optional[Target]]] = {
+        "sql": lambda: sql_target(n_train, n_eval), "code": lambda: code_target(n_train, n_eval),
+        "stories": lambda: stories_target(n_train, n_eval, work_dir)}
+    out = []
+    for name in names:
+        target = makers[name]()
+        if target is None:
+            print(f"skipping target {name!r}: its weights are not here", file=sys.stderr)
+        else:
+            out.append(target)
+    return out
+
+
+# ------------------------------------------------------------------ measurement
+
+
+def plain_greedy(target: Target, batch_size: int) -> list[list[int]]:
+    engine = Engine(target.model, None, draft_capacity=0, max_batch_size=batch_size)
+    return [r.token_ids for r in engine.generate(target.eval_prompts, max_new_tokens=target.max_new_tokens)]
+
+
+def make_drafter(kind: str, out_dir: str, target: Target, capacity: int):
+    shape = dict(capacity=capacity, topk=min(TREE_TOPK, capacity), depth=TREE_DEPTH)
+    if kind == "eagle3":
+        return load_eagle3(out_dir, target.model, dtype=jnp.float32, **shape)
+    draft = load_model(out_dir, dtype=jnp.float32)
+    return DraftModelDrafter(draft, target.model.config.vocab_size, **shape)
+
+
+def measure(target: Target, drafter, temperature: float, batch_size: int, seed: int) -> dict:
+    """Mean accepted length (tokens per verify step, bonus included) and tokens per target pass."""
+    engine = Engine(target.model, drafter, max_batch_size=batch_size)
+    start = time.perf_counter()
+    results = generate_on_device(engine, target.eval_prompts, target.max_new_tokens, temperature=temperature,
+                                 seed=seed)
+    wall = time.perf_counter() - start
+    tokens = sum(len(r.token_ids) for r in results)
+    passes = sum(r.target_passes for r in results)
+    steps = passes - len(results)  # the prefill pass gives each row its first token
+    return {"tokens": tokens, "target_passes": passes, "tokens_per_pass": tokens / passes,
+            "mean_accepted_length": (tokens - len(results)) / max(steps, 1), "wall_s_with_compile": wall,
+            "token_ids": [r.token_ids for r in results]}
+
+
+def train_and_measure(target: Target, kind: str, method: str, seed: int, args, work_dir: str,
+                      reference: list[list[int]]) -> dict:
+    out_dir = os.path.join(work_dir, f"{target.name}-{kind}-{method}-s{seed}")
+    opts = TrainOptions(batch_size=args.batch_size, seq_len=target.seq_len, lr=args.lr, seed=seed,
+                        save_every=10 ** 9, keep=1)
+    start = time.perf_counter()
+    result = train_drafter(target.model, kind, method, args.steps, out_dir, prompts=target.train_prompts,
+                           options=opts, progress=not args.no_progress)
+    train_s = time.perf_counter() - start
+    h = result.history
+    row = {"target": target.name, "kind": kind, "method": method, "seed": seed, "steps": args.steps,
+           "target_tokens": args.steps * args.batch_size * target.seq_len, "train_s": train_s,
+           "train_curve": {"target_tokens": [s * args.batch_size * target.seq_len for s in h["step"]],
+                           "tokens_per_pass_estimate": h["tokens_per_pass"], "loss": h["loss"]},
+           "eval": []}
+    for capacity in args.capacities:
+        drafter = make_drafter(kind, out_dir, target, capacity)
+        for temperature in args.temperatures:
+            m = measure(target, drafter, temperature, args.eval_batch_size, seed=seed)
+            ids = m.pop("token_ids")
+            if temperature == 0.0:
+                m["identical_to_plain_greedy"] = ids == reference
+                assert m["identical_to_plain_greedy"], (
+                    f"{target.name} {kind} {method} seed {seed} T={capacity}: greedy output differs from plain greedy")
+            row["eval"].append({"capacity": capacity, "temperature": temperature, **m})
+    return row
+
+
+# ------------------------------------------------------------------ report
+
+
+def headline(row: dict, capacity: Optional[int] = None, temperature: float = 0.0) -> Optional[float]:
+    """Held-out tokens per pass at tree size ``capacity`` (default: the largest measured)."""
+    capacity = capacity or max(e["capacity"] for e in row["eval"])
+    for e in row["eval"]:
+        if e["capacity"] == capacity and e["temperature"] == temperature:
+            return e["tokens_per_pass"]
+    return None
+
+
+def compare_methods(rows: list[dict], capacity: int) -> list[dict]:
+    """opd vs sft per (target, kind): mean and spread (max - min over seeds) of greedy tokens/pass at T."""
+    out = []
+    for tname in sorted({r["target"] for r in rows}):
+        for kind in sorted({r["kind"] for r in rows}):
+            stats = {}
+            for method in METHODS:
+                vals = [headline(r, capacity) for r in rows
+                        if (r["target"], r["kind"], r["method"]) == (tname, kind, method)]
+                vals = [v for v in vals if v is not None]
+                if vals:
+                    stats[method] = {"values": vals, "mean": float(np.mean(vals)),
+                                     "spread": float(np.max(vals) - np.min(vals)), "seeds": len(vals)}
+            if "sft" in stats and "opd" in stats:
+                margin = stats["opd"]["mean"] - stats["sft"]["mean"]
+                spread = max(stats["opd"]["spread"], stats["sft"]["spread"])
+                stats["opd_minus_sft"] = margin
+                stats["opd_beats_sft_beyond_spread"] = bool(min(stats["opd"]["values"]) > max(stats["sft"]["values"])
+                                                            and margin > spread)
+            if stats:
+                out.append({"target": tname, "kind": kind, "capacity": capacity, **stats})
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'target':<8}{'kind':<12}{'method':<8}{'seed':>5}{'tokens':>9}{'train s':>9}{'T':>4}{'temp':>6}"
+              f"{'acc len':>9}{'tok/pass':>10}{'lossless':>10}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        for e in r["eval"]:
+            lossless = e.get("identical_to_plain_greedy")
+            print(f"{r['target']:<8}{r['kind']:<12}{r['method']:<8}{r['seed']:>5}{r['target_tokens']:>9}"
+                  f"{r['train_s']:>9.0f}{e['capacity']:>4}{e['temperature']:>6.1f}{e['mean_accepted_length']:>9.2f}"
+                  f"{e['tokens_per_pass']:>10.2f}{'-' if lossless is None else str(lossless):>10}")
+
+
+def plot(rows: list[dict], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    targets = sorted({r["target"] for r in rows})
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4), squeeze=False)
+    colors = {"sft": "tab:blue", "online": "tab:orange", "opd": "tab:green"}
+    for ax, tname in zip(axes[0], targets):
+        for r in (r for r in rows if r["target"] == tname):
+            c = r["train_curve"]
+            y = np.asarray(c["tokens_per_pass_estimate"], float)
+            smooth = np.convolve(y, np.ones(min(10, len(y))) / min(10, len(y)), mode="valid")
+            style = "-" if r["kind"] == "eagle3" else "--"
+            label = f"{r['kind']} {r['method']}" if r["seed"] == min(x["seed"] for x in rows) else None
+            ax.plot(c["target_tokens"][len(y) - len(smooth):], smooth, style, color=colors[r["method"]],
+                    alpha=0.6, label=label)
+            final = headline(r)
+            if final is not None:
+                ax.plot([r["target_tokens"]], [final], "o" if r["kind"] == "eagle3" else "s",
+                        color=colors[r["method"]])
+        ax.set_title(f"{tname}: training chain estimate (lines), held-out greedy, largest T (markers)",
+                     fontsize=9)
+        ax.set_xlabel("training target tokens")
+        ax.set_ylabel("tokens per target pass")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------ main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--steps", type=int, default=300, help="training steps per run (same for every method)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--capacities", nargs="+", type=int, default=[16, 60], help="tree sizes T measured")
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    p.add_argument("--train-prompts", type=int, default=2000)
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 8 held-out prompts, T = 16")
+    p.add_argument("--keep-drafters", help="keep the trained drafter directories here (default: a temp dir)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "drafter_training.json"))
+    p.add_argument("--plot", help="PNG path (default: the JSON path with .png)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_prompts, args.capacities, args.train_prompts = 20, 8, [16], 64
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="specjax-bench-") as tmp:
+        work_dir = args.keep_drafters or tmp
+        os.makedirs(work_dir, exist_ok=True)
+        targets = load_targets(args.targets, args.train_prompts, args.eval_prompts, tmp)
+        rows = []
+        for target in targets:
+            reference = plain_greedy(target, args.eval_batch_size)
+            for kind in args.kinds:
+                for method in args.methods:
+                    for seed in args.seeds:
+                        rows.append(train_and_measure(target, kind, method, seed, args, work_dir, reference))
+                        print(f"done {target.name} {kind} {method} seed {seed}: greedy tokens/pass at the largest T "
+                              f"{headline(rows[-1])}", file=sys.stderr, flush=True)
+    print(f"backend: {jax.default_backend()}  steps: {args.steps}  batch: {args.batch_size}  "
+          f"held-out prompts: {args.eval_prompts}  tree: top-k {TREE_TOPK}, depth {TREE_DEPTH}")
+    print_table(rows)
+    comparison = compare_methods(rows, max(args.capacities))
+    for c in comparison:
+        parts = [f"{m} {c[m]['mean']:.2f} (spread {c[m]['spread']:.2f}, {c[m]['seeds']} seeds)"
+                 for m in METHODS if m in c]
+        extra = ""
+        if "opd_minus_sft" in c:
+            extra = f"; opd - sft = {c['opd_minus_sft']:+.2f}, beyond spread: {c['opd_beats_sft_beyond_spread']}"
+        print(f"{c['target']} {c['kind']} greedy T={c['capacity']} tokens/pass: " + ", ".join(parts) + extra)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                   "args": vars(args), "tree": {"topk": TREE_TOPK, "depth": TREE_DEPTH},
+                   "runs": rows, "opd_vs_sft": comparison}, f, indent=1)
+    print(f"wrote {args.out}")
+    png = args.plot or os.path.splitext(args.out)[0] + ".png"
+    if plot(rows, png):
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
