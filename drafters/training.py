@@ -55,6 +55,7 @@ directory) read, ``history.json``, ``curves.png``, and orbax checkpoints in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -157,6 +158,9 @@ def rollout(params, cfg: ModelConfig, tokens: jax.Array, prompt_lengths: jax.Arr
     init = (tokens, prompt_lengths.astype(jnp.int32), jnp.zeros(b, bool), out.cache, logits, key)
     tokens, lengths, *_ = jax.lax.while_loop(cond, body, init)
     return tokens, lengths
+
+
+rollout_jit = jax.jit(rollout, static_argnames=("cfg", "temperature"))
 
 
 # ------------------------------------------------------------------ EAGLE-3: the training-time test
@@ -305,9 +309,38 @@ def _metrics(match, valid, weight_mask):
     return top1, 1.0 + jnp.sum(jnp.where(chains, accepted, 0)) / n
 
 
-def make_loss(kind: str, method: str, target: Model, dcfg, opts: TrainOptions, hidden_layers, frozen):
-    """loss(params, target_params, tokens, valid_lengths, prompt_lengths) -> (loss, metrics)."""
-    tcfg, k = target.config, opts.ttt_steps
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about a train step (hashable: one compile serves every run alike)."""
+
+    kind: str
+    method: str
+    target_cfg: ModelConfig
+    drafter_cfg: object  # Eagle3Config or ModelConfig
+    options: TrainOptions
+    hidden_layers: tuple
+    steps: int
+
+
+def make_optimizer_for(spec: StepSpec) -> optax.GradientTransformation:
+    opts = spec.options
+    warmup = spec.steps // 10 if opts.warmup_steps is None else opts.warmup_steps
+    return make_optimizer(opts.lr, spec.steps, warmup, opts.weight_decay)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def train_step(params, opt_state, frozen, tparams, tokens, valid, plen, *, spec: StepSpec):
+    """One AdamW step on the distillation loss; returns (params, opt_state, loss, top1, tokens/pass)."""
+    loss_fn = make_loss(spec.kind, spec.method, spec.target_cfg, spec.drafter_cfg, spec.options, spec.hidden_layers)
+    (loss, (top1, tpp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, tparams, tokens, valid,
+                                                                           plen)
+    updates, opt_state = make_optimizer_for(spec).update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, top1, tpp
+
+
+def make_loss(kind: str, method: str, tcfg: ModelConfig, dcfg, opts: TrainOptions, hidden_layers):
+    """loss(params, frozen, target_params, tokens, valid_lengths, prompt_lengths) -> (loss, metrics)."""
+    k = opts.ttt_steps
 
     def chain_weights(match, valid, prompt_lengths, first_root_offset):
         s = match.shape[2]
@@ -318,7 +351,7 @@ def make_loss(kind: str, method: str, target: Model, dcfg, opts: TrainOptions, h
             base = base * opd_weights(match, valid, prompt_lengths - first_root_offset, opts.opd_weight)
         return base * valid, in_gen
 
-    def eagle3_loss(params, tparams, tokens, valid_lengths, prompt_lengths):
+    def eagle3_loss(params, frozen, tparams, tokens, valid_lengths, prompt_lengths):
         b, s = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         x, _, hidden = forward_hidden(tparams, tcfg, tokens, positions, KVCache.zeros(tcfg, b, s), jnp.zeros(b, jnp.int32),
@@ -342,7 +375,7 @@ def make_loss(kind: str, method: str, target: Model, dcfg, opts: TrainOptions, h
             loss = loss + opts.feature_weight * jnp.sum(weights * l1) / jnp.maximum(jnp.sum(weights[0] > 0), 1)
         return loss, _metrics(match, valid, in_gen)
 
-    def draft_model_loss(params, tparams, tokens, valid_lengths, prompt_lengths):
+    def draft_model_loss(params, frozen, tparams, tokens, valid_lengths, prompt_lengths):
         b, s = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         mask = causal_mask(b, s, valid_lengths)
@@ -575,26 +608,18 @@ def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: st
         dcfg, params = init_draft_model(target, opts.draft_layers, opts.draft_hidden, init_key)
         frozen = {}
         hf_config = draft_model_hf_config(tcfg, opts.draft_layers, opts.draft_hidden)
-    optimizer = make_optimizer(opts.lr, steps, steps // 10 if opts.warmup_steps is None else opts.warmup_steps,
-                               opts.weight_decay)
-    loss_fn = make_loss(kind, method, target, dcfg, opts, hidden_layers, frozen)
+    spec = StepSpec(kind, method, tcfg, dcfg, opts, tuple(hidden_layers), steps)
+    optimizer = make_optimizer_for(spec)
 
     mesh = _data_mesh(opts.batch_size)
     place_batch = (lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))) if mesh else jnp.asarray
     replicate = (lambda t: jax.device_put(t, NamedSharding(mesh, PartitionSpec()))) if mesh else (lambda t: t)
-    tparams, params = replicate(tparams), replicate(params)
-
-    @jax.jit
-    def train_step(params, opt_state, tparams, tokens, valid, plen):
-        (loss, (top1, tpp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tparams, tokens, valid, plen)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, top1, tpp
-
-    roll = jax.jit(rollout, static_argnames=("cfg", "temperature"))
+    tparams, params, frozen = replicate(tparams), replicate(params), replicate(frozen)
 
     def continue_prompts(position: int, rkey):
         tokens, plen = prompt_batch(prompts, position, opts.batch_size, opts.seq_len)
-        tokens, valid = roll(tparams, tcfg, place_batch(tokens), place_batch(plen), rkey, temperature=temperature)
+        tokens, valid = rollout_jit(tparams, tcfg, place_batch(tokens), place_batch(plen), rkey,
+                                    temperature=temperature)
         return tokens, valid, place_batch(plen)
 
     pool = None
@@ -634,7 +659,8 @@ def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: st
     ema = None
     while state.step < steps:
         (tokens, valid, plen), rng = next_batch(state)
-        params, opt_state, loss, top1, tpp = train_step(state.params, state.opt_state, tparams, tokens, valid, plen)
+        params, opt_state, loss, top1, tpp = train_step(state.params, state.opt_state, frozen, tparams, tokens,
+                                                        valid, plen, spec=spec)
         state = TrainState(params, opt_state, state.step + 1, state.data_position + opts.batch_size, rng)
         row = [float(loss), float(top1), float(tpp)]
         for name, value in zip(("loss", "top1", "tokens_per_pass"), row):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -123,6 +124,7 @@ def test_save_safetensors_and_plot(tmp_path):
 from engine_helpers import tiny_model  # noqa: E402
 
 from specjax.drafters import training as dt  # noqa: E402
+from specjax.engine.sampling import SamplingParams  # noqa: E402
 from specjax.drafters.eagle3 import Eagle3Drafter, default_hidden_layers, fuse_features, load_eagle3  # noqa: E402
 from specjax.models.decoder import KVCache, causal_mask, forward_hidden, lm_head  # noqa: E402
 
@@ -139,20 +141,26 @@ def _prompts(n=8, seed=0):
     return [list(rng.integers(2, 64, size=int(rng.integers(3, 8)))) for _ in range(n)]
 
 
-def _greedy_rows(target, seq_len=16):
+def _greedy_rows(target, seq_len=24):
     tokens, plen = dt.prompt_batch(_prompts(), 0, 4, seq_len)
-    tokens, valid = dt.rollout(target.params, target.config, jnp.asarray(tokens), jnp.asarray(plen),
-                               jax.random.key(0), 0.0)
+    tokens, valid = dt.rollout_jit(target.params, target.config, jnp.asarray(tokens), jnp.asarray(plen),
+                                   jax.random.key(0), temperature=0.0)
     return np.asarray(tokens), np.asarray(valid), plen
 
 
-def _target_outputs(target, tokens, valid, hidden_layers=()):
+@functools.partial(jax.jit, static_argnames=("cfg", "hidden_layers"))
+def _forward(params, tokens, valid, *, cfg, hidden_layers):
     b, s = tokens.shape
-    x, _, hidden = forward_hidden(target.params, target.config, jnp.asarray(tokens),
-                                  jnp.broadcast_to(jnp.arange(s), (b, s)), KVCache.zeros(target.config, b, s),
-                                  jnp.zeros(b, jnp.int32), causal_mask(b, s, jnp.asarray(valid)),
+    x, _, hidden = forward_hidden(params, cfg, tokens, jnp.broadcast_to(jnp.arange(s), (b, s)),
+                                  KVCache.zeros(cfg, b, s), jnp.zeros(b, jnp.int32), causal_mask(b, s, valid),
                                   hidden_layers=hidden_layers)
-    return np.asarray(lm_head(target.params, target.config, x)), hidden
+    return lm_head(params, cfg, x), hidden
+
+
+def _target_outputs(target, tokens, valid, hidden_layers=()):
+    logits, hidden = _forward(target.params, jnp.asarray(tokens), jnp.asarray(valid), cfg=target.config,
+                              hidden_layers=tuple(hidden_layers))
+    return np.asarray(logits), hidden
 
 
 def test_ttt_alignment_hand_checked():
@@ -206,10 +214,10 @@ def test_unroll_equals_the_drafters_own_chain(target):
     p = len(prompt)
     _, hidden = _target_outputs(target, prompt[None], np.asarray([p]), layers)
     root = 5
-    dstate = drafter.prefill(params, drafter.init_state(1, 64), jnp.asarray(prompt[None]), jnp.asarray([p]),
-                             jnp.asarray([root]), hidden)
-    tree, _ = drafter.propose(params, dstate, jnp.asarray([root]), jnp.asarray([p]),
-                              type("Greedy", (), {"temperature": 0.0}), jax.random.key(0))
+    dstate = jax.jit(drafter.prefill)(params, drafter.init_state(1, 64), jnp.asarray(prompt[None]),
+                                      jnp.asarray([p]), jnp.asarray([root]), hidden)
+    tree, _ = jax.jit(drafter.propose)(params, dstate, jnp.asarray([root]), jnp.asarray([p]),
+                                       SamplingParams.make(1, 0.0), jax.random.key(0))
     chain = np.asarray(tree.tokens[0]).tolist()
     assert np.asarray(tree.parents[0]).tolist() == [-1, 0, 1]
     seq = np.concatenate([prompt, [root], chain]).astype(np.int32)[None]
