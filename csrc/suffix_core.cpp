@@ -11,6 +11,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <new>
 #include <cstdint>
 #include <unordered_map>
 #include <utility>
@@ -674,7 +675,7 @@ struct AutomatonObject {
 
 extern PyTypeObject AutomatonType;
 
-// Token ids from any iterable of ints (already validated by the caller as 0 <= id < 2**31).
+// Token ids from any iterable of ints in [0, 2**31).
 bool read_tokens(PyObject* obj, std::vector<int32_t>& out) {
   PyObject* seq = PySequence_Fast(obj, "expected a sequence of token ids");
   if (seq == nullptr) return false;
@@ -682,8 +683,9 @@ bool read_tokens(PyObject* obj, std::vector<int32_t>& out) {
   PyObject** items = PySequence_Fast_ITEMS(seq);
   out.resize(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    long value = PyLong_AsLong(items[i]);
-    if (value == -1 && PyErr_Occurred()) {
+    long long value = PyLong_AsLongLong(items[i]);
+    if ((value == -1 && PyErr_Occurred()) || value < 0 || value > INT32_MAX) {
+      if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "token ids must be in [0, 2**31), got %lld", value);
       Py_DECREF(seq);
       return false;
     }
@@ -750,11 +752,7 @@ void automaton_dealloc(PyObject* obj) {
 PyObject* automaton_extend(PyObject* self, PyObject* tokens) {
   std::vector<int32_t> values;
   if (!read_tokens(tokens, values)) return nullptr;
-  try {
-    reinterpret_cast<AutomatonObject*>(self)->core->extend(values);
-  } catch (const std::bad_alloc&) {
-    return PyErr_NoMemory();
-  }
+  reinterpret_cast<AutomatonObject*>(self)->core->extend(values);
   Py_RETURN_NONE;
 }
 
@@ -894,17 +892,27 @@ PyObject* automaton_count_depth(PyObject* self, void*) {
   return PyLong_FromLongLong(reinterpret_cast<AutomatonObject*>(self)->core->count_depth);
 }
 
+// A C++ allocation failure becomes Python's MemoryError instead of terminating the interpreter.
+template <PyObject* (*F)(PyObject*, PyObject*)>
+PyObject* guarded(PyObject* self, PyObject* args) {
+  try {
+    return F(self, args);
+  } catch (const std::bad_alloc&) {
+    return PyErr_NoMemory();
+  }
+}
+
 PyMethodDef automaton_methods[] = {
-    {"extend", automaton_extend, METH_O, "Append tokens to the current sequence."},
-    {"end_sequence", automaton_end_sequence, METH_NOARGS, "Start a new sequence."},
-    {"remove", automaton_remove, METH_O, "Subtract one previously added sequence from the counts."},
-    {"count_of", automaton_count_of, METH_O, "Occurrences of a non-empty pattern."},
-    {"advance", automaton_advance, METH_VARARGS, "advance(state, matched, tokens, max_len) -> (state, matched)."},
-    {"match", automaton_match, METH_VARARGS, "match(context, max_len) -> (state, matched)."},
-    {"suffix_of_length", automaton_suffix_of_length, METH_VARARGS, "The state holding the suffix of max_len tokens."},
-    {"tail_state", automaton_tail_state, METH_O, "State and length of the current sequence's suffix."},
-    {"ranked_children", automaton_ranked_children, METH_O, "Live continuations as (count, stamp, token, state)."},
-    {"children", automaton_children, METH_O, "(token, state) for every transition, dead ones included, by token."},
+    {"extend", guarded<automaton_extend>, METH_O, "Append tokens to the current sequence."},
+    {"end_sequence", guarded<automaton_end_sequence>, METH_NOARGS, "Start a new sequence."},
+    {"remove", guarded<automaton_remove>, METH_O, "Subtract one previously added sequence from the counts."},
+    {"count_of", guarded<automaton_count_of>, METH_O, "Occurrences of a non-empty pattern."},
+    {"advance", guarded<automaton_advance>, METH_VARARGS, "advance(state, matched, tokens, max_len) -> (state, matched)."},
+    {"match", guarded<automaton_match>, METH_VARARGS, "match(context, max_len) -> (state, matched)."},
+    {"suffix_of_length", guarded<automaton_suffix_of_length>, METH_VARARGS, "The state holding the suffix of max_len tokens."},
+    {"tail_state", guarded<automaton_tail_state>, METH_O, "State and length of the current sequence's suffix."},
+    {"ranked_children", guarded<automaton_ranked_children>, METH_O, "Live continuations as (count, stamp, token, state)."},
+    {"children", guarded<automaton_children>, METH_O, "(token, state) for every transition, dead ones included, by token."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyGetSetDef automaton_getset[] = {
@@ -1105,9 +1113,9 @@ PyObject* core_learn(PyObject*, PyObject* args) {
 }
 
 PyMethodDef module_methods[] = {
-    {"best_draft", core_best_draft, METH_VARARGS, "SuffixIndex._best_draft over one automaton."},
-    {"budgeted_draft", core_budgeted_draft, METH_VARARGS, "The candidate walk and draft_merged of budgeted mode."},
-    {"learn", core_learn, METH_VARARGS, "NodeCalibration.learn on a packed draft."},
+    {"best_draft", guarded<core_best_draft>, METH_VARARGS, "SuffixIndex._best_draft over one automaton."},
+    {"budgeted_draft", guarded<core_budgeted_draft>, METH_VARARGS, "The candidate walk and draft_merged of budgeted mode."},
+    {"learn", guarded<core_learn>, METH_VARARGS, "NodeCalibration.learn on a packed draft."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_suffix_core",

@@ -198,3 +198,10 @@ def test_compiled_index_drafts_equal_the_reference_on_random_requests(seed, budg
             for index in indexes:
                 index.stop_request(rid)
     assert indexes[0].calibration.stats == indexes[1].calibration.stats
+
+
+@needs_core
+@pytest.mark.parametrize("tokens", [[2**31], [-1]])
+def test_the_compiled_automaton_rejects_ids_outside_int32(tokens):
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 2\*\*31\)"):
+        core.SuffixAutomaton(4).extend(tokens)
