@@ -196,13 +196,19 @@ def train_and_measure(target: Target, kind: str, method: str, seed: int, args, w
     out_dir = os.path.join(work_dir, f"{target.name}-{kind}-{method}-s{seed}")
     opts = TrainOptions(batch_size=args.batch_size, seq_len=target.seq_len, lr=args.lr, seed=seed,
                         save_every=10 ** 9, keep=1)
+    history_path = os.path.join(out_dir, "history.json")
     start = time.perf_counter()
-    result = train_drafter(target.model, kind, method, args.steps, out_dir, prompts=target.train_prompts,
-                           options=opts, progress=not args.no_progress)
+    reused = bool(args.reuse_trained) and _trained_for(history_path, args.steps, opts)
+    if reused:
+        with open(history_path) as f:  # measured again, not retrained (same steps and options)
+            h = json.load(f)["history"]
+    else:
+        h = train_drafter(target.model, kind, method, args.steps, out_dir, prompts=target.train_prompts,
+                          options=opts, progress=not args.no_progress).history
     train_s = time.perf_counter() - start
-    h = result.history
     row = {"target": target.name, "kind": kind, "method": method, "seed": seed, "steps": args.steps,
            "target_tokens": args.steps * args.batch_size * target.seq_len, "train_s": train_s,
+           "reused_trained": reused,
            "train_curve": {"target_tokens": [s * args.batch_size * target.seq_len for s in h["step"]],
                            "tokens_per_pass_estimate": h["tokens_per_pass"], "loss": h["loss"]},
            "eval": []}
@@ -217,6 +223,15 @@ def train_and_measure(target: Target, kind: str, method: str, seed: int, args, w
                     f"{target.name} {kind} {method} seed {seed} T={capacity}: greedy output differs from plain greedy")
             row["eval"].append({"capacity": capacity, "temperature": temperature, **m})
     return row
+
+
+def _trained_for(history_path: str, steps: int, opts: TrainOptions) -> bool:
+    """Whether ``history_path`` records a finished run of ``steps`` steps with these options."""
+    if not os.path.isfile(history_path):
+        return False
+    with open(history_path) as f:
+        done = json.load(f)
+    return done["history"]["step"][-1:] == [steps] and done["options"] == dataclasses.asdict(opts)
 
 
 # ------------------------------------------------------------------ report
@@ -322,6 +337,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 8 held-out prompts, T = 16")
     p.add_argument("--keep-drafters", help="keep the trained drafter directories here (default: a temp dir)")
+    p.add_argument("--reuse-trained", action="store_true",
+                   help="with --keep-drafters: measure a drafter already trained there (same steps and options) "
+                        "instead of training it again")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results", "drafter_training.json"))
     p.add_argument("--plot", help="PNG path (default: the JSON path with .png)")
@@ -335,40 +353,48 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="specjax-bench-") as tmp:
         work_dir = args.keep_drafters or tmp
         os.makedirs(work_dir, exist_ok=True)
         targets = load_targets(args.targets, args.train_prompts, args.eval_prompts, tmp)
-        rows = []
         for target in targets:
             reference = plain_greedy(target, args.eval_batch_size)
             for kind in args.kinds:
-                for method in args.methods:
-                    for seed in args.seeds:
+                for seed in args.seeds:  # seeds outermost: an interrupted run still compares methods
+                    for method in args.methods:
                         rows.append(train_and_measure(target, kind, method, seed, args, work_dir, reference))
                         print(f"done {target.name} {kind} {method} seed {seed}: greedy tokens/pass at the largest T "
-                              f"{headline(rows[-1])}", file=sys.stderr, flush=True)
+                              f"{headline(rows[-1]):.2f}", file=sys.stderr, flush=True)
+                        write_json(args, rows)  # after every run: partial results survive an interruption
+    report(args, rows)
+    return 0
+
+
+def write_json(args, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                   "args": vars(args), "tree": {"topk": TREE_TOPK, "depth": TREE_DEPTH},
+                   "runs": rows, "opd_vs_sft": compare_methods(rows, max(args.capacities))}, f, indent=1)
+
+
+def report(args, rows: list[dict]) -> None:
     print(f"backend: {jax.default_backend()}  steps: {args.steps}  batch: {args.batch_size}  "
           f"held-out prompts: {args.eval_prompts}  tree: top-k {TREE_TOPK}, depth {TREE_DEPTH}")
     print_table(rows)
-    comparison = compare_methods(rows, max(args.capacities))
-    for c in comparison:
+    for c in compare_methods(rows, max(args.capacities)):
         parts = [f"{m} {c[m]['mean']:.2f} (spread {c[m]['spread']:.2f}, {c[m]['seeds']} seeds)"
                  for m in METHODS if m in c]
         extra = ""
         if "opd_minus_sft" in c:
             extra = f"; opd - sft = {c['opd_minus_sft']:+.2f}, beyond spread: {c['opd_beats_sft_beyond_spread']}"
         print(f"{c['target']} {c['kind']} greedy T={c['capacity']} tokens/pass: " + ", ".join(parts) + extra)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-                   "args": vars(args), "tree": {"topk": TREE_TOPK, "depth": TREE_DEPTH},
-                   "runs": rows, "opd_vs_sft": comparison}, f, indent=1)
+    write_json(args, rows)
     print(f"wrote {args.out}")
     png = args.plot or os.path.splitext(args.out)[0] + ".png"
     if plot(rows, png):
         print(f"wrote {png}")
-    return 0
 
 
 if __name__ == "__main__":
