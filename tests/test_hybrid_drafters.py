@@ -250,13 +250,21 @@ def near_copy(model: Model, noise: float, seed: int) -> Model:
         treedef, [x + noise * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
 
 
-def exact_tables(temperature: float) -> tuple:
-    """P(t1), P(t2 | t1), P(t3 | t1, t2) of the target after PROMPT, by running every continuation."""
+@jax.jit
+def _all_continuation_logits() -> jax.Array:
+    """Logits [V * V, len(PROMPT) + 2, V] of PROMPT followed by every pair (t1, t2); compiled once."""
     seqs = jnp.array([PROMPT + [a, b] for a, b in itertools.product(range(V), repeat=2)])
     b, t = seqs.shape
-    logits = forward(SMALL.params, SMALL.config, seqs, jnp.broadcast_to(jnp.arange(t), (b, t)),
-                     KVCache.zeros(SMALL.config, b, t), jnp.zeros(b, jnp.int32), causal_mask(b, t)).logits
-    probs = np.asarray(jax.nn.softmax(logits / temperature, axis=-1), np.float64).reshape(V, V, t, V)
+    return forward(SMALL.params, SMALL.config, seqs, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                   KVCache.zeros(SMALL.config, b, t), jnp.zeros(b, jnp.int32), causal_mask(b, t)).logits
+
+
+def exact_tables(temperature: float) -> tuple:
+    """P(t1), P(t2 | t1), P(t3 | t1, t2) of the target after PROMPT, by running every continuation."""
+    logits = np.asarray(_all_continuation_logits(), np.float64) / temperature
+    t = logits.shape[1]
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = (probs / probs.sum(axis=-1, keepdims=True)).reshape(V, V, t, V)
     return probs[0, 0, len(PROMPT) - 1], probs[:, 0, len(PROMPT)], probs[:, :, len(PROMPT) + 1]
 
 
