@@ -12,13 +12,15 @@ import sys
 import time
 from typing import Optional, Sequence
 
-DRAFTERS = ("suffix", "prompt-lookup", "draft-model", "eagle3", "token-recycling", "graft", "taps", "none")
+DRAFTERS = ("auto", "suffix", "prompt-lookup", "draft-model", "eagle3", "token-recycling", "graft", "taps", "none")
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors); "
                                    "default: the embedded tiny text-to-SQL model")
-    p.add_argument("--drafter", choices=DRAFTERS, default="suffix")
+    p.add_argument("--drafter", choices=DRAFTERS, default="auto",
+                   help="auto (default): with the embedded model, the draft model shipped for it; otherwise "
+                        "the suffix index")
     p.add_argument("--drafter-model", help="directory of the drafter's weights: a Hugging Face causal LM with the "
                                            "target's vocabulary (--drafter draft-model) or an EAGLE-3 head "
                                            "(--drafter eagle3)")
@@ -40,6 +42,11 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="tree slots per sequence and step (T), or 'auto' (default): T chosen per step from "
                         "measured step costs, up to --max-draft-capacity, 0 when drafts do not pay")
     p.add_argument("--max-draft-capacity", type=int, default=16, help="the largest T 'auto' may choose")
+    p.add_argument("--tree-topk", type=int, help="device drafters: children per expanded node (default: the "
+                                                 "drafter directory's specjax_drafter.json, else 4 for "
+                                                 "draft-model, 10 for eagle3)")
+    p.add_argument("--tree-depth", type=int, help="device drafters: tree depth (default: specjax_drafter.json, "
+                                                  "else 6 for draft-model, 7 for eagle3)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -87,15 +94,46 @@ def make_drafter(name: str, target=None, args=None):
         from specjax.drafters.draft_model import DraftModelDrafter
         from specjax.models.loading import load_model
 
-        capacity = fixed or args.max_draft_capacity
+        capacity, topk, depth = _tree_shape(args, fixed, (args.max_draft_capacity, 4, 6))
         return DraftModelDrafter(load_model(args.drafter_model, dtype=dtype), target.config.vocab_size,
-                                 capacity=capacity, topk=min(4, capacity), depth=min(6, capacity))
-    from specjax.drafters.eagle3 import load_eagle3
+                                 capacity=capacity, topk=topk, depth=depth)
+    from specjax.drafters.eagle3 import DEFAULT_CAPACITY, DEFAULT_DEPTH, DEFAULT_TOPK, load_eagle3
 
-    if fixed is None:  # EAGLE-2's defaults: 60 nodes, depth 7, top-k 10
-        return load_eagle3(args.drafter_model, target, dtype=dtype)
-    return load_eagle3(args.drafter_model, target, dtype=dtype, capacity=fixed, topk=min(10, fixed),
-                       depth=min(7, fixed))
+    capacity, topk, depth = _tree_shape(args, fixed, (DEFAULT_CAPACITY, DEFAULT_TOPK, DEFAULT_DEPTH))
+    return load_eagle3(args.drafter_model, target, dtype=dtype, capacity=capacity, topk=topk, depth=depth)
+
+
+RECOMMENDED_TREE = "specjax_drafter.json"  # in a drafter directory: {"tree": {"capacity", "topk", "depth"}}
+
+
+def _tree_shape(args, fixed: Optional[int], defaults: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(capacity, topk, depth): the flags, else the drafter directory's recommended tree, else defaults
+    (top-k and depth never above the capacity)."""
+    import os
+
+    recommended = {}
+    path = os.path.join(args.drafter_model, RECOMMENDED_TREE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            recommended = json.load(f).get("tree", {})
+    capacity = fixed or int(recommended.get("capacity", defaults[0]))
+    topk = getattr(args, "tree_topk", None) or int(recommended.get("topk", min(defaults[1], capacity)))
+    depth = getattr(args, "tree_depth", None) or int(recommended.get("depth", min(defaults[2], capacity)))
+    return capacity, min(topk, capacity), min(depth, capacity)
+
+
+def resolve_drafter(args) -> None:
+    """``--drafter auto``: the draft model shipped for the embedded model when that is the target
+    (trained by ``specjax train-drafter``, see models/assets/README.md), else the suffix index."""
+    if args.drafter != "auto":
+        return
+    from specjax.models.embedded import embedded_drafter_dir
+
+    shipped = embedded_drafter_dir() if args.model is None else None
+    if shipped is not None and not args.drafter_model:
+        args.drafter, args.drafter_model = "draft-model", shipped
+    else:
+        args.drafter = "suffix"
 
 
 def _make_hybrid(name: str, target, args, capacity: int):
@@ -155,8 +193,8 @@ def _run(model, drafter_name, prompts, args, show_progress: bool):
                   top_k=args.top_k, seed=args.seed, stop=args.stop)
     # Warm-up on the same shapes so the timed run measures decoding, not compilation.
     engine.generate(prompts, **kwargs)
-    if drafter_name != "none":  # a fresh drafter: the suffix index must not have seen these outputs
-        engine.drafter = make_drafter(drafter_name, model, args)
+    if drafter_name != "none":
+        _forget_outputs(engine, drafter_name, model, args)
     bar = tqdm(total=len(prompts) * args.max_new_tokens, desc=f"generate ({drafter_name})", unit="tok",
                disable=not show_progress, file=sys.stderr)
     start = time.perf_counter()
@@ -164,6 +202,21 @@ def _run(model, drafter_name, prompts, args, show_progress: bool):
     wall = time.perf_counter() - start
     bar.close()
     return results, wall
+
+
+def _forget_outputs(engine, drafter_name: str, model, args) -> None:
+    """Make the timed run draft without having seen the warm-up's outputs (suffix indexes and
+    Token Recycling's table learn across requests), keeping compiled device drafters compiled."""
+    from specjax.drafters.device import is_device_drafter
+
+    drafter = engine.drafter
+    if hasattr(drafter, "retrieval"):  # Graft: a device drafter plus a host retrieval index
+        drafter.retrieval = make_drafter(args.retrieval)
+    elif is_device_drafter(drafter):
+        if hasattr(drafter, "reset"):
+            drafter.reset()
+    else:
+        engine.drafter = make_drafter(drafter_name, model, args)
 
 
 def _summary(results, wall: float) -> dict:
@@ -186,6 +239,7 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 def generate_main(args) -> int:
     if args.no_spec:
         args.drafter = "none"
+    resolve_drafter(args)
     model = _load(args)
     prompts = _prompts(args)
     results, wall = _run(model, args.drafter, prompts, args, show_progress=not args.json)

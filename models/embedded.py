@@ -8,10 +8,12 @@ for drafter benchmarks).
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from specjax.models.safetensors_io import CheckpointError
 
 EMBEDDED_MODEL = "tiny-sql"
+EMBEDDED_DRAFTER = "tiny-sql-drafter"
 CODE_MODEL = "stdlib-code"
 _BUILD_SCRIPTS = {EMBEDDED_MODEL: "train_tiny_sql.py", CODE_MODEL: "train_code_model.py"}
 
@@ -33,3 +35,9 @@ def default_model_dir() -> str:
 def code_model_dir() -> str:
     """Path of the shipped stdlib code model (a Hugging Face model directory)."""
     return _asset_dir(CODE_MODEL)
+
+
+def embedded_drafter_dir() -> Optional[str]:
+    """Path of the draft model shipped for the embedded model, or None where it is not installed."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", EMBEDDED_DRAFTER)
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
