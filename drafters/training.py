@@ -641,6 +641,9 @@ def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: st
     state = TrainState(params, optimizer.init(params), 0, 0, data_key)
     history = {"step": [], "loss": [], "top1": [], "tokens_per_pass": []}
     history_path = os.path.join(out_dir, "history.json")
+    if not resume and checkpointer.latest_step() is not None:
+        raise FileExistsError(f"{ckpt_dir} already holds checkpoints (step {checkpointer.latest_step()}): "
+                              "resume them (--resume) or choose another output directory")
     if resume:
         restored = checkpointer.restore_latest(state)
         if restored is not None:

@@ -298,6 +298,8 @@ def test_eagle3_trains_resumes_exactly_and_loads_losslessly(target, tmp_path):
     again = dt.train_drafter(target, "eagle3", "opd", 12, other, prompts=_prompts(), options=opts, resume=True,
                              progress=False)
     assert again.history["step"] == list(range(1, 13))
+    with pytest.raises(FileExistsError, match="resume"):
+        dt.train_drafter(target, "eagle3", "opd", 12, other, prompts=_prompts(), options=opts, progress=False)
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(again.params)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
