@@ -28,6 +28,10 @@ Methods (where the token batches come from):
 - ``sft``: target continuations of the prompts generated once, then trained on
   as a fixed dataset (cycled).
 - ``online``: fresh target continuations of the next prompts at every step.
+  With greedy rollouts (``rollout_temperature=0``) of a prompt list that a run
+  goes through at most once, this is the same data as ``sft``; they differ with
+  sampled rollouts (fresh samples every step, e.g. prompts sampled from BOS) or
+  when ``sft_sequences`` makes the fixed pool smaller than the prompt stream.
 - ``opd`` (Draft-OPD, on-policy distillation): the online batch, plus the
   speculative loop run on it with the current drafter. With a lossless loop
   the emitted text is the target's continuation, and a greedy chain of depth
@@ -45,6 +49,9 @@ Methods (where the token batches come from):
   per position: a position takes the largest weight of the terms there, so the
   visited chains, which tile the generated text, leave the rejected positions
   up-weighted.)
+
+With several devices that divide the batch, the batch is sharded over a mesh's
+``data`` axis (params replicated): data parallel, the same math.
 
 Outputs in ``out_dir``: ``config.json`` + ``model.safetensors`` that
 ``load_eagle3`` (EAGLE-3) or ``load_model`` (draft model: a Hugging Face Llama
