@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward, init_params
 from specjax.models.loading import hf_tensor_name
+from specjax.tpu_kernels.tree_attention import new_tokens_attention
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 MAX_FILE_BYTES = 200_000
@@ -203,29 +204,12 @@ def to_hf_tensors(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def causal_self_attention(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, *, layer=None, sm_scale=None):
-    """Attention over the new tokens only, for training windows with an empty KV cache.
-
-    The same math as ``tree_attention_ref`` with ``lengths == 0`` (fp32 softmax over the
-    masked new keys), but differentiable: the reference streams the cached prefix in a
-    ``fori_loop`` with a data-dependent trip count, which reverse mode cannot handle.
-    """
-    b, t, hq, d = q.shape
-    hkv = tree_k.shape[2]
-    scale = d ** -0.5 if sm_scale is None else sm_scale
-    qg = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32) * scale
-    scores = jnp.einsum("btkgd,bukd->bkgtu", qg, tree_k.astype(jnp.float32))
-    scores = jnp.where(tree_mask[:, None, None], scores, -jnp.inf)
-    out = jnp.einsum("bkgtu,bukd->btkgd", jax.nn.softmax(scores, axis=-1), tree_v.astype(jnp.float32))
-    return out.reshape(b, t, hq, d).astype(q.dtype)
-
-
 def next_token_loss(params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy (nats) of full windows ``tokens[B, T]`` (specjax's forward)."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     out = forward(params, cfg, tokens, positions, KVCache.zeros(cfg, b, t), jnp.zeros(b, jnp.int32),
-                  causal_mask(b, t), attention=causal_self_attention)
+                  causal_mask(b, t), attention=new_tokens_attention)
     logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
     # A one-hot product, not take_along_axis: its gradient is a multiply, not a (slow on CPU) scatter.
     return -jnp.mean(jnp.sum(logp * jax.nn.one_hot(tokens[:, 1:], cfg.vocab_size, dtype=logp.dtype), axis=-1))

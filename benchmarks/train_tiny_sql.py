@@ -41,6 +41,7 @@ from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward, init_params
 from specjax.models.loading import hf_tensor_name
 from specjax.models.toy_corpus import sql_examples
+from specjax.tpu_kernels.tree_attention import new_tokens_attention
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -172,7 +173,8 @@ def build_train_step(cfg: ModelConfig, optimizer):
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cache = KVCache.zeros(cfg, b, t)
-        out = forward(params, cfg, tokens, positions, cache, jnp.zeros(b, jnp.int32), causal_mask(b, t, lengths))
+        out = forward(params, cfg, tokens, positions, cache, jnp.zeros(b, jnp.int32), causal_mask(b, t, lengths),
+                      attention=new_tokens_attention)  # differentiable; the cache is empty
         logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
         # A one-hot product, not take_along_axis: its gradient is a multiply, not a (slow on CPU) scatter.
         nll = -jnp.sum(logp * jax.nn.one_hot(tokens[:, 1:], cfg.vocab_size, dtype=logp.dtype), axis=-1)

@@ -162,6 +162,23 @@ def _kernel_backend(impl: str, backend: Optional[str], platform: str, num_tree: 
     return backend or (platform if platform in KERNELS else "tpu")
 
 
+def new_tokens_attention(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, *, layer=None, sm_scale=None):
+    """Attention over the new tokens only (the cache is ignored): for training windows from an empty cache.
+
+    The same math as ``tree_attention_ref`` with ``lengths == 0`` (fp32 softmax over the
+    masked new keys), but differentiable: the reference streams the cached prefix in a
+    ``fori_loop`` with a data-dependent trip count, which reverse mode cannot handle.
+    """
+    b, t, hq, d = q.shape
+    hkv = tree_k.shape[2]
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    qg = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bukd->bkgtu", qg, tree_k.astype(jnp.float32))
+    scores = jnp.where(tree_mask[:, None, None], scores, -jnp.inf)
+    out = jnp.einsum("bkgtu,bukd->btkgd", jax.nn.softmax(scores, axis=-1), tree_v.astype(jnp.float32))
+    return out.reshape(b, t, hq, d).astype(q.dtype)
+
+
 def tree_attention(
     q: jax.Array,
     k_cache: jax.Array,
