@@ -263,8 +263,9 @@ def compare_methods(rows: list[dict], capacity: int) -> list[dict]:
                 margin = stats["opd"]["mean"] - stats["sft"]["mean"]
                 spread = max(stats["opd"]["spread"], stats["sft"]["spread"])
                 stats["opd_minus_sft"] = margin
-                stats["opd_beats_sft_beyond_spread"] = bool(min(stats["opd"]["values"]) > max(stats["sft"]["values"])
-                                                            and margin > spread)
+                several = min(stats["opd"]["seeds"], stats["sft"]["seeds"]) > 1  # one seed has no spread
+                stats["opd_beats_sft_beyond_spread"] = (bool(min(stats["opd"]["values"]) > max(stats["sft"]["values"])
+                                                             and margin > spread) if several else None)
             if stats:
                 out.append({"target": tname, "kind": kind, "capacity": capacity, **stats})
     return out
