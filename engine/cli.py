@@ -19,8 +19,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors); "
                                    "default: the embedded tiny text-to-SQL model")
     p.add_argument("--drafter", choices=DRAFTERS, default="auto",
-                   help="auto (default): with the embedded model, the draft model shipped for it; otherwise "
-                        "the suffix index")
+                   help="auto (default): with the embedded model on a TPU/GPU, the draft model shipped for "
+                        "it; otherwise the suffix index")
     p.add_argument("--drafter-model", help="directory of the drafter's weights: a Hugging Face causal LM with the "
                                            "target's vocabulary (--drafter draft-model) or an EAGLE-3 head "
                                            "(--drafter eagle3)")
@@ -123,14 +123,20 @@ def _tree_shape(args, fixed: Optional[int], defaults: tuple[int, int, int]) -> t
 
 
 def resolve_drafter(args) -> None:
-    """``--drafter auto``: the draft model shipped for the embedded model when that is the target
-    (trained by ``specjax train-drafter``, see models/assets/README.md), else the suffix index."""
-    if args.drafter != "auto":
-        return
+    """``--drafter auto``: with the embedded model on a TPU/GPU, the draft model shipped for it (a
+    verified chain costs about one decode step there); otherwise the suffix index (on a CPU a step's
+    cost grows with the nodes verified, and the chain does not pay: see the README). ``--drafter
+    draft-model`` without ``--drafter-model`` takes the shipped draft model for the embedded model."""
+    import jax
+
     from specjax.models.embedded import embedded_drafter_dir
 
     shipped = embedded_drafter_dir() if args.model is None else None
-    if shipped is not None and not args.drafter_model:
+    if args.drafter == "draft-model" and not args.drafter_model and shipped is not None:
+        args.drafter_model = shipped
+    if args.drafter != "auto":
+        return
+    if shipped is not None and not args.drafter_model and jax.default_backend() != "cpu":
         args.drafter, args.drafter_model = "draft-model", shipped
     else:
         args.drafter = "suffix"
