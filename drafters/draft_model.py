@@ -150,13 +150,23 @@ class DraftModelDrafter:
     def update(self, params, dstate: DraftModelState, accepted, aux=None) -> DraftModelState:
         """Feed the emitted tokens (over the scratch rows) and keep the new root's logits.
 
-        At most depth + 1 tokens are emitted per step, so only that many are fed."""
-        tokens = accepted.tokens[:, : self.shape.depth + 1]
-        b, n = tokens.shape
-        positions = dstate.lengths[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
-        out = forward(params, self.cfg, tokens, positions, dstate.cache, dstate.lengths,
-                      causal_mask(b, n, accepted.num), attention=self.attention)
-        last = jnp.take_along_axis(out.logits, jnp.maximum(accepted.num - 1, 0)[:, None, None], axis=1)[:, 0]
+        At most depth + 1 tokens are emitted per step. A chain already wrote the K/V of
+        its depth-d node at slot ``lengths + d - 1`` while drafting (the scratch row it is
+        fed at), which is where the d-th emitted token goes: only the tokens past the fed
+        part of the chain (the bonus, and the last draft when the whole chain was
+        accepted) run through the draft model."""
+        b = accepted.tokens.shape[0]
+        start = jnp.zeros(b, jnp.int32)
+        n = self.shape.depth + 1
+        if self.shape.topk == 1:
+            start = jnp.minimum(jnp.maximum(accepted.num - 1, 0), self.shape.depth - 1)
+            n = 2
+        offsets = start[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+        tokens = jnp.take_along_axis(accepted.tokens, jnp.minimum(offsets, accepted.tokens.shape[1] - 1), axis=1)
+        valid = accepted.num - start
+        out = forward(params, self.cfg, tokens, dstate.lengths[:, None] + offsets, dstate.cache,
+                      dstate.lengths + start, causal_mask(b, n, valid), attention=self.attention)
+        last = jnp.take_along_axis(out.logits, jnp.maximum(valid - 1, 0)[:, None, None], axis=1)[:, 0]
         fed = accepted.num > 0
         return DraftModelState(out.cache, dstate.lengths + accepted.num,
                                jnp.where(fed[:, None], last, dstate.root_logits))
