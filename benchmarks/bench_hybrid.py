@@ -271,8 +271,8 @@ def main() -> None:
         for name, (runner, factory) in configs.items():
             t0 = time.perf_counter()
             results, nodes = runner(target, factory(), prompts, args)
-            tokens = sum(len(r.token_ids) for r in results)
-            runs[name] = {"tokens_per_pass": tokens / sum(r.target_passes for r in results),
+            tokens, passes = sum(len(r.token_ids) for r in results), sum(r.target_passes for r in results)
+            runs[name] = {"tokens_per_pass": tokens / passes, "tokens": tokens, "target_passes": passes,
                           "nodes_per_step": nodes, "identical": [r.token_ids for r in results] == expected,
                           "wall_s_with_compile": time.perf_counter() - t0}
             print(f"{workload:<8}{name:<24}{runs[name]['tokens_per_pass']:>8.2f} tok/pass"
@@ -288,6 +288,9 @@ def main() -> None:
         json.dump(report, f, indent=2)
     plot(report, args.plot or os.path.splitext(args.out)[0] + ".png")
     print(f"wrote {args.out}")
+    lossy = [f"{w}/{n}" for w, runs in report["runs"].items() for n, r in runs.items() if not r["identical"]]
+    if lossy:
+        raise SystemExit(f"output differs from plain greedy decoding (not lossless): {', '.join(lossy)}")
 
 
 if __name__ == "__main__":
