@@ -343,7 +343,7 @@ def test_graft_forwarding_model_q_is_detected():
     assert chi_square_p(pairs, exact_pair_distribution(0.8)) < 1e-6
 
 
-@pytest.mark.parametrize("routing", ["merged", "confidence"])
+@pytest.mark.parametrize("routing", ["merged", "confidence", "entropy"])
 def test_taps_sampling_keeps_the_distribution(routing):
     """Sampled rows keep the distribution; greedy rows in the same batch stay greedy."""
     drafter = TapsDrafter([near_draft(9), near_draft(10)], V, routing=routing)
