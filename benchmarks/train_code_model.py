@@ -41,13 +41,11 @@ import tokenize
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward, init_params
-from specjax.models.loading import hf_tensor_name
 from specjax.tpu_kernels.tree_attention import new_tokens_attention
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -165,45 +163,6 @@ def model_config(vocab_size: int, eos_id: int, args) -> ModelConfig:
         eos_token_ids=(eos_id,))
 
 
-def hf_config(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope.theta,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": True,
-        "bos_token_id": eos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
-        "torch_dtype": "bfloat16",
-    }
-
-
-def to_hf_tensors(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """specjax param pytree -> {HF tensor name: bf16 numpy array} (layers unstacked)."""
-    out = {}
-    for key, value in params.items():
-        if key == "layers":
-            for name, stacked in value.items():
-                arr = np.asarray(stacked, np.float32)
-                for i in range(cfg.num_layers):
-                    out[hf_tensor_name(("layers", name), i)] = arr[i].astype(ml_dtypes.bfloat16)
-        else:
-            out[hf_tensor_name((key,))] = np.asarray(value, np.float32).astype(ml_dtypes.bfloat16)
-    return out
-
-
 def next_token_loss(params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy (nats) of full windows ``tokens[B, T]`` (specjax's forward)."""
     b, t = tokens.shape
@@ -297,19 +256,12 @@ def check_run_args(checkpoint_dir: str, run_args: dict, resume: bool) -> None:
 
 
 def write_checkpoint_dir(out: str, params, cfg: ModelConfig, tok, eos_id: int, pad_id: int) -> None:
-    from specjax.models.training import save_safetensors
+    from specjax.models.training import export_llama, llama_hf_config, save_tokenizer_files
 
-    os.makedirs(out, exist_ok=True)
-    save_safetensors(os.path.join(out, "model.safetensors"), to_hf_tensors(params, cfg))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(hf_config(cfg, eos_id, pad_id), f, indent=2)
-    with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
-                   "do_sample": False}, f, indent=2)
-    tok.save(os.path.join(out, "tokenizer.json"))
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": PAD,
-                   "bos_token": EOS, "model_max_length": cfg.max_position_embeddings}, f, indent=2)
+    hf_config = llama_hf_config(cfg, tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id,
+                                pad_token_id=pad_id)
+    export_llama(out, params, hf_config)
+    save_tokenizer_files(out, tok, hf_config, EOS, PAD)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -32,15 +32,14 @@ from collections import defaultdict
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward, init_params
-from specjax.models.loading import hf_tensor_name
 from specjax.models.toy_corpus import sql_examples
+from specjax.models.training import export_llama, llama_hf_config, save_tokenizer_files
 from specjax.tpu_kernels.tree_attention import new_tokens_attention
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -56,45 +55,6 @@ def train_tokenizer(texts, vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return tok
-
-
-def hf_config(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope.theta,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": True,
-        "bos_token_id": eos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
-        "torch_dtype": "bfloat16",
-    }
-
-
-def to_hf_tensors(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """specjax param pytree -> {HF tensor name: bf16 numpy array} (layers unstacked)."""
-    out = {}
-    for key, value in params.items():
-        if key == "layers":
-            for name, stacked in value.items():
-                arr = np.asarray(stacked, np.float32)
-                for i in range(cfg.num_layers):
-                    out[hf_tensor_name(("layers", name), i)] = arr[i].astype(ml_dtypes.bfloat16)
-        else:
-            out[hf_tensor_name((key,))] = np.asarray(value, np.float32).astype(ml_dtypes.bfloat16)
-    return out
 
 
 def encode_corpus(tok, examples, eos_id: int):
@@ -272,19 +232,10 @@ def main(argv=None) -> int:
     bar.close()
     train_s = time.perf_counter() - t0
 
-    os.makedirs(args.out, exist_ok=True)
-    from safetensors.numpy import save_file
-
-    save_file(to_hf_tensors(params, cfg), os.path.join(args.out, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(hf_config(cfg, eos_id, pad_id), f, indent=2)
-    with open(os.path.join(args.out, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
-                   "do_sample": False}, f, indent=2)
-    tok.save(os.path.join(args.out, "tokenizer.json"))
-    with open(os.path.join(args.out, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": PAD,
-                   "bos_token": EOS, "model_max_length": cfg.max_position_embeddings}, f, indent=2)
+    hf_config = llama_hf_config(cfg, tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id,
+                                pad_token_id=pad_id)
+    export_llama(args.out, params, hf_config)
+    save_tokenizer_files(args.out, tok, hf_config, EOS, PAD)
 
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump({"seed": args.seed, "num_examples": args.num_examples,

@@ -81,9 +81,9 @@ from specjax.models.config import ModelConfig
 from specjax.models.decoder import (KVCache, causal_mask, forward, forward_hidden, init_params, linear, lm_head,
                                     mlp_block, qkv_projection, rms_norm)
 from specjax.models.rope import inverse_frequencies
-from specjax.models.loading import Model, hf_tensor_name
-from specjax.models.training import (TrainCheckpointer, TrainState, make_optimizer, plot_curves,
-                                     save_safetensors)
+from specjax.models.loading import Model
+from specjax.models.training import (TrainCheckpointer, TrainState, export_llama, llama_hf_config, make_optimizer,
+                                     plot_curves, save_hf_checkpoint, to_bf16)
 
 KINDS = ("eagle3", "draft-model")
 METHODS = ("sft", "online", "opd")
@@ -419,26 +419,10 @@ def _scatter_max(weights: jax.Array, idx: jax.Array, s: int) -> jax.Array:
 def eagle3_hf_config(tcfg: ModelConfig, hidden_layers: Sequence[int]) -> dict:
     """An EAGLE-3 head config.json for this target: one Llama layer of the target's shape,
     full draft vocabulary (d2t = 0)."""
-    return {**_llama_fields(tcfg, tcfg.hidden_size, tcfg.intermediate_size, 1, tcfg.num_heads, tcfg.num_kv_heads,
-                            tcfg.head_dim),
-            "architectures": ["LlamaForCausalLMEagle3"], "draft_vocab_size": tcfg.vocab_size,
-            "target_hidden_size": tcfg.hidden_size, "norm_before_residual": False,
-            "eagle_config": {"eagle_aux_hidden_state_layer_ids": [int(i) for i in hidden_layers]}}
-
-
-def _llama_fields(tcfg: ModelConfig, hidden: int, inter: int, layers: int, heads: int, kv_heads: int,
-                  head_dim: int) -> dict:
-    rope = tcfg.rope
-    out = {"model_type": "llama", "vocab_size": tcfg.vocab_size, "hidden_size": hidden, "intermediate_size": inter,
-           "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-           "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": tcfg.max_position_embeddings,
-           "rms_norm_eps": tcfg.rms_norm_eps, "rope_theta": rope.theta, "attention_bias": False, "mlp_bias": False,
-           "torch_dtype": "bfloat16"}
-    if rope.kind != "default":
-        out["rope_scaling"] = {"rope_type": rope.kind, "factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
-                               "high_freq_factor": rope.high_freq_factor,
-                               "original_max_position_embeddings": rope.original_max_position}
-    return out
+    return llama_hf_config(dataclasses.replace(tcfg, num_layers=1), "LlamaForCausalLMEagle3",
+                           draft_vocab_size=tcfg.vocab_size, target_hidden_size=tcfg.hidden_size,
+                           norm_before_residual=False,
+                           eagle_config={"eagle_aux_hidden_state_layer_ids": [int(i) for i in hidden_layers]})
 
 
 def draft_model_hf_config(tcfg: ModelConfig, layers: int, hidden: Optional[int]) -> dict:
@@ -449,10 +433,11 @@ def draft_model_hf_config(tcfg: ModelConfig, layers: int, hidden: Optional[int])
     while heads % kv_heads:
         kv_heads -= 1
     inter = int(round(tcfg.intermediate_size * hidden / tcfg.hidden_size))
+    shape = dataclasses.replace(tcfg, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                                num_heads=heads, num_kv_heads=kv_heads)
     eos = list(tcfg.eos_token_ids)
-    return {**_llama_fields(tcfg, hidden, inter, layers, heads, kv_heads, tcfg.head_dim),
-            "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True,
-            "bos_token_id": tcfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
+    return llama_hf_config(shape, tie_word_embeddings=True, bos_token_id=tcfg.bos_token_id,
+                           eos_token_id=eos[0] if len(eos) == 1 else eos)
 
 
 def _target_head(target: Model):
@@ -485,49 +470,25 @@ def init_draft_model(target: Model, layers: int, hidden: Optional[int], key) -> 
     return cfg, params
 
 
-def _bf16(x) -> np.ndarray:
-    import ml_dtypes
-
-    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16)
-
-
 def export_eagle3(out_dir: str, hf_config: dict, params: dict) -> tuple[str, str]:
     """config.json + model.safetensors in the SafeAILab EAGLE-3 layout ``load_eagle3`` reads."""
     from specjax.drafters.eagle3 import _LAYER_TENSORS
 
     vocab = hf_config["vocab_size"]
-    tensors = {"fc.weight": _bf16(params["fc"]), "norm.weight": _bf16(params["final_norm"]),
-               "lm_head.weight": _bf16(params["lm_head"]),
+    tensors = {"fc.weight": to_bf16(params["fc"]), "norm.weight": to_bf16(params["final_norm"]),
+               "lm_head.weight": to_bf16(params["lm_head"]),
                "d2t": np.zeros(hf_config["draft_vocab_size"], np.int64), "t2d": np.ones(vocab, np.bool_)}
-    tensors.update({name: _bf16(params["layer"][k]) for k, name in _LAYER_TENSORS.items()})
-    return _write_dir(out_dir, hf_config, tensors)
+    tensors.update({name: to_bf16(params["layer"][k]) for k, name in _LAYER_TENSORS.items()})
+    return save_hf_checkpoint(out_dir, hf_config, tensors)
 
 
-def export_draft_model(out_dir: str, hf_config: dict, params: dict, cfg: ModelConfig,
-                       target_dir: Optional[str]) -> tuple[str, str]:
+def export_draft_model(out_dir: str, hf_config: dict, params: dict, target_dir: Optional[str]) -> tuple[str, str]:
     """A Hugging Face Llama directory (plus the target's tokenizer files, when it has them)."""
-    tensors = {}
-    for key, value in params.items():
-        if key == "layers":
-            for name, stacked in value.items():
-                for i in range(cfg.num_layers):
-                    tensors[hf_tensor_name(("layers", name), i)] = _bf16(stacked[i])
-        else:
-            tensors[hf_tensor_name((key,))] = _bf16(value)
-    paths = _write_dir(out_dir, hf_config, tensors)
+    paths = export_llama(out_dir, params, hf_config)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if target_dir and os.path.isfile(os.path.join(target_dir, name)):
             shutil.copy(os.path.join(target_dir, name), os.path.join(out_dir, name))
     return paths
-
-
-def _write_dir(out_dir: str, hf_config: dict, tensors: dict) -> tuple[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    config_path, weights_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
-    with open(config_path, "w") as f:
-        json.dump(hf_config, f, indent=2)
-    save_safetensors(weights_path, tensors)
-    return config_path, weights_path
 
 
 # ------------------------------------------------------------------ data
@@ -689,7 +650,7 @@ def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: st
     if kind == "eagle3":
         config_path, weights_path = export_eagle3(out_dir, hf_config, final)
     else:
-        config_path, weights_path = export_draft_model(out_dir, hf_config, final, dcfg, target.path)
+        config_path, weights_path = export_draft_model(out_dir, hf_config, final, target.path)
     plot_path = os.path.join(out_dir, "curves.png")
     if not plot_curves(plot_path, history):
         plot_path = None

@@ -8,12 +8,16 @@
   run resumed from a checkpoint produces bitwise the same params as one that
   never stopped (on the same platform).
 - ``save_safetensors``: weights as a shareable safetensors file (no pickles).
+- ``llama_hf_config`` / ``export_llama`` / ``save_tokenizer_files``: a trained Llama (the
+  shipped models, draft models) as a Hugging Face directory that ``load_model`` and
+  ``transformers`` both read; ``save_hf_checkpoint`` writes any config + tensors pair.
 - ``plot_curves``: loss / acceptance curves as a PNG (matplotlib, optional).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from typing import Any, Mapping, Optional, Sequence
@@ -22,6 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from specjax.models.config import ModelConfig
+from specjax.models.loading import hf_tensor_name
 
 
 def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay: float = 0.01,
@@ -131,6 +138,77 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Opt
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
               metadata={"format": "pt", **(metadata or {})})
+
+
+def llama_hf_config(cfg: ModelConfig, architecture: str = "LlamaForCausalLM", **fields: Any) -> dict:
+    """A Hugging Face ``config.json`` dict of a Llama of ``cfg``'s shape (SiLU, no biases, bf16), with
+    ``fields`` (token ids, tied embeddings, a drafter's own keys) before ``torch_dtype``.
+
+    Written as ``llama`` whatever ``cfg.model_type``: what specjax trains is a Llama; a
+    target's config only lends its shape, vocabulary and RoPE."""
+    rope = cfg.rope
+    config = {"architectures": [architecture], "model_type": "llama", "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+              "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+              "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+              "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+              "rope_theta": rope.theta, "attention_bias": False, "mlp_bias": False}
+    if rope.kind != "default":
+        config["rope_scaling"] = {"rope_type": rope.kind, "factor": rope.factor,
+                                  "low_freq_factor": rope.low_freq_factor, "high_freq_factor": rope.high_freq_factor,
+                                  "original_max_position_embeddings": rope.original_max_position}
+    return {**config, **fields, "torch_dtype": "bfloat16"}
+
+
+def to_bf16(x) -> np.ndarray:
+    """A weight as a bfloat16 numpy array (the dtype every exported checkpoint here stores)."""
+    import ml_dtypes
+
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16)
+
+
+def llama_hf_tensors(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A specjax Llama param pytree as {Hugging Face tensor name: bf16 array}, the layers unstacked."""
+    out = {}
+    for key, value in params.items():
+        if key == "layers":
+            for name, stacked in value.items():
+                arr = np.asarray(stacked, np.float32)
+                for i in range(arr.shape[0]):
+                    out[hf_tensor_name(("layers", name), i)] = to_bf16(arr[i])
+        else:
+            out[hf_tensor_name((key,))] = to_bf16(value)
+    return out
+
+
+def save_hf_checkpoint(out_dir: str, hf_config: Mapping[str, Any],
+                       tensors: Mapping[str, np.ndarray]) -> tuple[str, str]:
+    """``config.json`` + ``model.safetensors`` in ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    config_path, weights_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
+    with open(config_path, "w") as f:
+        json.dump(hf_config, f, indent=2)
+    save_safetensors(weights_path, tensors)
+    return config_path, weights_path
+
+
+def export_llama(out_dir: str, params: Mapping[str, Any], hf_config: Mapping[str, Any]) -> tuple[str, str]:
+    """A trained Llama as a Hugging Face directory: ``hf_config`` (from ``llama_hf_config``) and the
+    params in bf16; returns the config and weights paths."""
+    return save_hf_checkpoint(out_dir, hf_config, llama_hf_tensors(params))
+
+
+def save_tokenizer_files(out_dir: str, tokenizer, hf_config: Mapping[str, Any], eos_token: str,
+                         pad_token: str) -> None:
+    """``tokenizer.json``, ``tokenizer_config.json`` and a greedy ``generation_config.json`` next to an
+    exported model whose BOS is its EOS (``eos_token``), as the shipped models' tokenizers have it."""
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"],
+                   "pad_token_id": hf_config["pad_token_id"], "do_sample": False}, f, indent=2)
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "pad_token": pad_token,
+                   "bos_token": eos_token, "model_max_length": hf_config["max_position_embeddings"]}, f, indent=2)
 
 
 def plot_curves(path_png: str, history: Mapping[str, Sequence[float]], x_key: str = "step") -> bool:

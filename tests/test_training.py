@@ -12,8 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from specjax.models.training import (TrainCheckpointer, TrainState, make_optimizer, plot_curves,
-                                     save_safetensors)
+from specjax.models.config import ModelConfig, RopeConfig
+from specjax.models.decoder import init_params
+from specjax.models.training import (TrainCheckpointer, TrainState, export_llama, llama_hf_config, make_optimizer,
+                                     plot_curves, save_safetensors)
 
 # ------------------------------------------------------------------ models/training.py: exact resume
 
@@ -117,6 +119,25 @@ def test_save_safetensors_and_plot(tmp_path):
     assert plot_curves(png, {"step": [1, 2, 3], "loss": [3.0, 2.0, 1.0], "accept": [0.1, 0.2, 0.4]})
     with open(png, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_llama_loads_back_as_the_same_model(tmp_path):
+    from specjax.models.loading import load_model
+
+    cfg = ModelConfig(model_type="llama", vocab_size=48, hidden_size=16, intermediate_size=24, num_layers=3,
+                      num_heads=2, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                      max_position_embeddings=64, eos_token_ids=(3,), bos_token_id=3)
+    params = init_params(cfg, jax.random.key(0), jnp.float32)
+    hf = llama_hf_config(cfg, tie_word_embeddings=True, bos_token_id=3, eos_token_id=3, pad_token_id=4)
+    export_llama(str(tmp_path), params, hf)
+    model = load_model(str(tmp_path), dtype=jnp.float32)
+    assert model.config == cfg
+    rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
+    assert jax.tree.structure(model.params) == jax.tree.structure(rounded)
+    for got, want in zip(jax.tree.leaves(model.params), jax.tree.leaves(rounded)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # layers unstacked in order
+    scaled = dataclasses.replace(cfg, rope=RopeConfig(theta=5e5, kind="llama3", factor=8.0, original_max_position=32))
+    assert ModelConfig.from_hf(llama_hf_config(scaled)).rope == scaled.rope
 
 
 # ------------------------------------------------------------------ drafters/training.py
