@@ -1056,6 +1056,17 @@ class SuffixDecodingDrafter:
         self.index = SuffixIndex(spec, max_depth, max_cached_requests, budgeted=budget_mode,
                                  max_shared_requests=max_shared_requests)
 
+    def remember(self, responses: Iterable[Sequence[int]]) -> None:
+        """Pre-fill the global index with earlier responses, oldest first (e.g. a saved history:
+        see ``specjax.drafters.suffix_history``)."""
+        for ids in responses:
+            self.index.cache_response(ids)
+
+    @property
+    def history(self) -> list[list[int]]:
+        """The responses the global index holds, oldest first (what a history file saves)."""
+        return self.index.cached_responses
+
     def start_request(self, request_id: Hashable, prompt_ids: Sequence[int]) -> None:
         self.index.start_request(request_id, prompt_ids)
 

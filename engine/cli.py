@@ -29,6 +29,13 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                         "per step and row, the least uncertain one's, or one merged tree of all of them")
     p.add_argument("--retrieval", choices=("suffix", "prompt-lookup"), default="suffix",
                    help="--drafter graft: where grafted continuations are retrieved from")
+    p.add_argument("--suffix-history", default="auto",
+                   help="--drafter suffix: pre-fill the global index with the responses in this file (see "
+                        "--save-suffix-history); 'auto' (default): the history shipped with the embedded "
+                        "model when it runs, else none; 'none': start empty")
+    p.add_argument("--save-suffix-history", metavar="PATH",
+                   help="--drafter suffix: after the run, write the global index's responses (the history "
+                        "it started from, then this run's outputs) to PATH, for --suffix-history next time")
     p.add_argument("--no-spec", action="store_true", help="plain decoding (same as --drafter none)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: demo SQL prompts")
     p.add_argument("--num-demo-prompts", type=int, default=32, help="demo prompts when no --prompt is given")
@@ -65,6 +72,20 @@ def _capacity(value: str):
         raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {value!r}") from None
 
 
+def _suffix_history_path(args) -> Optional[str]:
+    """The history file ``--suffix-history`` names ('auto': the embedded model's, when it runs)."""
+    choice = getattr(args, "suffix_history", None) or "none"
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return choice
+    if getattr(args, "model", None) is not None:
+        return None
+    from specjax.models.embedded import embedded_suffix_history
+
+    return embedded_suffix_history()
+
+
 def make_drafter(name: str, target=None, args=None):
     """The drafter called ``name``; device drafters (draft-model, eagle3, token-recycling) need the
     loaded target and the parsed args (``--drafter-model``, ``--draft-capacity``)."""
@@ -77,7 +98,14 @@ def make_drafter(name: str, target=None, args=None):
     if name == "suffix":
         from specjax.drafters.suffix_index import SuffixDecodingDrafter
 
-        return SuffixDecodingDrafter()
+        drafter = SuffixDecodingDrafter()
+        history = _suffix_history_path(args)
+        if history is not None:
+            from specjax.drafters.suffix_history import load_history
+
+            drafter.remember(load_history(history, vocab_size=target.config.vocab_size,
+                                          tokenizer=target.tokenizer))
+        return drafter
     if target is None or args is None:
         raise ValueError(f"drafter {name!r} runs on the device and needs the target model and the CLI args")
     fixed = args.draft_capacity if isinstance(args.draft_capacity, int) and args.draft_capacity > 0 else None
@@ -152,8 +180,8 @@ def _make_hybrid(name: str, target, args, capacity: int):
 
         if len(dirs) != 1:
             raise ValueError(f"--drafter graft takes one --drafter-model DIR, got {len(dirs)}")
-        return GraftDrafter(load_device_drafter(dirs[0], target, capacity), make_drafter(args.retrieval),
-                            capacity=capacity)
+        return GraftDrafter(load_device_drafter(dirs[0], target, capacity),
+                            make_drafter(args.retrieval, target, args), capacity=capacity)
     from specjax.drafters.routing import TapsDrafter
 
     if len(dirs) < 2:
@@ -207,7 +235,7 @@ def _run(model, drafter_name, prompts, args, show_progress: bool):
     results = engine.generate(prompts, progress=bar, **kwargs)
     wall = time.perf_counter() - start
     bar.close()
-    return results, wall
+    return results, wall, engine
 
 
 def _forget_outputs(engine, drafter_name: str, model, args) -> None:
@@ -217,12 +245,20 @@ def _forget_outputs(engine, drafter_name: str, model, args) -> None:
 
     drafter = engine.drafter
     if hasattr(drafter, "retrieval"):  # Graft: a device drafter plus a host retrieval index
-        drafter.retrieval = make_drafter(args.retrieval)
+        drafter.retrieval = make_drafter(args.retrieval, model, args)
     elif is_device_drafter(drafter):
         if hasattr(drafter, "reset"):
             drafter.reset()
     else:
         engine.drafter = make_drafter(drafter_name, model, args)
+
+
+def _save_suffix_history(drafter, model, path: str) -> None:
+    """Write the suffix index's responses (``--save-suffix-history``)."""
+    from specjax.drafters.suffix_history import save_history
+
+    save_history(path, drafter.history, vocab_size=model.config.vocab_size, tokenizer=model.tokenizer,
+                 source="specjax generate --save-suffix-history")
 
 
 def _summary(results, wall: float) -> dict:
@@ -246,13 +282,18 @@ def generate_main(args) -> int:
     if args.no_spec:
         args.drafter = "none"
     resolve_drafter(args)
+    if args.save_suffix_history and args.drafter != "suffix":
+        raise SystemExit(f"specjax generate: --save-suffix-history needs --drafter suffix (this run drafts "
+                         f"with {args.drafter!r})")
     model = _load(args)
     prompts = _prompts(args)
-    results, wall = _run(model, args.drafter, prompts, args, show_progress=not args.json)
+    results, wall, engine = _run(model, args.drafter, prompts, args, show_progress=not args.json)
+    if args.save_suffix_history:
+        _save_suffix_history(engine.drafter, model, args.save_suffix_history)
     summary = dict(_summary(results, wall), drafter=args.drafter)
     rows = [(args.drafter, summary)]
     if args.compare_baseline:
-        base_results, base_wall = _run(model, "none", prompts, args, show_progress=not args.json)
+        base_results, base_wall, _ = _run(model, "none", prompts, args, show_progress=not args.json)
         base = _summary(base_results, base_wall)
         summary["baseline"] = {k: v for k, v in base.items() if k not in ("text", "token_ids")}
         summary["speedup"] = base_wall / max(wall, 1e-9)

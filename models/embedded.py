@@ -41,3 +41,13 @@ def embedded_drafter_dir() -> Optional[str]:
     """Path of the draft model shipped for the embedded model, or None where it is not installed."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", EMBEDDED_DRAFTER)
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+EMBEDDED_SUFFIX_HISTORY = "suffix_history.jsonl.gz"
+
+
+def embedded_suffix_history() -> Optional[str]:
+    """Path of the suffix-index history shipped with the embedded model (its greedy answers to
+    training-split questions, none of the demo's), or None where it is not installed."""
+    path = os.path.join(default_model_dir(), EMBEDDED_SUFFIX_HISTORY)
+    return path if os.path.isfile(path) else None
