@@ -4,8 +4,12 @@ For each target (the embedded tiny-sql model; ``models/assets/stdlib-code`` when
 is built; karpathy's stories260K from ``../shared/models``, converted to a temporary
 Hugging Face directory) and each drafter kind (``eagle3``, ``draft-model``), every
 method (``sft``: fixed target trajectories; ``online``: fresh ones each step;
-``opd``: Draft-OPD on-policy weighting) trains for the same number of steps of the
-same batch shape, so for the same number of target tokens. Each trained drafter
+``opd``: Draft-OPD, the drafter's own chains replayed from the roots the loop
+visits and verified by the target) trains on the same batch shape; each run
+reports the target forward tokens it consumed (``target_tokens``: generating its
+sequences, the teacher pass over them, and opd's verification of its own chains;
+see ``drafters.training.target_tokens_of_step``). ``--opd-steps`` gives opd fewer
+steps so that its target tokens match the other methods'. Each trained drafter
 then runs the EAGLE-2 dynamic tree (top-k 10, depth 7) at T = 16 and 60 on held-out
 prompts, greedy and at temperature 1, through the device loop; greedy outputs are
 asserted equal to plain greedy decoding (lossless). Reported per run: the mean
@@ -193,23 +197,27 @@ def measure(target: Target, drafter, temperature: float, batch_size: int, seed: 
 
 def train_and_measure(target: Target, kind: str, method: str, seed: int, args, work_dir: str,
                       reference: list[list[int]]) -> dict:
+    steps = args.opd_steps if method == "opd" and args.opd_steps else args.steps
     out_dir = os.path.join(work_dir, f"{target.name}-{kind}-{method}-s{seed}")
     opts = TrainOptions(batch_size=args.batch_size, seq_len=target.seq_len, lr=args.lr, seed=seed,
                         save_every=10 ** 9, keep=1)
     history_path = os.path.join(out_dir, "history.json")
     start = time.perf_counter()
-    reused = bool(args.reuse_trained) and _trained_for(history_path, args.steps, opts)
+    reused = bool(args.reuse_trained) and _trained_for(history_path, steps, opts)
     if reused:
         with open(history_path) as f:  # measured again, not retrained (same steps and options)
             h = json.load(f)["history"]
     else:
-        h = train_drafter(target.model, kind, method, args.steps, out_dir, prompts=target.train_prompts,
+        h = train_drafter(target.model, kind, method, steps, out_dir, prompts=target.train_prompts,
                           options=opts, progress=not args.no_progress).history
     train_s = time.perf_counter() - start
-    row = {"target": target.name, "kind": kind, "method": method, "seed": seed, "steps": args.steps,
-           "target_tokens": args.steps * args.batch_size * target.seq_len, "train_s": train_s,
-           "reused_trained": reused,
-           "train_curve": {"target_tokens": [s * args.batch_size * target.seq_len for s in h["step"]],
+    if "target_tokens" in h:  # counted by train_drafter (see target_tokens_of_step)
+        spent = h["target_tokens"]
+    else:  # histories written before the count existed: the padded batch shape
+        spent = [s * args.batch_size * target.seq_len for s in h["step"]]
+    row = {"target": target.name, "kind": kind, "method": method, "seed": seed, "steps": steps,
+           "target_tokens": spent[-1], "train_s": train_s, "reused_trained": reused,
+           "train_curve": {"target_tokens": spent,
                            "tokens_per_pass_estimate": h["tokens_per_pass"], "loss": h["loss"]},
            "eval": []}
     for capacity in args.capacities:
@@ -257,7 +265,10 @@ def compare_methods(rows: list[dict], capacity: int) -> list[dict]:
                         if (r["target"], r["kind"], r["method"]) == (tname, kind, method)]
                 vals = [v for v in vals if v is not None]
                 if vals:
+                    spent = [r["target_tokens"] for r in rows
+                             if (r["target"], r["kind"], r["method"]) == (tname, kind, method)]
                     stats[method] = {"values": vals, "mean": float(np.mean(vals)),
+                                     "target_tokens_mean": float(np.mean(spent)),
                                      "spread": float(np.max(vals) - np.min(vals)), "seeds": len(vals)}
             if "sft" in stats and "opd" in stats:
                 margin = stats["opd"]["mean"] - stats["sft"]["mean"]
@@ -329,6 +340,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--steps", type=int, default=300, help="training steps per run (same for every method)")
+    p.add_argument("--opd-steps", type=int,
+                   help="training steps of opd runs (default: --steps); opd also pays for verifying its own "
+                        "chains, so fewer steps give it the target tokens of the other methods")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--capacities", nargs="+", type=int, default=[16, 60], help="tree sizes T measured")
@@ -347,8 +361,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.eval_prompts, args.capacities, args.train_prompts = 20, 8, [16], 64
-    if args.steps < 1:
-        p.error("--steps must be >= 1")
+    if args.steps < 1 or (args.opd_steps is not None and args.opd_steps < 1):
+        p.error("--steps and --opd-steps must be >= 1")
     return args
 
 
@@ -385,7 +399,8 @@ def report(args, rows: list[dict]) -> None:
           f"held-out prompts: {args.eval_prompts}  tree: top-k {TREE_TOPK}, depth {TREE_DEPTH}")
     print_table(rows)
     for c in compare_methods(rows, max(args.capacities)):
-        parts = [f"{m} {c[m]['mean']:.2f} (spread {c[m]['spread']:.2f}, {c[m]['seeds']} seeds)"
+        parts = [f"{m} {c[m]['mean']:.2f} (spread {c[m]['spread']:.2f}, {c[m]['seeds']} seeds, "
+                 f"{c[m]['target_tokens_mean'] / 1e3:.0f}k target tokens)"
                  for m in METHODS if m in c]
         extra = ""
         if "opd_minus_sft" in c:

@@ -32,23 +32,30 @@ Methods (where the token batches come from):
   goes through at most once, this is the same data as ``sft``; they differ with
   sampled rollouts (fresh samples every step, e.g. prompts sampled from BOS) or
   when ``sft_sequences`` makes the fixed pool smaller than the prompt stream.
-- ``opd`` (Draft-OPD, on-policy distillation): the online batch, plus the
-  speculative loop run on it with the current drafter. With a lossless loop
-  the emitted text is the target's continuation, and a greedy chain of depth
-  ``k`` from root r is accepted while the drafter's top-1 agrees with the
-  target's; so the loop is simulated exactly from the drafter's unrolled
-  predictions (which are what it computes on the accepted path): roots start
-  at the first generated token; after a accepted drafts the next root is the
-  target's correction (r + a + 1). Concrete rule: every loss term of a chain
-  the loop actually visited (a root) gets weight ``1 + opd_weight`` at the
-  depths it accepted (the drafter's own accepted proposals) and
-  ``1 + 2 opd_weight`` at its first rejected depth (the target's distribution
-  there is the feedback on the rejected proposal); every other term keeps
-  weight 1 (the normal online loss). Chains starting at rejected positions are
-  the next roots, so drafting is replayed from them. (A draft model's loss is
-  per position: a position takes the largest weight of the terms there, so the
-  visited chains, which tile the generated text, leave the rejected positions
-  up-weighted.)
+- ``opd`` (Draft-OPD, on-policy distillation): the online batch (the target's
+  continuation, which is also what a lossless speculative loop emits: the
+  target-assisted rollout), plus the drafter's own drafting replayed on it. For
+  EAGLE-3: a greedy chain of depth ``k`` from root r is accepted while the
+  drafter's top-1 agrees with the target's, so the loop is simulated exactly:
+  roots start at the first generated token, and after a accepted drafts the
+  next root is the target's correction (r + a + 1), where drafting restarts.
+  From every root the loop visits, the head drafts its *own* chain
+  (``unroll_own_chain``: its own hidden states and its own proposed tokens,
+  exactly as at inference), the frozen target verifies that chain
+  (``target_chain_logits``: the target's logits on the drafted text), and the
+  head is trained by soft cross-entropy to the target at every node of the
+  chain: the accepted ones, the first rejected one (the feedback on the
+  rejected proposal) and those below it (states its own error induced, which a
+  fixed trajectory never contains). This term, weighted ``opd_weight`` (decay
+  ``step_decay ** i`` by depth), is added to the TTT loss of ``online``. Its
+  cost in target tokens, k - 1 drafted tokens per visited chain, is counted in
+  ``history["target_tokens"]`` (``target_tokens_of_step``), so that runs can be
+  compared at equal target tokens. (The chains of all S roots are verified in
+  one pass for static shapes; only the visited ones are counted and trained.)
+  For a draft model, ``opd`` is the on-policy *weighting* only: on a chain the
+  loop visits, ``1 + opd_weight`` at the accepted depths and ``1 + 2
+  opd_weight`` at the first rejected one, a position taking the largest weight
+  of the chains over it (``opd_weights``).
 
 With several devices that divide the batch, the batch is sharded over a mesh's
 ``data`` axis (params replicated): data parallel, the same math.
@@ -102,7 +109,7 @@ class TrainOptions:
     ttt_steps: int = 7  # EAGLE-3 unroll depth k; also the chain depth of acceptance estimates
     step_decay: float = 0.8  # weight of unroll step i: step_decay ** i
     feature_weight: float = 0.0  # Smooth L1 on features (EAGLE-3: 0; SpecVLM: > 0)
-    opd_weight: float = 2.0  # extra weight of on-policy (visited, up to rejection) terms
+    opd_weight: float = 2.0  # weight of opd's on-policy replay term (EAGLE-3) / of visited depths (draft model)
     prompt_weight: float = 0.1  # loss weight of chains inside the prompt (drafting happens after it)
     rollout_temperature: float = 0.0  # target continuations: 0 = greedy (prompts from BOS: always 1)
     sft_sequences: Optional[int] = None  # size of sft's fixed pool (default: one per prompt)
@@ -209,37 +216,105 @@ def unroll_head(cfg: Eagle3Config, params, fused: jax.Array, tokens: jax.Array, 
     """The head's output hidden states [k, B, S, H] over k unrolled draft steps.
 
     ``fused`` [B, S, H]: fused target features; step 0 at chain j pairs them with token
-    j + 1, step i > 0 pairs the head's own step i - 1 output with token j + 1 + i.
+    j + 1, step i > 0 pairs the head's own step i - 1 output with token j + 1 + i (the
+    target's token: teacher forcing of the tokens, not of the hidden states).
     Steps 1..k-1 run as one ``lax.scan`` (compile time independent of k)."""
+    return _unroll(cfg, params, fused, tokens, k, own_tokens=False)[0]
+
+
+def unroll_own_chain(cfg: Eagle3Config, params, fused: jax.Array, tokens: jax.Array,
+                     k: int) -> tuple[jax.Array, jax.Array]:
+    """The head drafting its own greedy chain from every root: (outputs [k, B, S, H], drafts
+    int32 [k, B, S]). Step 0 is ``unroll_head``'s; step i > 0 at chain j feeds the head's own
+    step i - 1 output *and its own proposal* ``drafts[i - 1, :, j]`` (a target-vocab id, at
+    position j + 1 + i), exactly as a top-1 chain drafts at inference. ``drafts[i, :, j]`` is the
+    proposal for position j + 2 + i. No gradient flows through the choice of tokens."""
+    return _unroll(cfg, params, fused, tokens, k, own_tokens=True)
+
+
+def _draft_to_target_ids(params, logits: jax.Array) -> jax.Array:
+    """Greedy proposals as target-vocabulary ids (EAGLE-3's d2t offsets)."""
+    a = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.stop_gradient(a + params["d2t"][a])
+
+
+def _unroll(cfg: Eagle3Config, params, fused, tokens, k: int, own_tokens: bool):
     b, s = tokens.shape
     lp = params["layer"]
     pos, _ = ttt_alignment(jnp.full((b,), s, jnp.int32), s, k)
 
-    def step(i, feats):
-        """Step i's layer input: (residual, q, k, v) of token j + 1 + i paired with ``feats``."""
-        fed = _gather_positions(tokens, pos[i])
+    def step(i, feats, fed):
+        """Step i's layer input: (residual, q, k, v) of token ids ``fed`` paired with ``feats``."""
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + i, (b, s))
         return _qkv(cfg, lp, params["embed"][fed], feats, positions)
 
     d, hkv = cfg.layer.head_dim, cfg.layer.num_kv_heads
     diag_k = jnp.zeros((max(k - 1, 1), b, s, hkv, d), fused.dtype)
     diag_v = jnp.zeros_like(diag_k)
-    residual, q, k0, v0 = step(0, fused)
+    residual, q, k0, v0 = step(0, fused, _gather_positions(tokens, pos[0]))
     first = _finish(cfg, lp, residual, _unrolled_attention(q, k0, v0, diag_k, diag_v,
                                                            jnp.zeros(diag_k.shape[0], bool)))
 
     def later(carry, i):
         feats, diag_k, diag_v = carry
-        residual, q, kk, vv = step(i, feats)
+        if own_tokens:
+            fed = _draft_to_target_ids(params, draft_logits(cfg, params, feats))
+        else:
+            fed = _gather_positions(tokens, jnp.take(pos, i, axis=0))
+        residual, q, kk, vv = step(i, feats, fed)
         diag_k, diag_v = diag_k.at[i - 1].set(kk.astype(diag_k.dtype)), diag_v.at[i - 1].set(vv.astype(diag_v.dtype))
         visible = jnp.arange(diag_k.shape[0]) < i
         out = _finish(cfg, lp, residual, _unrolled_attention(q, k0, v0, diag_k, diag_v, visible))
         return (out, diag_k, diag_v), out
 
     if k == 1:
-        return first[None]
-    _, rest = jax.lax.scan(later, (first, diag_k, diag_v), jnp.arange(1, k))
-    return jnp.concatenate([first[None], rest])
+        outs = first[None]
+    else:
+        _, rest = jax.lax.scan(later, (first, diag_k, diag_v), jnp.arange(1, k))
+        outs = jnp.concatenate([first[None], rest])
+    drafts = _draft_to_target_ids(params, draft_logits(cfg, params, outs)) if own_tokens else None
+    return outs, drafts
+
+
+def target_chain_logits(params, cfg: ModelConfig, tokens: jax.Array, chains: jax.Array) -> jax.Array:
+    """The target verifying a chain of drafts from every root in one pass: fp32 logits [n, B, S, V].
+
+    ``chains[m - 1, b, c]`` (m = 1..n) is the m-th drafted token after root position c (it sits at
+    position c + m and continues ``tokens[b, :c + 1]``, not the rest of the row). Entry
+    [m - 1, b, c] of the result is the target's next-token logits there: what verification
+    compares the next draft with, and the feedback on the drafter's own proposals (below a
+    rejected draft too, where the state is one the drafter induced). Like ``causal_logits``,
+    built from the decoder's blocks; each chain attends to the row up to its root and to its own
+    earlier drafts (``_unrolled_attention``'s pattern), so all S chains cost one pass of n S
+    tokens (a loop that verifies only the chains it visits needs only those)."""
+    b, s = tokens.shape
+    n = chains.shape[0]
+    inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    chain_positions = positions[None] + jnp.arange(1, n + 1, dtype=jnp.int32)[:, None, None]
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    g = cfg.num_heads // cfg.num_kv_heads
+    own_visible = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]  # [query step, key step]
+
+    def attend_row(q, k, v):
+        qg = q.reshape(b, s, cfg.num_kv_heads, g, cfg.head_dim).astype(jnp.float32) * cfg.head_dim ** -0.5
+        scores = jnp.where(causal, jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32)), -jnp.inf)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", jax.nn.softmax(scores, axis=-1), v.astype(jnp.float32))
+        return out.reshape(b, s, -1)
+
+    def layer(carry, lp):
+        x, xc = carry
+        q, k, v = qkv_projection(cfg, lp, x, positions, inv_freq)
+        qc, kc, vc = jax.vmap(lambda xm, pm: qkv_projection(cfg, lp, xm, pm, inv_freq))(xc, chain_positions)
+        out = attend_row(q, k, v)
+        outc = jax.vmap(lambda qm, vis: _unrolled_attention(qm, k, v, kc, vc, vis))(qc, own_visible)
+        x = mlp_block(cfg, lp, x + linear(out.astype(x.dtype), lp["wo"], lp.get("bo")))
+        xc = jax.vmap(lambda xm, om: mlp_block(cfg, lp, xm + linear(om.reshape(b, s, -1).astype(xm.dtype), lp["wo"],
+                                                                    lp.get("bo"))))(xc, outc)
+        return (x, xc), None
+
+    (_, xc), _ = jax.lax.scan(layer, (params["embed"][tokens], params["embed"][chains]), params["layers"])
+    return lm_head(params, cfg, rms_norm(xc, params["final_norm"], cfg.rms_norm_eps))
 
 
 def causal_logits(params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
@@ -303,6 +378,30 @@ def opd_weights(match: jax.Array, valid: jax.Array, first_root: jax.Array, opd_w
     return 1.0 + opd_weight * visited * reached
 
 
+def replay_weights(match: jax.Array, valid: jax.Array, first_root: jax.Array, step_decay: float) -> jax.Array:
+    """float [k, B, S]: ``step_decay ** i`` at every valid depth i of the chains a greedy loop visits
+    (``visited_roots`` from the leading agreements of ``match``), 0 elsewhere. Past a chain's first
+    rejection the drafter's own chain leaves the target's text: those are the draft-induced states,
+    kept (with the target's feedback on them) rather than cut off."""
+    visited = visited_roots(accepted_depths(match, valid), first_root)
+    decay = jnp.asarray([step_decay ** i for i in range(match.shape[0])], jnp.float32)[:, None, None]
+    return decay * (visited[None] & valid).astype(jnp.float32)
+
+
+def own_chain_teacher(tparams, tcfg: ModelConfig, tokens: jax.Array, drafts: jax.Array, teacher: jax.Array,
+                      k: int) -> jax.Array:
+    """The target's logits [k, B, S, V] at the nodes of the drafter's own chains (``unroll_own_chain``):
+    step 0 of chain j is verified by the row's own logits at j + 1 (``teacher`` [B, S, V]); step
+    i > 0 by the target run on the row up to j + 1 followed by drafts 0..i-1 of chain j
+    (``target_chain_logits``, whose chains are indexed by their root position j + 1)."""
+    pos0, _ = ttt_alignment(jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32), tokens.shape[1], 1)
+    first = _gather_positions(teacher, pos0[0])[None]
+    if k == 1:
+        return first
+    chains = jnp.roll(drafts[: k - 1], 1, axis=2)  # chain j's drafts, indexed by root j + 1
+    return jnp.concatenate([first, jnp.roll(target_chain_logits(tparams, tcfg, tokens, chains), -1, axis=2)])
+
+
 # ------------------------------------------------------------------ the losses
 
 
@@ -337,12 +436,13 @@ def make_optimizer_for(spec: StepSpec) -> optax.GradientTransformation:
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def train_step(params, opt_state, frozen, tparams, tokens, valid, plen, *, spec: StepSpec):
-    """One AdamW step on the distillation loss; returns (params, opt_state, loss, top1, tokens/pass)."""
+    """One AdamW step on the distillation loss; returns (params, opt_state, loss, top1, tokens/pass,
+    verify tokens: the drafted tokens the target scored for opd's on-policy replay)."""
     loss_fn = make_loss(spec.kind, spec.method, spec.target_cfg, spec.drafter_cfg, spec.options, spec.hidden_layers)
-    (loss, (top1, tpp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, tparams, tokens, valid,
-                                                                           plen)
+    (loss, (top1, tpp, verified)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, frozen, tparams, tokens, valid, plen)
     updates, opt_state = make_optimizer_for(spec).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, top1, tpp
+    return optax.apply_updates(params, updates), opt_state, loss, top1, tpp, verified
 
 
 def make_loss(kind: str, method: str, tcfg: ModelConfig, dcfg, opts: TrainOptions, hidden_layers):
@@ -354,7 +454,7 @@ def make_loss(kind: str, method: str, tcfg: ModelConfig, dcfg, opts: TrainOption
         in_gen = jnp.arange(s)[None, :] >= (prompt_lengths - first_root_offset)[:, None]
         base = jnp.where(in_gen, 1.0, opts.prompt_weight)[None] * jnp.asarray(
             [opts.step_decay ** i for i in range(k)], jnp.float32)[:, None, None]
-        if method == "opd":
+        if method == "opd" and kind == "draft-model":
             base = base * opd_weights(match, valid, prompt_lengths - first_root_offset, opts.opd_weight)
         return base * valid, in_gen
 
@@ -380,7 +480,15 @@ def make_loss(kind: str, method: str, tcfg: ModelConfig, dcfg, opts: TrainOption
             want = jax.lax.stop_gradient(jnp.stack([_gather_positions(fused, pos[i]) for i in range(k)]))
             l1 = jnp.mean(optax.huber_loss(outs, want, delta=1.0), axis=-1)
             loss = loss + opts.feature_weight * jnp.sum(weights * l1) / jnp.maximum(jnp.sum(weights[0] > 0), 1)
-        return loss, _metrics(match, valid, in_gen)
+        verified = jnp.zeros((), jnp.int32)
+        if method == "opd":  # Draft-OPD: replay the drafter's own chains from the roots the loop visits
+            own_outs, drafts = unroll_own_chain(dcfg, full, fused, tokens, k)
+            own_teacher = jax.lax.stop_gradient(own_chain_teacher(tparams, tcfg, tokens, drafts, teacher, k))
+            own_ce = soft_cross_entropy(own_teacher[..., draft_ids], draft_logits(dcfg, full, own_outs))
+            replay = replay_weights(jax.lax.stop_gradient(match), valid, prompt_lengths - 1, opts.step_decay)
+            loss = loss + opts.opd_weight * jnp.sum(replay * own_ce) / jnp.maximum(jnp.sum(weights[0] > 0), 1)
+            verified = jnp.sum(replay[1:] > 0).astype(jnp.int32)
+        return loss, (*_metrics(match, valid, in_gen), verified)
 
     def draft_model_loss(params, frozen, tparams, tokens, valid_lengths, prompt_lengths):
         b, s = tokens.shape
@@ -400,7 +508,7 @@ def make_loss(kind: str, method: str, tcfg: ModelConfig, dcfg, opts: TrainOption
         # Each position's loss once, weighted by the largest weight any chain gives it.
         per_pos = _scatter_max(weights, idx, s)
         loss = jnp.sum(per_pos * ce_pos) / jnp.maximum(jnp.sum(per_pos > 0), 1)
-        return loss, _metrics(match, valid, in_gen)
+        return loss, (*_metrics(match, valid, in_gen), jnp.zeros((), jnp.int32))
 
     return eagle3_loss if kind == "eagle3" else draft_model_loss
 
@@ -592,7 +700,9 @@ def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: st
 
     pool = None
     if method == "sft":  # the fixed dataset: generated once (deterministically, so a resume rebuilds it)
-        size = opts.sft_sequences or (opts.batch_size * 16 if from_bos else len(prompts))
+        # Default: one sequence per prompt, but never more than the run consumes (the rest costs target
+        # tokens and is never trained on).
+        size = opts.sft_sequences or (opts.batch_size * 16 if from_bos else min(len(prompts), steps * opts.batch_size))
         chunks = [continue_prompts(c, jax.random.fold_in(sft_key, c)) for c in range(0, size, opts.batch_size)]
         pool = [np.concatenate([np.asarray(c[n]) for c in chunks])[:size] for n in range(3)]
 
@@ -607,7 +717,7 @@ def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: st
     os.makedirs(out_dir, exist_ok=True)
     checkpointer = TrainCheckpointer(ckpt_dir, opts.save_every, opts.keep)
     state = TrainState(params, optimizer.init(params), 0, 0, data_key)
-    history = {"step": [], "loss": [], "top1": [], "tokens_per_pass": []}
+    history = {"step": [], "loss": [], "top1": [], "tokens_per_pass": [], "target_tokens": []}
     history_path = os.path.join(out_dir, "history.json")
     if not resume and checkpointer.latest_step() is not None:
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints (step {checkpointer.latest_step()}): "
@@ -622,6 +732,7 @@ def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: st
                     old = json.load(f)["history"]
                 n = sum(1 for s in old["step"] if s <= state.step)
                 history = {k: list(v[:n]) for k, v in old.items()}
+                history.setdefault("target_tokens", [])
 
     from tqdm.auto import tqdm
 
@@ -630,12 +741,15 @@ def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: st
     ema = None
     while state.step < steps:
         (tokens, valid, plen), rng = next_batch(state)
-        params, opt_state, loss, top1, tpp = train_step(state.params, state.opt_state, frozen, tparams, tokens,
-                                                        valid, plen, spec=spec)
+        params, opt_state, loss, top1, tpp, verified = train_step(state.params, state.opt_state, frozen, tparams,
+                                                                  tokens, valid, plen, spec=spec)
+        spent = target_tokens_of_step(np.asarray(valid), int(verified), first_use=pool is None or
+                                      state.data_position < len(pool[0]))
         state = TrainState(params, opt_state, state.step + 1, state.data_position + opts.batch_size, rng)
         row = [float(loss), float(top1), float(tpp)]
         for name, value in zip(("loss", "top1", "tokens_per_pass"), row):
             history[name].append(value)
+        history["target_tokens"].append((history["target_tokens"][-1] if history["target_tokens"] else 0) + spent)
         history["step"].append(state.step)
         ema = row if ema is None else [0.9 * e + 0.1 * r for e, r in zip(ema, row)]
         bar.update(1)
@@ -655,6 +769,15 @@ def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: st
     if not plot_curves(plot_path, history):
         plot_path = None
     return TrainResult(history, final, out_dir, config_path, weights_path, plot_path, ckpt_dir)
+
+
+def target_tokens_of_step(valid_lengths: np.ndarray, verified: int, first_use: bool) -> int:
+    """Target forward tokens one train step costs: generating its rows (prompt prefill + one decode
+    per generated token, paid once per sequence: sft's pool is generated once), the frozen target's
+    pass over them for the teacher logits and features, and opd's verification of the drafter's own
+    chains at the roots the loop visits (``verified``). Padding is not counted."""
+    rows = int(np.sum(valid_lengths))
+    return rows * (2 if first_use else 1) + verified
 
 
 def _data_mesh(batch_size: int) -> Optional[Mesh]:

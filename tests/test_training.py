@@ -264,6 +264,23 @@ def test_unroll_equals_the_drafters_own_chain(target):
     wrong_toks, wrong_cum = chain_of(teacher_fed(fused, jnp.asarray(seq)))
     assert wrong_toks != chain or not np.allclose(wrong_cum, np.asarray(tree.draft_probs[0]), rtol=1e-4)
 
+    # unroll_own_chain feeds the head its own proposals too: on a row that does not continue with
+    # the chain, chain p - 1 still proposes the drafter's chain, with the outputs of the
+    # teacher-forced unroll on the row that does; the teacher-forced unroll of that other row
+    # computes other states (negative control).
+    own_outs, _ = jax.jit(dt.unroll_own_chain, static_argnums=(0, 4))(cfg, params, fused, jnp.asarray(seq), K)
+    other = np.concatenate([prompt, [root], [(t + 7) % 60 + 2 for t in chain]]).astype(np.int32)[None]
+    _, hidden = _target_outputs(target, other, np.asarray([other.shape[1]]), layers)
+    fused_other = fuse_features(params, hidden)
+    own_other, drafts = jax.jit(dt.unroll_own_chain, static_argnums=(0, 4))(cfg, params, fused_other,
+                                                                            jnp.asarray(other), K)
+    assert np.asarray(drafts[:, 0, p - 1]).tolist() == chain
+    forced = np.asarray(unroll(cfg, params, fused, jnp.asarray(seq), K)[:, 0, p - 1])
+    np.testing.assert_allclose(np.asarray(own_other[:, 0, p - 1]), forced, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(own_outs[:, 0, p - 1]), forced, atol=1e-5)
+    forced_other = np.asarray(unroll(cfg, params, fused_other, jnp.asarray(other), K)[1:, 0, p - 1])
+    assert not np.allclose(forced_other, forced[1:], atol=1e-3)
+
 
 def test_opd_weights_hand_made():
     """Chains start at 1: chain 1 accepts 2 drafts (rejects depth 2), so the next root is 4;
@@ -289,6 +306,66 @@ def test_opd_weights_hand_made():
     assert np.flatnonzero(wrong_next).tolist() != [1, 4, 5]
     wrong_start = np.asarray(dt.visited_roots(jnp.asarray(acc[None]), jnp.asarray([0])))[0]
     assert np.flatnonzero(wrong_start).tolist() != [1, 4, 5]
+
+
+def test_replay_weights_keep_the_visited_chains_past_their_rejection():
+    """The hand case above (visited chains 1, 4, 5): every valid depth of a visited chain is
+    replayed with weight decay ** i, below its first rejection too (the draft-induced states);
+    cutting chains at the rejection, or replaying every chain, are rejected."""
+    match = np.zeros((3, 1, 8), bool)
+    for j, a in {0: 3, 1: 2, 2: 1, 3: 3, 4: 0, 5: 3, 6: 1}.items():
+        match[:a, 0, j] = True
+    valid = np.ones((3, 1, 8), bool)
+    valid[1:, 0, 5] = False  # chain 5 runs off the row's end after depth 0
+    w = np.asarray(dt.replay_weights(jnp.asarray(match), jnp.asarray(valid), jnp.asarray([1]), 0.5))[:, 0]
+    expected = np.zeros((3, 8))
+    expected[:, 1] = expected[:, 4] = [1, 0.5, 0.25]
+    expected[:, 5] = [1, 0, 0]  # now accepts 1 draft (its only valid depth): the next root is 7
+    expected[:, 7] = [1, 0.5, 0.25]
+    np.testing.assert_array_equal(w, expected)
+    acc = np.asarray(dt.accepted_depths(jnp.asarray(match), jnp.asarray(valid)))[0]
+    cut_at_rejection = expected * (np.arange(3)[:, None] <= acc[None])
+    assert not np.array_equal(w, cut_at_rejection)
+    every_chain = (0.5 ** np.arange(3))[:, None] * valid[:, 0]
+    assert not np.array_equal(w, every_chain)
+
+
+def test_own_chain_teacher_is_the_target_on_the_drafted_text(target):
+    """Entry [i, b, j] is the target's logits after row b's tokens up to j + 1 followed by chain
+    j's first i drafts. Negative controls: the chain without its root token (attending one position
+    short), and the target's own text in place of the drafts (teacher forcing), do not match."""
+    tokens, valid, _ = _greedy_rows(target)
+    rng = np.random.default_rng(0)
+    drafts = rng.integers(1, 64, size=(K, *tokens.shape)).astype(np.int32)
+    teacher, _ = _target_outputs(target, tokens, valid)
+    fn = jax.jit(dt.own_chain_teacher, static_argnames=("tcfg", "k"))
+    got = np.asarray(fn(target.params, target.config, jnp.asarray(tokens), jnp.asarray(drafts),
+                        jnp.asarray(teacher), k=K))
+    assert got.shape == (K, *tokens.shape, 64)
+
+    def last_logits(seq):  # padded to one width: one compile
+        row = np.zeros((1, tokens.shape[1] + K), np.int32)
+        row[0, : len(seq)] = seq
+        return _target_outputs(target, row, np.asarray([len(seq)]))[0][0, len(seq) - 1]
+
+    wrong = {"no root": 0, "teacher forced": 0}
+    for b, j in [(0, 2), (1, 9), (3, 15), (2, 0)]:
+        for i in range(K):
+            ref = last_logits(np.concatenate([tokens[b, : j + 2], drafts[:i, b, j]]))
+            np.testing.assert_allclose(got[i, b, j], ref, atol=1e-4, rtol=1e-4)
+            if i:
+                no_root = last_logits(np.concatenate([tokens[b, : j + 1], drafts[:i, b, j]]))
+                forced = last_logits(tokens[b, : j + 2 + i])
+                wrong["no root"] += not np.allclose(got[i, b, j], no_root, atol=1e-3)
+                wrong["teacher forced"] += not np.allclose(got[i, b, j], forced, atol=1e-3)
+    assert min(wrong.values()) >= 6, wrong
+
+
+def test_target_tokens_of_a_step():
+    """Generating the rows and the teacher pass each cost the rows' valid tokens; an sft pool row
+    already generated costs only the teacher pass; opd adds the drafts it had verified."""
+    assert dt.target_tokens_of_step(np.asarray([5, 7]), 3, first_use=True) == 2 * 12 + 3
+    assert dt.target_tokens_of_step(np.asarray([5, 7]), 0, first_use=False) == 12
 
 
 def _lossless(target, drafter):
@@ -319,6 +396,8 @@ def test_eagle3_trains_resumes_exactly_and_loads_losslessly(target, tmp_path):
     again = dt.train_drafter(target, "eagle3", "opd", 12, other, prompts=_prompts(), options=opts, resume=True,
                              progress=False)
     assert again.history["step"] == list(range(1, 13))
+    assert again.history["target_tokens"] == res.history["target_tokens"]
+    assert np.all(np.diff([0] + res.history["target_tokens"]) > 0)
     with pytest.raises(FileExistsError, match="resume"):
         dt.train_drafter(target, "eagle3", "opd", 12, other, prompts=_prompts(), options=opts, progress=False)
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(again.params)):
