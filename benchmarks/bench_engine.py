@@ -1,8 +1,9 @@
 """End-to-end speculative decoding on one model: drafters side by side in one run.
 
 For each drafter (none = plain decoding, prompt lookup, suffix chain, suffix
-tree) and each draft capacity T (fixed sizes and "auto") it generates the same
-requests, checks the greedy outputs are identical to plain decoding, and
+tree, and the suffix index pre-filled from the embedded model's shipped history,
+as ``specjax generate`` drafts) and each draft capacity T (fixed sizes and
+"auto") it generates the same requests, checks the greedy outputs are identical to plain decoding, and
 reports tokens per target pass, wall-clock time relative to plain decoding
 (compilation excluded by a warm-up on the same shapes) and the time of one
 step split into host drafting, device step (verify + accept) and host read.
@@ -28,17 +29,28 @@ import jax
 import jax.numpy as jnp
 
 from specjax.drafters.prompt_lookup import PromptLookupDrafter
+from specjax.drafters.suffix_history import load_history
 from specjax.drafters.suffix_index import SuffixDecodingDrafter
 from specjax.engine.engine import Engine
-from specjax.models.embedded import default_model_dir
+from specjax.models.embedded import default_model_dir, embedded_suffix_history
 from specjax.models.loading import load_model
 from specjax.models.toy_corpus import sql_prompts
+
+HISTORY: list = []  # responses of the embedded model's shipped suffix history (loaded in main)
+
+
+def _remembering(drafter: SuffixDecodingDrafter) -> SuffixDecodingDrafter:
+    drafter.remember(HISTORY)
+    return drafter
+
 
 DRAFTERS = {
     "none": lambda: None,
     "prompt-lookup": lambda: PromptLookupDrafter(max_ngram=3, max_branches=4),
     "suffix-chain": lambda: SuffixDecodingDrafter(),
     "suffix-tree": lambda: SuffixDecodingDrafter(tree=True),
+    # What `specjax generate` drafts with on the embedded model: the index pre-filled from the shipped history.
+    "suffix-history": lambda: _remembering(SuffixDecodingDrafter()),
 }
 
 
@@ -80,6 +92,11 @@ def main() -> None:
     args = p.parse_args()
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     model = load_model(args.model or default_model_dir(), dtype=dtype)
+    if "suffix-history" in args.drafters:
+        if args.model:
+            p.error("--drafters suffix-history runs on the embedded model only (its shipped history)")
+        HISTORY.extend(load_history(embedded_suffix_history(), vocab_size=model.config.vocab_size,
+                                    tokenizer=model.tokenizer))
     prompts = sql_prompts(args.requests, seed=1)
     base = run(model, prompts, "none", 0, args)
     rows = [base] + [run(model, prompts, name, t, args) for name in args.drafters for t in args.capacities]
