@@ -20,7 +20,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                                    "default: the embedded tiny text-to-SQL model")
     p.add_argument("--drafter", choices=DRAFTERS, default="auto",
                    help="auto (default): with the embedded model on a TPU/GPU, the draft model shipped for "
-                        "it; otherwise the suffix index")
+                        "it; otherwise the suffix index (pre-filled from --suffix-history)")
     p.add_argument("--drafter-model", help="directory of the drafter's weights: a Hugging Face causal LM with the "
                                            "target's vocabulary (--drafter draft-model) or an EAGLE-3 head "
                                            "(--drafter eagle3)")
