@@ -22,6 +22,17 @@ def test_generate_json_with_baseline_is_identical_and_counts_passes(capsys):
     assert out["baseline"]["target_passes"] == out["baseline"]["tokens"]  # one token per plain pass
     assert out["target_passes"] <= out["baseline"]["target_passes"]
     assert out["tokens_per_pass"] == pytest.approx(out["tokens"] / out["target_passes"])
+    # Three interleaved timed runs per side (the default --repeat); the reported walls are their medians.
+    for side in (out, out["baseline"]):
+        assert len(side["wall_s_runs"]) == 3
+        assert side["wall_s"] == sorted(side["wall_s_runs"])[1]
+    assert out["speedup"] == pytest.approx(out["baseline"]["wall_s"] / out["wall_s"])
+
+
+def test_repeat_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--repeat", "0"])
+    assert "expected a positive integer" in capsys.readouterr().err
 
 
 def test_no_spec_is_plain_decoding(capsys):
