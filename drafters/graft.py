@@ -59,12 +59,11 @@ from specjax.drafters.base import HostDrafter
 from specjax.drafters.device import DeviceDrafter
 from specjax.drafters.hybrid import (NO_KEY, check_hybrid_member, concat_parts, feed_accepted, merge_trees,
                                      prefill_drafter, top_nodes)
-from specjax.engine.engine import MIN_CACHE_BUCKET, GenerationResult, next_power_of_two
-from specjax.engine.plain import pad_prompts
+from specjax.engine.device_loop import prepare_device_batch
+from specjax.engine.engine import GenerationResult
 from specjax.engine.sampling import SamplingParams
-from specjax.engine.steps import prefill, step_impl
+from specjax.engine.steps import step_impl
 from specjax.engine.tree import DraftTree
-from specjax.models.sharding import cache_sharding
 
 # Slot priority classes: a node's merge key is its class + probability / 2 (so the class is the key's floor).
 REFILLED, GRAFTED, KEPT = 0.0, 1.0, 2.0
@@ -169,34 +168,19 @@ class GraftDrafter:
         cfg, params = engine.target.config, engine.target.params
         t0 = time.perf_counter()
         n_req = len(prompts)
-        rows = engine.batch_bucket(n_req)
-        padded = prompts + [prompts[-1]] * (rows - n_req)  # padding rows finish at once
-        tokens, lengths = pad_prompts(padded, cfg.vocab_size, multiple=1)
-        width = engine.prompt_bucket(tokens.shape[1])
-        tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
-        if width + max_new_tokens > cfg.max_position_embeddings:
-            raise ValueError(f"prompt ({width} tokens, padded) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's max_position_embeddings ({cfg.max_position_embeddings})")
-        max_len = next_power_of_two(width + max_new_tokens + self.capacity + 1, MIN_CACHE_BUCKET)
-        sp = SamplingParams.make(rows, *(np.pad(sampling[k], (0, rows - n_req), mode="edge")
-                                         for k in ("temperature", "top_k", "top_p")))
-        out = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths),
-                      jnp.full(rows, max_new_tokens, jnp.int32), jax.random.key(seed), sp, max_len=max_len,
-                      attention=engine.attention, hidden_layers=self.hidden_layers, chunk=engine.prefill_chunk,
-                      cache_sharding=None if engine.mesh is None else cache_sharding(cfg, engine.mesh, rows))
-        state, first = out[0], out[1]
-        hidden = out[2] if self.hidden_layers else None
-        finished = np.arange(rows) >= n_req
-        state = state.replace(finished=state.finished | jnp.asarray(finished))
-        dstate = prefill_drafter(self.model.params, self.model.init_state(rows, max_len), jnp.asarray(tokens),
-                                 jnp.asarray(lengths), first, hidden, drafter=self.model)
+        batch = prepare_device_batch(engine, prompts, max_new_tokens, sampling, self.capacity, self.hidden_layers,
+                                     seed)
+        rows, state, first = batch.rows, batch.state, batch.first
+        dstate = prefill_drafter(self.model.params, self.model.init_state(rows, batch.max_len),
+                                 jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), first, batch.hidden,
+                                 drafter=self.model)
         carry = GraftCarry(state, dstate, jax.random.fold_in(jax.random.key(seed), 1))
         rids = [("graft", next(_REQUEST_IDS)) for _ in range(n_req)]
         for rid, prompt in zip(rids, prompts):
             self.retrieval.start_request(rid, prompt)
         outputs = [[int(t)] for t in np.asarray(first)]
         unobserved = [list(o) for o in outputs]
-        finished = finished | np.asarray(state.finished) | engine._apply_stop_strings(outputs, stop)
+        finished = np.asarray(state.finished) | engine._apply_stop_strings(outputs, stop)  # padding rows too
         passes = np.ones(rows, np.int64)
         accepted = np.zeros(rows, np.int64)
         draft_s = np.zeros(rows)

@@ -117,10 +117,25 @@ def generate_on_device(engine, prompts: Sequence, max_new_tokens: int = 128, *, 
     return results
 
 
-def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sampling: dict, seed, stop,
-                    progress, steps_per_sync):
-    cfg, params = engine.target.config, engine.target.params
-    t0 = time.perf_counter()
+@dataclasses.dataclass(frozen=True)
+class DeviceBatch:
+    """One batch of prompts padded to the engine's buckets and prefilled by the target."""
+
+    rows: int  # the batch bucket: len(prompts) real rows, then copies of the last prompt
+    tokens: np.ndarray  # int32[rows, width] right-padded prompts, width a prompt bucket
+    lengths: np.ndarray  # int32[rows]
+    max_len: int  # the cache bucket: prompt + max_new_tokens + a draft tree + root
+    sampling: SamplingParams  # per row, the padding rows repeating the last prompt's
+    state: DecodeState  # after prefill; the padding rows already finished
+    first: jax.Array  # int32[rows] the first generated token
+    hidden: Optional[jax.Array]  # the prompt's hidden states at ``hidden_layers`` (None if none)
+
+
+def prepare_device_batch(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: dict,
+                         capacity: int, hidden_layers: tuple[int, ...], seed: int) -> DeviceBatch:
+    """Pad ``prompts`` to a batch and prompt bucket, pick the cache bucket for a drafter of tree
+    ``capacity``, and prefill; the setup every device-side generation loop starts from."""
+    cfg = engine.target.config
     n_req = len(prompts)
     rows = engine.batch_bucket(n_req)
     padded = list(prompts) + [prompts[-1]] * (rows - n_req)  # padding rows finish at once
@@ -130,12 +145,10 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
     if width + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt ({width} tokens, padded) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's max_position_embeddings ({cfg.max_position_embeddings})")
-    max_len = next_power_of_two(width + max_new_tokens + drafter.capacity + 1, MIN_CACHE_BUCKET)
+    max_len = next_power_of_two(width + max_new_tokens + capacity + 1, MIN_CACHE_BUCKET)
     sp = SamplingParams.make(rows, *(np.pad(sampling[k], (0, rows - n_req), mode="edge")
                                      for k in ("temperature", "top_k", "top_p")))
-    with_q = bool(np.any(np.asarray(sp.temperature) > 0))
-    hidden_layers = tuple(drafter.hidden_layers)
-    out = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths),
+    out = prefill(engine.target.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths),
                   jnp.full(rows, max_new_tokens, jnp.int32), jax.random.key(seed), sp, max_len=max_len,
                   attention=engine.attention, hidden_layers=hidden_layers, chunk=engine.prefill_chunk,
                   cache_sharding=None if engine.mesh is None else cache_sharding(cfg, engine.mesh, rows))
@@ -143,9 +156,21 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
     hidden = out[2] if hidden_layers else None
     pad_rows = np.arange(rows) >= n_req
     state = state.replace(finished=state.finished | jnp.asarray(pad_rows))
-    dstate = drafter.init_state(rows, max_len)
-    dstate = _drafter_prefill(drafter.params, dstate, jnp.asarray(tokens), jnp.asarray(lengths), first, hidden,
-                              drafter=drafter)
+    return DeviceBatch(rows, tokens, lengths, max_len, sp, state, first, hidden)
+
+
+def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sampling: dict, seed, stop,
+                    progress, steps_per_sync):
+    cfg, params = engine.target.config, engine.target.params
+    t0 = time.perf_counter()
+    n_req = len(prompts)
+    batch = prepare_device_batch(engine, prompts, max_new_tokens, sampling, drafter.capacity,
+                                 tuple(drafter.hidden_layers), seed)
+    rows, state, first = batch.rows, batch.state, batch.first
+    with_q = bool(np.any(np.asarray(batch.sampling.temperature) > 0))
+    dstate = drafter.init_state(rows, batch.max_len)
+    dstate = _drafter_prefill(drafter.params, dstate, jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), first,
+                              batch.hidden, drafter=drafter)
     buffer = jnp.zeros((rows, max_new_tokens), jnp.int32).at[:, 0].set(first)
     loop = LoopState(state, dstate, buffer, jnp.ones(rows, jnp.int32), jnp.ones(rows, jnp.int32),
                      jnp.zeros(rows, jnp.int32), jax.random.fold_in(jax.random.key(seed), 1))
