@@ -1,13 +1,17 @@
-"""Small models and drafters shared by the engine tests."""
+"""Small models, drafters and the exact-distribution checks shared by the engine tests."""
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from specjax.drafters.base import Proposal
 from specjax.models.config import ModelConfig
-from specjax.models.decoder import init_params
+from specjax.models.decoder import KVCache, causal_mask, forward, init_params
 from specjax.models.loading import Model
 
 
@@ -68,3 +72,57 @@ def _depth(parents, i):
     while parents[i] != -1:
         i, d = parents[i], d + 1
     return d
+
+
+# ------------------------------------------------------------------ lossless sampling: exact (t2, t3) checks
+
+
+def near_copy(model: Model, noise: float, seed: int) -> Model:
+    """A draft close to the target but not equal (so acceptance, rejection and residuals all occur)."""
+    leaves, treedef = jax.tree_util.tree_flatten(model.params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + noise * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return Model(model.config, jax.tree_util.tree_unflatten(treedef, noisy))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "prompt"))
+def _all_continuation_logits(params, cfg: ModelConfig, prompt: tuple) -> jax.Array:
+    """Logits [V * V, len(prompt) + 2, V] of ``prompt`` followed by every pair (t1, t2)."""
+    v = cfg.vocab_size
+    seqs = jnp.array([list(prompt) + [a, b] for a, b in itertools.product(range(v), repeat=2)])
+    b, t = seqs.shape
+    return forward(params, cfg, seqs, jnp.broadcast_to(jnp.arange(t), (b, t)), KVCache.zeros(cfg, b, t),
+                   jnp.zeros(b, jnp.int32), causal_mask(b, t)).logits
+
+
+def exact_tables(model: Model, prompt, temperature: float) -> tuple:
+    """P(t1), P(t2 | t1), P(t3 | t1, t2) of ``model`` after ``prompt``, by running every continuation
+    (softmax in float64)."""
+    v = model.config.vocab_size
+    logits = np.asarray(_all_continuation_logits(model.params, model.config, tuple(prompt)), np.float64)
+    logits = logits / temperature
+    t = logits.shape[1]
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = (probs / probs.sum(axis=-1, keepdims=True)).reshape(v, v, t, v)
+    n = len(prompt)
+    return probs[0, 0, n - 1], probs[:, 0, n], probs[:, :, n + 1]
+
+
+def exact_pair_distribution(model: Model, prompt, temperature: float) -> np.ndarray:
+    """P(t2, t3) = sum_t1 P(t1) P(t2 | t1) P(t3 | t1, t2)."""
+    return np.einsum("a,ab,abc->bc", *exact_tables(model, prompt, temperature))
+
+
+def chi_square_p(pairs: np.ndarray, expected: np.ndarray) -> float:
+    """Chi-square p-value of sampled (t2, t3) ``pairs`` against the ``expected`` [V, V] distribution,
+    cells expecting fewer than 5 samples merged into one."""
+    from scipy import stats
+
+    observed = np.zeros(expected.shape)
+    np.add.at(observed, (pairs[:, 0], pairs[:, 1]), 1)
+    exp, obs = expected.ravel() * len(pairs), observed.ravel()
+    keep = exp >= 5  # sparse cells merged into one bucket
+    obs, exp = np.append(obs[keep], obs[~keep].sum()), np.append(exp[keep], exp[~keep].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue

@@ -3,15 +3,13 @@ device loop == host loop, lossless sampling with a draft model's q, Token Recycl
 acceptance on the embedded model."""
 
 import dataclasses
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
-from engine_helpers import tiny_model
+from engine_helpers import chi_square_p, exact_pair_distribution, near_copy, tiny_model
 from specjax.drafters import device
 from specjax.drafters.draft_model import DraftModelDrafter
 from specjax.drafters.eagle3 import Eagle3Config, Eagle3Drafter, init_params
@@ -20,7 +18,6 @@ from specjax.engine.device_loop import generate_on_device
 from specjax.engine.engine import Engine
 from specjax.engine.plain import greedy_generate
 from specjax.models.config import ModelConfig
-from specjax.models.decoder import KVCache, causal_mask, forward
 from specjax.models.loading import Model, load_model
 
 PROMPTS = [[5, 17, 33, 8], [9, 42, 61, 7, 7, 3, 30, 11, 12, 40, 41], [3], [50, 51, 52, 53, 54, 55, 56]]
@@ -98,25 +95,6 @@ PROMPT = [1, 2, 3]
 N = 3000
 
 
-def near_copy(model: Model, noise: float, seed: int) -> Model:
-    """A draft close to the target but not equal (so acceptance, rejection and residuals all occur)."""
-    leaves, treedef = jax.tree_util.tree_flatten(model.params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + noise * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    return Model(model.config, jax.tree_util.tree_unflatten(treedef, noisy))
-
-
-def exact_pair_distribution(temperature: float) -> np.ndarray:
-    """P(t2, t3) by running every continuation of the prompt through the target."""
-    seqs = jnp.array([PROMPT + [a, b] for a, b in itertools.product(range(V), repeat=2)])
-    b, t = seqs.shape
-    logits = forward(TARGET.params, TARGET.config, seqs, jnp.broadcast_to(jnp.arange(t), (b, t)),
-                     KVCache.zeros(TARGET.config, b, t), jnp.zeros(b, jnp.int32), causal_mask(b, t)).logits
-    probs = np.asarray(jax.nn.softmax(logits / temperature, axis=-1), np.float64).reshape(V, V, t, V)
-    p1, p2, p3 = probs[0, 0, len(PROMPT) - 1], probs[:, 0, len(PROMPT)], probs[:, :, len(PROMPT) + 1]
-    return np.einsum("a,ab,abc->bc", p1, p2, p3)
-
-
 REAL_CHILDREN = device._children
 
 
@@ -151,27 +129,16 @@ def sampled_pairs(temperature: float, seed: int, children=None) -> np.ndarray:
     return np.array([r.token_ids[1:3] for r in results])
 
 
-def chi_square_p(pairs: np.ndarray, expected: np.ndarray) -> float:
-    observed = np.zeros((V, V))
-    np.add.at(observed, (pairs[:, 0], pairs[:, 1]), 1)
-    exp, obs = expected.ravel() * len(pairs), observed.ravel()
-    keep = exp >= 5  # sparse cells merged into one bucket
-    obs, exp = np.append(obs[keep], obs[~keep].sum()), np.append(exp[keep], exp[~keep].sum())
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_draft_model_q_keeps_the_distribution(temperature):
     pairs = sampled_pairs(temperature, seed=1)
-    assert chi_square_p(pairs, exact_pair_distribution(temperature)) > 1e-4
+    assert chi_square_p(pairs, exact_pair_distribution(TARGET, PROMPT, temperature)) > 1e-4
 
 
 @pytest.mark.parametrize("children", [topk_children_with_q, untempered_q], ids=["topk_with_q", "untempered_q"])
 def test_drafts_that_ignore_their_q_are_detected(children):
     pairs = sampled_pairs(0.7, seed=2, children=children)
-    assert chi_square_p(pairs, exact_pair_distribution(0.7)) < 1e-6
+    assert chi_square_p(pairs, exact_pair_distribution(TARGET, PROMPT, 0.7)) < 1e-6
 
 
 # ------------------------------------------------------------------ Token Recycling on the embedded model

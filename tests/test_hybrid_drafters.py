@@ -9,7 +9,6 @@ forwards its model tree's q to the hybrid tree (whose children are not draws
 from that q) is the negative control the same test must reject.
 """
 
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from engine_helpers import tiny_model
+from engine_helpers import chi_square_p, exact_pair_distribution, exact_tables, near_copy, tiny_model
 from specjax.drafters.draft_model import DraftModelDrafter
 from specjax.drafters.eagle3 import Eagle3Config, Eagle3Drafter
 from specjax.drafters.eagle3 import init_params as eagle3_init
@@ -33,7 +32,6 @@ from specjax.engine.plain import greedy_generate
 from specjax.engine.sampling import SamplingParams
 from specjax.engine.tree import DraftTree, validate_tree
 from specjax.models.config import ModelConfig
-from specjax.models.decoder import KVCache, causal_mask, forward
 from specjax.models.loading import Model
 
 VOCAB = 64
@@ -243,47 +241,6 @@ PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]  # repetitive, so prompt lookup drafts
 N = 3000
 
 
-def near_copy(model: Model, noise: float, seed: int) -> Model:
-    leaves, treedef = jax.tree_util.tree_flatten(model.params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return Model(model.config, jax.tree_util.tree_unflatten(
-        treedef, [x + noise * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
-
-
-@jax.jit
-def _all_continuation_logits() -> jax.Array:
-    """Logits [V * V, len(PROMPT) + 2, V] of PROMPT followed by every pair (t1, t2); compiled once."""
-    seqs = jnp.array([PROMPT + [a, b] for a, b in itertools.product(range(V), repeat=2)])
-    b, t = seqs.shape
-    return forward(SMALL.params, SMALL.config, seqs, jnp.broadcast_to(jnp.arange(t), (b, t)),
-                   KVCache.zeros(SMALL.config, b, t), jnp.zeros(b, jnp.int32), causal_mask(b, t)).logits
-
-
-def exact_tables(temperature: float) -> tuple:
-    """P(t1), P(t2 | t1), P(t3 | t1, t2) of the target after PROMPT, by running every continuation."""
-    logits = np.asarray(_all_continuation_logits(), np.float64) / temperature
-    t = logits.shape[1]
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs = (probs / probs.sum(axis=-1, keepdims=True)).reshape(V, V, t, V)
-    return probs[0, 0, len(PROMPT) - 1], probs[:, 0, len(PROMPT)], probs[:, :, len(PROMPT) + 1]
-
-
-def exact_pair_distribution(temperature: float) -> np.ndarray:
-    """P(t2, t3) = sum_t1 P(t1) P(t2 | t1) P(t3 | t1, t2)."""
-    return np.einsum("a,ab,abc->bc", *exact_tables(temperature))
-
-
-def chi_square_p(pairs: np.ndarray, expected: np.ndarray) -> float:
-    observed = np.zeros((V, V))
-    np.add.at(observed, (pairs[:, 0], pairs[:, 1]), 1)
-    exp, obs = expected.ravel() * len(pairs), observed.ravel()
-    keep = exp >= 5  # sparse cells merged into one bucket
-    obs, exp = np.append(obs[keep], obs[~keep].sum()), np.append(exp[keep], exp[~keep].sum())
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
-
-
 def sampled_pairs(drafter, temperature: float, seed: int, greedy_rows: int = 0) -> np.ndarray:
     """(t2, t3) of N sampled rows; ``greedy_rows`` more rows (temperature 0, same batch) must give
     the target's greedy continuation."""
@@ -297,7 +254,7 @@ def sampled_pairs(drafter, temperature: float, seed: int, greedy_rows: int = 0) 
 
 def greedy_continuation() -> list:
     """t1, t2, t3 of greedy decoding after PROMPT (the argmax of the exact tables)."""
-    p1, p2, p3 = exact_tables(1.0)
+    p1, p2, p3 = exact_tables(SMALL, PROMPT, 1.0)
     t1 = int(np.argmax(p1))
     t2 = int(np.argmax(p2[t1]))
     return [t1, t2, int(np.argmax(p3[t1, t2]))]
@@ -334,13 +291,13 @@ def test_graft_sampling_keeps_the_distribution():
     graft = GraftDrafter(near_draft(9), PromptLookupDrafter(max_branches=2), capacity=4)
     pairs = sampled_pairs(graft, 0.8, seed=1, greedy_rows=8)
     assert graft.stats["grafted"] > N // 4 and graft.stats["accepted_grafted"] > 0
-    assert chi_square_p(pairs, exact_pair_distribution(0.8)) > 1e-4
+    assert chi_square_p(pairs, exact_pair_distribution(SMALL, PROMPT, 0.8)) > 1e-4
 
 
 def test_graft_forwarding_model_q_is_detected():
     control = ForwardsModelQ(AlwaysQ(near_draft(9)), PromptLookupDrafter(max_branches=2), capacity=4)
     pairs = sampled_pairs(control, 0.8, seed=2)
-    assert chi_square_p(pairs, exact_pair_distribution(0.8)) < 1e-6
+    assert chi_square_p(pairs, exact_pair_distribution(SMALL, PROMPT, 0.8)) < 1e-6
 
 
 @pytest.mark.parametrize("routing", ["merged", "confidence", "entropy"])
@@ -348,7 +305,7 @@ def test_taps_sampling_keeps_the_distribution(routing):
     """Sampled rows keep the distribution; greedy rows in the same batch stay greedy."""
     drafter = TapsDrafter([near_draft(9), near_draft(10)], V, routing=routing)
     pairs = sampled_pairs(drafter, 0.8, seed=3, greedy_rows=8)
-    assert chi_square_p(pairs, exact_pair_distribution(0.8)) > 1e-4
+    assert chi_square_p(pairs, exact_pair_distribution(SMALL, PROMPT, 0.8)) > 1e-4
 
 
 # ------------------------------------------------------------------ CLI
