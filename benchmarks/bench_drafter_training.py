@@ -216,6 +216,7 @@ def train_and_measure(target: Target, kind: str, method: str, seed: int, args, w
     else:  # histories written before the count existed: the padded batch shape
         spent = [s * args.batch_size * target.seq_len for s in h["step"]]
     row = {"target": target.name, "kind": kind, "method": method, "seed": seed, "steps": steps,
+           "budget_steps": args.steps,  # the sft/online steps this run is compared at
            "target_tokens": spent[-1], "train_s": train_s, "reused_trained": reused,
            "train_curve": {"target_tokens": spent,
                            "tokens_per_pass_estimate": h["tokens_per_pass"], "loss": h["loss"]},
@@ -254,31 +255,40 @@ def headline(row: dict, capacity: Optional[int] = None, temperature: float = 0.0
     return None
 
 
+def budget_of(row: dict) -> int:
+    """The steps of sft/online a run is compared with (opd may run fewer for equal target tokens)."""
+    return row.get("budget_steps", row["steps"])
+
+
 def compare_methods(rows: list[dict], capacity: int) -> list[dict]:
-    """opd vs sft per (target, kind): mean and spread (max - min over seeds) of greedy tokens/pass at T."""
+    """opd vs sft per (target, kind, budget): mean, spread (max - min over seeds) of greedy tokens/pass
+    at T, and the mean target tokens of each method's runs (methods outside ``METHODS``, e.g. relabelled
+    variants in a combined file, are summarized too but not compared)."""
     out = []
-    for tname in sorted({r["target"] for r in rows}):
-        for kind in sorted({r["kind"] for r in rows}):
-            stats = {}
-            for method in METHODS:
-                vals = [headline(r, capacity) for r in rows
-                        if (r["target"], r["kind"], r["method"]) == (tname, kind, method)]
-                vals = [v for v in vals if v is not None]
-                if vals:
-                    spent = [r["target_tokens"] for r in rows
-                             if (r["target"], r["kind"], r["method"]) == (tname, kind, method)]
-                    stats[method] = {"values": vals, "mean": float(np.mean(vals)),
-                                     "target_tokens_mean": float(np.mean(spent)),
-                                     "spread": float(np.max(vals) - np.min(vals)), "seeds": len(vals)}
-            if "sft" in stats and "opd" in stats:
-                margin = stats["opd"]["mean"] - stats["sft"]["mean"]
-                spread = max(stats["opd"]["spread"], stats["sft"]["spread"])
-                stats["opd_minus_sft"] = margin
-                several = min(stats["opd"]["seeds"], stats["sft"]["seeds"]) > 1  # one seed has no spread
-                stats["opd_beats_sft_beyond_spread"] = (bool(min(stats["opd"]["values"]) > max(stats["sft"]["values"])
-                                                             and margin > spread) if several else None)
-            if stats:
-                out.append({"target": tname, "kind": kind, "capacity": capacity, **stats})
+    present = {r["method"] for r in rows}
+    methods = [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+    for tname, kind, budget in sorted({(r["target"], r["kind"], budget_of(r)) for r in rows}):
+        stats = {}
+        for method in methods:
+            group = [r for r in rows if (r["target"], r["kind"], r["method"], budget_of(r)) ==
+                     (tname, kind, method, budget)]
+            vals = [v for v in (headline(r, capacity) for r in group) if v is not None]
+            if vals:
+                stats[method] = {"values": vals, "mean": float(np.mean(vals)),
+                                 "target_tokens_mean": float(np.mean([r["target_tokens"] for r in group])),
+                                 "steps": sorted({r["steps"] for r in group}),
+                                 "spread": float(np.max(vals) - np.min(vals)), "seeds": len(vals)}
+        if "sft" in stats and "opd" in stats:
+            margin = stats["opd"]["mean"] - stats["sft"]["mean"]
+            spread = max(stats["opd"]["spread"], stats["sft"]["spread"])
+            stats["opd_minus_sft"] = margin
+            several = min(stats["opd"]["seeds"], stats["sft"]["seeds"]) > 1  # one seed has no spread
+            stats["opd_beats_sft_beyond_spread"] = (bool(min(stats["opd"]["values"]) > max(stats["sft"]["values"])
+                                                         and margin > spread) if several else None)
+            stats["opd_target_tokens_at_most_sft"] = bool(
+                stats["opd"]["target_tokens_mean"] <= stats["sft"]["target_tokens_mean"])
+        if stats:
+            out.append({"target": tname, "kind": kind, "budget_steps": budget, "capacity": capacity, **stats})
     return out
 
 
@@ -330,6 +340,82 @@ def plot(rows: list[dict], path: str) -> bool:
     return True
 
 
+def plot_budget_curve(rows: list[dict], path: str, capacity: int) -> bool:
+    """Held-out greedy tokens/pass at T = ``capacity`` against counted target tokens: per method and
+    budget the mean over seeds, bars from the lowest to the highest seed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    pairs = sorted({(r["target"], r["kind"]) for r in rows})
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4), squeeze=False)
+    colors = {"sft": "tab:blue", "online": "tab:orange", "opd": "tab:green"}
+    extra_colors = iter(["tab:red", "tab:purple", "tab:brown", "tab:gray"])
+    for ax, (tname, kind) in zip(axes[0], pairs):
+        labelled = set()
+        for c in (c for c in compare_methods(rows, capacity) if (c["target"], c["kind"]) == (tname, kind)):
+            for method in (m for m, st in c.items() if isinstance(st, dict)):
+                st = c[method]
+                if method not in colors:
+                    colors[method] = next(extra_colors, "black")
+                color = colors[method]
+                ax.errorbar([st["target_tokens_mean"] / 1e3], [st["mean"]],
+                            yerr=[[st["mean"] - min(st["values"])], [max(st["values"]) - st["mean"]]],
+                            fmt="o" if method in METHODS else "x", color=color, capsize=3,
+                            label=None if method in labelled else method)
+                labelled.add(method)
+        ax.set_title(f"{tname} {kind}: held-out greedy T={capacity} (mean, min-max over seeds)", fontsize=9)
+        ax.set_xlabel("target forward tokens consumed in training (thousands)")
+        ax.set_ylabel("tokens per target pass")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    keys = ("target", "kind", "method", "seed", "steps", "budget_steps")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def combine(paths: list[str], out: str, plot_path: Optional[str]) -> int:
+    """Merge result files of several invocations (e.g. one per step budget) into ``out``."""
+    rows, invocations, device = [], [], None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        found = data.get("invocations") or [data["args"]]
+        invocations.extend(found)
+        for r in data["runs"]:
+            r = {**r, "budget_steps": r.get("budget_steps", data["args"]["steps"]) if "args" in data else budget_of(r)}
+            same = [old for old in rows if r.get("reused_trained") and _same_run(old, r)]
+            if same:  # a re-measurement of a drafter trained earlier (--reuse-trained): add its new evals
+                have = {(e["capacity"], e["temperature"]) for e in same[0]["eval"]}
+                same[0]["eval"].extend(e for e in r["eval"] if (e["capacity"], e["temperature"]) not in have)
+            else:
+                rows.append(r)
+        device = device or (data["backend"], data["device"])
+    capacity = max(e["capacity"] for r in rows for e in r["eval"])
+    with open(out, "w") as f:
+        json.dump({"backend": device[0], "device": device[1], "invocations": invocations,
+                   "tree": {"topk": TREE_TOPK, "depth": TREE_DEPTH}, "runs": rows,
+                   "opd_vs_sft": compare_methods(rows, capacity)}, f, indent=1)
+    print(f"wrote {out}")
+    for c in compare_methods(rows, capacity):
+        print(f"{c['target']} {c['kind']} budget {c['budget_steps']} steps: " + ", ".join(
+            f"{m} {c[m]['mean']:.2f} (spread {c[m]['spread']:.2f}, {c[m]['seeds']} seeds, "
+            f"{c[m]['target_tokens_mean'] / 1e3:.1f}k tokens)" for m, st in c.items() if isinstance(st, dict)))
+    png = plot_path or os.path.splitext(out)[0] + ".png"
+    if plot_budget_curve(rows, png, capacity):
+        print(f"wrote {png}")
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -358,6 +444,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results", "drafter_training.json"))
     p.add_argument("--plot", help="PNG path (default: the JSON path with .png)")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="train nothing: merge these result files (e.g. one per --steps budget) into --out, "
+                        "compare opd with sft per budget and plot tokens/pass against target tokens")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.eval_prompts, args.capacities, args.train_prompts = 20, 8, [16], 64
@@ -368,6 +457,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out, args.plot)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="specjax-bench-") as tmp:
         work_dir = args.keep_drafters or tmp
@@ -405,7 +496,8 @@ def report(args, rows: list[dict]) -> None:
         extra = ""
         if "opd_minus_sft" in c:
             extra = f"; opd - sft = {c['opd_minus_sft']:+.2f}, beyond spread: {c['opd_beats_sft_beyond_spread']}"
-        print(f"{c['target']} {c['kind']} greedy T={c['capacity']} tokens/pass: " + ", ".join(parts) + extra)
+        print(f"{c['target']} {c['kind']} budget {c['budget_steps']} steps, greedy T={c['capacity']} tokens/pass: "
+              + ", ".join(parts) + extra)
     write_json(args, rows)
     print(f"wrote {args.out}")
     png = args.plot or os.path.splitext(args.out)[0] + ".png"
