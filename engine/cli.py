@@ -50,7 +50,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-capacity", type=_capacity, default="auto",
                    help="tree slots per sequence and step (T), or 'auto' (default): T chosen per step from "
                         "measured step costs, up to --max-draft-capacity, 0 when drafts do not pay")
-    p.add_argument("--max-draft-capacity", type=int, default=16, help="the largest T 'auto' may choose")
+    p.add_argument("--max-draft-capacity", type=int, default=None,
+                   help="the largest T 'auto' may choose, and device drafters' default T (default: 8 on a CPU, "
+                        "where a step's cost grows with the nodes it verifies, else 16)")
     p.add_argument("--tree-topk", type=int, help="device drafters: children per expanded node (default: the "
                                                  "drafter directory's specjax_drafter.json, else 4 for "
                                                  "draft-model, 10 for eagle3)")
@@ -162,6 +164,13 @@ def _tree_shape(args, fixed: Optional[int], defaults: tuple[int, int, int]) -> t
     topk = getattr(args, "tree_topk", None) or int(recommended.get("topk", min(defaults[1], capacity)))
     depth = getattr(args, "tree_depth", None) or int(recommended.get("depth", min(defaults[2], capacity)))
     return capacity, min(topk, capacity), min(depth, capacity)
+
+
+def default_max_capacity() -> int:
+    """8 on a CPU (bigger trees rarely pay for their verify cost there), 16 on accelerators."""
+    import jax
+
+    return 8 if jax.default_backend() == "cpu" else 16
 
 
 def resolve_drafter(args) -> None:
@@ -316,6 +325,8 @@ def generate_main(args) -> int:
     if args.no_spec:
         args.drafter = "none"
     resolve_drafter(args)
+    if args.max_draft_capacity is None:
+        args.max_draft_capacity = default_max_capacity()
     if args.save_suffix_history and args.drafter != "suffix":
         raise SystemExit(f"specjax generate: --save-suffix-history needs --drafter suffix (this run drafts "
                          f"with {args.drafter!r})")
@@ -376,7 +387,8 @@ def _add_train_drafter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=("eagle3", "draft-model"), default="eagle3")
     p.add_argument("--method", choices=("sft", "online", "opd"), default="online",
                    help="sft: fixed target trajectories; online: fresh ones each step; opd: online + Draft-OPD "
-                        "on-policy weighting from simulated speculative rollouts")
+                        "replay (EAGLE-3: the head drafts its own chains, the target verifies them, and the "
+                        "visited chains are trained on; draft models: on-policy re-weighting)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, checkpoints/)")
     p.add_argument("--prompts", help="JSONL file with a \"prompt\" field per line (default: sample from the target "
