@@ -59,6 +59,7 @@ class CapacityPolicy:
     max_probe_every: int = 64  # ... doubling after each probe that gains nothing, up to this
     patience: int = 4  # idle steps before drafting is skipped
     min_gain: float = 1.05  # speculate only for a clear expected win over a plain step
+    max_cost_jump: float = 2.0  # one step's time counts as at most this many times the bucket's estimate
     _since_probe: int = 0
 
     @property
@@ -110,8 +111,14 @@ class CapacityPolicy:
         return next((t for t in self.buckets if t >= n), self.buckets[-1])
 
     def record(self, capacity: int, seconds: float, predicted: float, accepted: int) -> None:
-        """Fold one step's measured cost and acceptance into the running estimates."""
+        """Fold one step's measured cost and acceptance into the running estimates.
+
+        A stalled step (a compilation, the host pre-empted) counts as at most
+        ``max_cost_jump`` times the current estimate: one outlier must not make a
+        bucket look so expensive that it is never chosen, and so never re-measured.
+        """
         a = self.smoothing
+        seconds = min(seconds, self.max_cost_jump * self.costs[capacity])
         self.costs[capacity] = (1 - a) * self.costs[capacity] + a * seconds
         if predicted > 0:
             self.calibration = (1 - a) * self.calibration + a * min(accepted / predicted, 2.0)

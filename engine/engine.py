@@ -507,11 +507,11 @@ class Engine:
                             rng=jax.random.key(0), sampling=SamplingParams.make(rows))
         costs, first_calls = {}, {}
         for t in self.tree_sizes:
-            tree = jax.device_put(empty_tree(rows, t))
+            tree = empty_tree(rows, t)  # host arrays and the loop's eos_ids: the very program the loop runs
             times = []
             for _ in range(timing_steps + 1):
                 t0 = time.perf_counter()  # timed as the generation loop times a step
-                state, acc = step(params, state, tree, cfg=cfg, attention=self.attention, eos_ids=())
+                state, acc = step(params, state, tree, cfg=cfg, attention=self.attention, eos_ids=cfg.eos_token_ids)
                 jax.block_until_ready(acc.num)
                 jax.device_get((acc.tokens, acc.num, acc.num_draft_accepted, state.finished))
                 times.append(time.perf_counter() - t0)

@@ -96,3 +96,34 @@ def test_auto_engine_stops_paying_for_a_useless_drafter_and_stays_lossless():
     assert [r.token_ids for r in results] == expected
     steps = max(r.target_passes for r in results) - 1
     assert drafter.calls < 0.5 * 2 * steps  # asked for drafts on a minority of row-steps
+
+
+def test_one_stalled_step_does_not_price_a_bucket_out_for_good():
+    policy = CapacityPolicy(costs=dict(COSTS))
+    confident = [np.array([0.95, 0.9, 0.85, 0.8])] * 4
+    assert policy.choose(confident, 4) == 4
+    policy.record(4, 100 * COSTS[4], predicted=3.5 * 4, accepted=14)  # a recompile or a pre-empted host
+    assert policy.costs[4] <= COSTS[4] * (0.7 + 0.3 * policy.max_cost_jump) + 1e-9
+    assert policy.choose(confident, 4) == 4  # still the best bucket
+    # Negative control: folding the raw time in would price T=4 out.
+    unclamped = CapacityPolicy(costs=dict(COSTS), max_cost_jump=float("inf"))
+    unclamped.record(4, 100 * COSTS[4], predicted=3.5 * 4, accepted=14)
+    assert unclamped.choose(confident, 4) != 4
+
+
+def test_measured_costs_are_of_the_programs_the_loop_runs():
+    """The step costs are timed on the very compiled step the generation loop dispatches (same
+    static arguments, same host-array inputs), so the loop's first step of a bucket is not a
+    compilation that the policy would take for the bucket's cost."""
+    from specjax.drafters.prompt_lookup import PromptLookupDrafter
+    from specjax.engine import steps
+
+    model = tiny_model(6, eos=(0,))
+    prompts = [[3, 9, 4, 3, 9, 4, 3, 9], [17, 2, 5, 17, 2, 5]]
+    engine = Engine(model, PromptLookupDrafter(), max_draft_capacity=2)
+    rows, width = engine.batch_bucket(len(prompts)), engine.prompt_bucket(max(map(len, prompts)))
+    engine._measure_step_costs(rows, engine.cache_bucket(width, 16))
+    compiled = steps.step._cache_size()
+    results = engine.generate(prompts, max_new_tokens=16)
+    assert sum(r.target_passes for r in results) > len(prompts)  # the loop ran steps
+    assert steps.step._cache_size() == compiled
