@@ -83,7 +83,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from specjax.drafters.eagle3 import (Eagle3Config, _finish, _qkv, default_hidden_layers, draft_logits,
-                                     fuse_features)
+                                     fuse_features, load_eagle3)
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import (KVCache, causal_mask, forward, forward_hidden, init_params, linear, lm_head,
                                     mlp_block, qkv_projection, rms_norm)
@@ -599,6 +599,35 @@ def export_draft_model(out_dir: str, hf_config: dict, params: dict, target_dir: 
     return paths
 
 
+def checked_init_params(fresh: dict, given: dict) -> dict:
+    """``given`` (float32) in place of ``fresh``: the same names and shapes, or a ValueError naming
+    the first difference (a drafter of another shape cannot be fine-tuned into this one)."""
+    want = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(fresh)[0]}
+    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(given)[0]}
+    if want.keys() != got.keys():
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        raise ValueError(f"initial drafter params do not match this drafter: missing {missing}, unexpected {extra}")
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise ValueError(f"initial drafter params: {name} has shape {got[name]}, this drafter needs {shape}")
+    return jax.tree.map(lambda _, g: jnp.asarray(g, jnp.float32), fresh, given)
+
+
+def load_init_params(kind: str, model_dir: str, target: Model) -> dict:
+    """The trainable params of a drafter directory (what ``train_drafter`` writes, or a public
+    EAGLE-3 head / small Llama), for ``init_params``."""
+    if kind == "eagle3":
+        head = load_eagle3(model_dir, target, dtype=jnp.float32)
+        wanted = tuple(default_hidden_layers(target.config.num_layers))
+        if tuple(head.hidden_layers) != wanted:
+            raise ValueError(f"{model_dir}: the head reads target layers {list(head.hidden_layers)}, training uses "
+                             f"{list(wanted)}")
+        return {name: head.params[name] for name in ("fc", "layer", "final_norm", "lm_head")}
+    from specjax.models.loading import load_model
+
+    return dict(load_model(model_dir, dtype=jnp.float32).params)
+
+
 # ------------------------------------------------------------------ data
 
 
@@ -654,9 +683,12 @@ def _start_token(cfg: ModelConfig) -> int:
 
 def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: str, *,
                   prompts: Optional[Sequence[Sequence[int]]] = None, options: TrainOptions = TrainOptions(),
-                  resume: bool = False, progress: bool = True) -> TrainResult:
+                  resume: bool = False, progress: bool = True, init_params: Optional[dict] = None) -> TrainResult:
     """Train an EAGLE-3 head (``kind="eagle3"``) or a draft model for ``target`` (see the module
-    docstring); ``prompts`` are token-id lists (None: sequences sampled from the target at BOS)."""
+    docstring); ``prompts`` are token-id lists (None: sequences sampled from the target at BOS).
+    ``init_params`` (the trainable params of a drafter of the same shape, e.g. ``load_init_params``)
+    replace the random initialization: fine-tuning a trained drafter, or continuing it with another
+    method. A resumed checkpoint takes precedence over it."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if method not in METHODS:
@@ -684,6 +716,8 @@ def train_drafter(target: Model, kind: str, method: str, steps: int, out_dir: st
         dcfg, params = init_draft_model(target, opts.draft_layers, opts.draft_hidden, init_key)
         frozen = {}
         hf_config = draft_model_hf_config(tcfg, opts.draft_layers, opts.draft_hidden)
+    if init_params is not None:
+        params = checked_init_params(params, init_params)
     spec = StepSpec(kind, method, tcfg, dcfg, opts, tuple(hidden_layers), steps)
     optimizer = make_optimizer_for(spec)
 
@@ -809,8 +843,9 @@ def cli_main(args) -> int:
                            prompt_weight=args.prompt_weight, rollout_temperature=args.rollout_temperature,
                            save_every=args.save_every, keep=args.keep, draft_layers=args.draft_layers,
                            draft_hidden=args.draft_hidden)
+    init = load_init_params(args.kind, args.init, target) if args.init else None
     result = train_drafter(target, args.kind, args.method, args.steps, args.out, prompts=prompts, options=options,
-                           resume=args.resume)
+                           resume=args.resume, init_params=init)
     h = result.history
     print(f"trained {args.kind} ({args.method}) for {h['step'][-1] if h['step'] else 0} steps: final loss "
           f"{np.mean(h['loss'][-20:]):.4f}, top-1 agreement {np.mean(h['top1'][-20:]):.3f}, estimated chain "

@@ -400,6 +400,9 @@ def _add_train_drafter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    p.add_argument("--init", metavar="DIR", help="start from this drafter's weights instead of a random "
+                                                 "initialization (a directory train-drafter wrote, or a public "
+                                                 "EAGLE-3 head / small Llama of the same shape): fine-tuning")
     p.add_argument("--ttt-steps", type=int, default=7, help="EAGLE-3 training-time-test unroll depth")
     p.add_argument("--feature-weight", type=float, default=0.0, help="Smooth L1 feature loss weight (EAGLE-3)")
     p.add_argument("--opd-weight", type=float, default=2.0)
