@@ -24,6 +24,9 @@ for training and measurement.
 
     python benchmarks/bench_drafter_training.py --quick               # minutes: a smoke run
     python benchmarks/bench_drafter_training.py --targets sql --kinds eagle3 --seeds 0 1 2
+    # Draft-OPD's regime: continue a 250-step sft head at equal target tokens
+    python benchmarks/bench_drafter_training.py --targets sql --kinds eagle3 --seeds 0 1 2 --train-prompts 4000 \
+        --warm-start-steps 250 --steps 100 --opd-steps 42 --online-steps 50 --capacities 60 --temperatures 0
 
 Prints a table, writes JSON (``benchmarks/results/drafter_training.json``) and a
 PNG of acceptance against training target tokens (training-time estimate as lines,
@@ -195,12 +198,54 @@ def measure(target: Target, drafter, temperature: float, batch_size: int, seed: 
             "token_ids": [r.token_ids for r in results]}
 
 
+def steps_of(method: str, args) -> int:
+    """A method's training steps: --steps, or --opd-steps / --online-steps for equal target tokens."""
+    own = {"opd": args.opd_steps, "online": args.online_steps}.get(method)
+    return own or args.steps
+
+
+def warm_start(target: Target, kind: str, seed: int, args, work_dir: str) -> tuple[dict, int]:
+    """(float32 params, target tokens) of ``sft`` for --warm-start-steps on the warm-start prompts,
+    trained once per (target, kind, seed) in ``work_dir`` (a finished one is restored from its checkpoint)."""
+    out_dir = os.path.join(work_dir, f"{target.name}-{kind}-warm{args.warm_start_steps}-s{seed}")
+    opts = TrainOptions(batch_size=args.batch_size, seq_len=target.seq_len, lr=args.lr, seed=seed,
+                        save_every=args.warm_start_steps, keep=1)
+    history_path = os.path.join(out_dir, "history.json")
+    if os.path.isfile(history_path):  # restored below: it must be the same warm start
+        with open(history_path) as f:
+            done = json.load(f)["options"]
+        mismatch = sorted(k for k, v in dataclasses.asdict(opts).items()
+                          if k not in ("save_every", "keep") and done.get(k) != v)
+        if mismatch:
+            raise SystemExit(f"{out_dir} holds a warm start trained with other options ({mismatch}): "
+                             "remove it or use another --keep-drafters directory")
+    result = train_drafter(target.model, kind, "sft", args.warm_start_steps, out_dir,
+                           prompts=warm_start_prompts(target), options=opts, resume=True,
+                           progress=not args.no_progress)
+    return result.params, result.history["target_tokens"][-1]
+
+
+def warm_start_prompts(target: Target) -> list:
+    """With a warm start, the first half of the training prompts is the warm start's fixed dataset
+    (and sft's, continuing over it); the second half is the fresh prompts of online and opd."""
+    return target.train_prompts[: len(target.train_prompts) // 2]
+
+
 def train_and_measure(target: Target, kind: str, method: str, seed: int, args, work_dir: str,
                       reference: list[list[int]]) -> dict:
-    steps = args.opd_steps if method == "opd" and args.opd_steps else args.steps
-    out_dir = os.path.join(work_dir, f"{target.name}-{kind}-{method}-s{seed}")
+    steps = steps_of(method, args)
+    warm = args.warm_start_steps
+    out_dir = os.path.join(work_dir, f"{target.name}-{kind}-{method}-s{seed}" + (f"-after{warm}" if warm else ""))
     opts = TrainOptions(batch_size=args.batch_size, seq_len=target.seq_len, lr=args.lr, seed=seed,
                         save_every=10 ** 9, keep=1)
+    prompts, init, warm_tokens = target.train_prompts, None, 0
+    if warm:
+        init, warm_tokens = warm_start(target, kind, seed, args, work_dir)
+        fixed = warm_start_prompts(target)
+        prompts = fixed if method == "sft" else target.train_prompts[len(fixed):]
+        if method == "sft" and steps * args.batch_size > len(fixed):
+            raise SystemExit("--warm-start-steps: sft's continuation must not wrap around its fixed dataset "
+                             f"({steps} x {args.batch_size} > {len(fixed)} prompts)")
     history_path = os.path.join(out_dir, "history.json")
     start = time.perf_counter()
     reused = bool(args.reuse_trained) and _trained_for(history_path, steps, opts)
@@ -208,15 +253,20 @@ def train_and_measure(target: Target, kind: str, method: str, seed: int, args, w
         with open(history_path) as f:  # measured again, not retrained (same steps and options)
             h = json.load(f)["history"]
     else:
-        h = train_drafter(target.model, kind, method, steps, out_dir, prompts=target.train_prompts,
-                          options=opts, progress=not args.no_progress).history
+        h = train_drafter(target.model, kind, method, steps, out_dir, prompts=prompts, options=opts,
+                          progress=not args.no_progress, init_params=init).history
     train_s = time.perf_counter() - start
     if "target_tokens" in h:  # counted by train_drafter (see target_tokens_of_step)
         spent = h["target_tokens"]
     else:  # histories written before the count existed: the padded batch shape
         spent = [s * args.batch_size * target.seq_len for s in h["step"]]
+    if warm and method == "sft":
+        # sft continues over the warm start's sequences, which are already generated (greedy: the same
+        # ones): each step pays the teacher pass only, half of what a first use (counted above) pays.
+        spent = [t // 2 for t in spent]
     row = {"target": target.name, "kind": kind, "method": method, "seed": seed, "steps": steps,
            "budget_steps": args.steps,  # the sft/online steps this run is compared at
+           "warm_start_steps": warm, "warm_start_target_tokens": warm_tokens,
            "target_tokens": spent[-1], "train_s": train_s, "reused_trained": reused,
            "train_curve": {"target_tokens": spent,
                            "tokens_per_pass_estimate": h["tokens_per_pass"], "loss": h["loss"]},
@@ -256,8 +306,13 @@ def headline(row: dict, capacity: Optional[int] = None, temperature: float = 0.0
 
 
 def budget_of(row: dict) -> int:
-    """The steps of sft/online a run is compared with (opd may run fewer for equal target tokens)."""
+    """The steps of sft a run is compared with (opd and online may run fewer for equal target tokens)."""
     return row.get("budget_steps", row["steps"])
+
+
+def warm_of(row: dict) -> int:
+    """The sft warm start a run continued (0: trained from a random head)."""
+    return row.get("warm_start_steps") or 0
 
 
 def compare_methods(rows: list[dict], capacity: int) -> list[dict]:
@@ -267,11 +322,11 @@ def compare_methods(rows: list[dict], capacity: int) -> list[dict]:
     out = []
     present = {r["method"] for r in rows}
     methods = [m for m in METHODS if m in present] + sorted(present - set(METHODS))
-    for tname, kind, budget in sorted({(r["target"], r["kind"], budget_of(r)) for r in rows}):
+    for tname, kind, warm, budget in sorted({(r["target"], r["kind"], warm_of(r), budget_of(r)) for r in rows}):
         stats = {}
         for method in methods:
-            group = [r for r in rows if (r["target"], r["kind"], r["method"], budget_of(r)) ==
-                     (tname, kind, method, budget)]
+            group = [r for r in rows if (r["target"], r["kind"], r["method"], warm_of(r), budget_of(r)) ==
+                     (tname, kind, method, warm, budget)]
             vals = [v for v in (headline(r, capacity) for r in group) if v is not None]
             if vals:
                 stats[method] = {"values": vals, "mean": float(np.mean(vals)),
@@ -288,7 +343,8 @@ def compare_methods(rows: list[dict], capacity: int) -> list[dict]:
             stats["opd_target_tokens_at_most_sft"] = bool(
                 stats["opd"]["target_tokens_mean"] <= stats["sft"]["target_tokens_mean"])
         if stats:
-            out.append({"target": tname, "kind": kind, "budget_steps": budget, "capacity": capacity, **stats})
+            out.append({"target": tname, "kind": kind, "warm_start_steps": warm, "budget_steps": budget,
+                        "capacity": capacity, **stats})
     return out
 
 
@@ -379,7 +435,7 @@ def plot_budget_curve(rows: list[dict], path: str, capacity: int) -> bool:
 
 
 def _same_run(a: dict, b: dict) -> bool:
-    keys = ("target", "kind", "method", "seed", "steps", "budget_steps")
+    keys = ("target", "kind", "method", "seed", "steps", "budget_steps", "warm_start_steps")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -429,6 +485,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--opd-steps", type=int,
                    help="training steps of opd runs (default: --steps); opd also pays for verifying its own "
                         "chains, so fewer steps give it the target tokens of the other methods")
+    p.add_argument("--online-steps", type=int, help="training steps of online runs (default: --steps)")
+    p.add_argument("--warm-start-steps", type=int, default=0,
+                   help="first train sft this many steps per seed on the first half of the training prompts, then "
+                        "continue from it: sft over the same (already generated) sequences, online and opd on "
+                        "fresh rollouts of the second half (Draft-OPD's regime: continuing after sft)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--capacities", nargs="+", type=int, default=[16, 60], help="tree sizes T measured")
@@ -450,8 +511,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.eval_prompts, args.capacities, args.train_prompts = 20, 8, [16], 64
-    if args.steps < 1 or (args.opd_steps is not None and args.opd_steps < 1):
-        p.error("--steps and --opd-steps must be >= 1")
+    if min(args.steps, args.opd_steps or 1, args.online_steps or 1) < 1 or args.warm_start_steps < 0:
+        p.error("--steps, --opd-steps and --online-steps must be >= 1, --warm-start-steps >= 0")
     return args
 
 
@@ -496,7 +557,8 @@ def report(args, rows: list[dict]) -> None:
         extra = ""
         if "opd_minus_sft" in c:
             extra = f"; opd - sft = {c['opd_minus_sft']:+.2f}, beyond spread: {c['opd_beats_sft_beyond_spread']}"
-        print(f"{c['target']} {c['kind']} budget {c['budget_steps']} steps, greedy T={c['capacity']} tokens/pass: "
+        after = f" after {c['warm_start_steps']} sft steps" if c.get("warm_start_steps") else ""
+        print(f"{c['target']} {c['kind']} budget {c['budget_steps']} steps{after}, greedy T={c['capacity']} tokens/pass: "
               + ", ".join(parts) + extra)
     write_json(args, rows)
     print(f"wrote {args.out}")
