@@ -210,15 +210,10 @@ def warm_start(target: Target, kind: str, seed: int, args, work_dir: str) -> tup
     out_dir = os.path.join(work_dir, f"{target.name}-{kind}-warm{args.warm_start_steps}-s{seed}")
     opts = TrainOptions(batch_size=args.batch_size, seq_len=target.seq_len, lr=args.lr, seed=seed,
                         save_every=args.warm_start_steps, keep=1)
-    history_path = os.path.join(out_dir, "history.json")
-    if os.path.isfile(history_path):  # restored below: it must be the same warm start
-        with open(history_path) as f:
-            done = json.load(f)["options"]
-        mismatch = sorted(k for k, v in dataclasses.asdict(opts).items()
-                          if k not in ("save_every", "keep") and done.get(k) != v)
-        if mismatch:
-            raise SystemExit(f"{out_dir} holds a warm start trained with other options ({mismatch}): "
-                             "remove it or use another --keep-drafters directory")
+    history_path = os.path.join(out_dir, "history.json")  # written when the warm start finished
+    if os.path.isfile(history_path) and not _trained_for(history_path, args.warm_start_steps, opts):
+        raise SystemExit(f"{out_dir} holds a warm start trained with other options: remove it or use another "
+                         "--keep-drafters directory")
     result = train_drafter(target.model, kind, "sft", args.warm_start_steps, out_dir,
                            prompts=warm_start_prompts(target), options=opts, resume=True,
                            progress=not args.no_progress)
@@ -232,15 +227,16 @@ def warm_start_prompts(target: Target) -> list:
 
 
 def train_and_measure(target: Target, kind: str, method: str, seed: int, args, work_dir: str,
-                      reference: list[list[int]]) -> dict:
+                      reference: list[list[int]], warm_started: Optional[tuple[dict, int]] = None) -> dict:
+    """Train one drafter (from ``warm_started``, ``warm_start``'s result, when given) and measure it."""
     steps = steps_of(method, args)
-    warm = args.warm_start_steps
+    warm = args.warm_start_steps if warm_started else 0
     out_dir = os.path.join(work_dir, f"{target.name}-{kind}-{method}-s{seed}" + (f"-after{warm}" if warm else ""))
     opts = TrainOptions(batch_size=args.batch_size, seq_len=target.seq_len, lr=args.lr, seed=seed,
                         save_every=10 ** 9, keep=1)
     prompts, init, warm_tokens = target.train_prompts, None, 0
     if warm:
-        init, warm_tokens = warm_start(target, kind, seed, args, work_dir)
+        init, warm_tokens = warm_started
         fixed = warm_start_prompts(target)
         prompts = fixed if method == "sft" else target.train_prompts[len(fixed):]
         if method == "sft" and steps * args.batch_size > len(fixed):
@@ -529,8 +525,9 @@ def main(argv=None) -> int:
             reference = plain_greedy(target, args.eval_batch_size)
             for kind in args.kinds:
                 for seed in args.seeds:  # seeds outermost: an interrupted run still compares methods
+                    warm = warm_start(target, kind, seed, args, work_dir) if args.warm_start_steps else None
                     for method in args.methods:
-                        rows.append(train_and_measure(target, kind, method, seed, args, work_dir, reference))
+                        rows.append(train_and_measure(target, kind, method, seed, args, work_dir, reference, warm))
                         print(f"done {target.name} {kind} {method} seed {seed}: greedy tokens/pass at the largest T "
                               f"{headline(rows[-1]):.2f}", file=sys.stderr, flush=True)
                         write_json(args, rows)  # after every run: partial results survive an interruption

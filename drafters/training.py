@@ -88,7 +88,7 @@ from specjax.models.config import ModelConfig
 from specjax.models.decoder import (KVCache, causal_mask, forward, forward_hidden, init_params, linear, lm_head,
                                     mlp_block, qkv_projection, rms_norm)
 from specjax.models.rope import inverse_frequencies
-from specjax.models.loading import Model
+from specjax.models.loading import Model, load_model
 from specjax.models.training import (TrainCheckpointer, TrainState, export_llama, llama_hf_config, make_optimizer,
                                      plot_curves, save_hf_checkpoint, to_bf16)
 
@@ -623,8 +623,6 @@ def load_init_params(kind: str, model_dir: str, target: Model) -> dict:
             raise ValueError(f"{model_dir}: the head reads target layers {list(head.hidden_layers)}, training uses "
                              f"{list(wanted)}")
         return {name: head.params[name] for name in ("fc", "layer", "final_norm", "lm_head")}
-    from specjax.models.loading import load_model
-
     return dict(load_model(model_dir, dtype=jnp.float32).params)
 
 
@@ -829,8 +827,6 @@ def _write_history(path: str, history: dict, kind: str, method: str, opts: Train
 
 def cli_main(args) -> int:
     """``specjax train-drafter``: load the target, train, print where everything went."""
-    from specjax.models.loading import load_model
-
     target_dir = args.target
     if target_dir is None:
         from specjax.models.embedded import default_model_dir
