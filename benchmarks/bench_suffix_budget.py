@@ -20,8 +20,8 @@ import json
 import pathlib
 import platform
 
-from specjax.drafters.replay import (ArcticBackend, ReplayConfig, SpecjaxBackend, arctic_at_equal_nodes,
-                                     arctic_cache_class, load_traces, run)
+from specjax.engine.replay import (ArcticBackend, ReplayConfig, SpecjaxBackend, arctic_at_equal_nodes,
+                                   arctic_cache_class, load_traces, run)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -24,8 +24,8 @@ import statistics
 
 import numpy as np
 
-from specjax.drafters.replay import (ArcticBackend, ReplayConfig, SpecjaxBackend, TraceRequest, arctic_cache_class,
-                                     load_traces, measure_bytes_per_token, run)
+from specjax.engine.replay import (ArcticBackend, ReplayConfig, SpecjaxBackend, TraceRequest, arctic_cache_class,
+                                   load_traces, measure_bytes_per_token, run)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_TRACES = ROOT.parent / "shared" / "data" / "spider_train_others_gold.jsonl.gz"

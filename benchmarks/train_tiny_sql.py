@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward, init_params
-from specjax.models.toy_corpus import sql_examples
+from specjax.models.toy_corpus import held_out_examples, sql_examples
 from specjax.models.training import export_llama, llama_hf_config, save_tokenizer_files
 from specjax.tpu_kernels.tree_attention import new_tokens_attention
 
@@ -150,18 +150,41 @@ def build_train_step(cfg: ModelConfig, optimizer):
     return step, jax.jit(loss_fn)
 
 
-def evaluate(model_dir: str, n: int, seed: int, max_new_tokens: int = 64):
-    """Greedy SQL for ``n`` held-out questions from the saved checkpoint: exact-match rate, samples."""
+def evaluate(model_dir: str, examples, max_new_tokens: int = 64):
+    """Greedy SQL for held-out ``examples`` from the saved checkpoint: exact-match rate, samples."""
     from specjax.engine.plain import greedy_generate
     from specjax.models.loading import load_model
 
     model = load_model(model_dir, dtype=jnp.float32)
-    examples = sql_examples(n, seed, split="eval")
     prompts = [model.tokenizer.encode(ex.prompt).ids for ex in examples]
     outs = greedy_generate(model, prompts, max_new_tokens=max_new_tokens)
     texts = [model.tokenizer.decode(o).strip() for o in outs]
-    exact = sum(t == ex.sql for t, ex in zip(texts, examples)) / n
+    exact = sum(t == ex.sql for t, ex in zip(texts, examples)) / len(examples)
     return exact, list(zip(examples, texts))
+
+
+def held_out_loss(tok, cfg: ModelConfig, params, examples) -> float:
+    """Mean loss over the SQL tokens of held-out ``examples``, one example per sequence."""
+    eos_id = cfg.eos_token_ids[0]
+    seqs, q_starts, a_starts = encode_corpus(tok, examples, eos_id)
+    _, loss_fn = build_train_step(cfg, optax.identity())
+    packed = pack_sequences(seqs, q_starts, a_starts, [e.schema for e in examples], 1, np.random.default_rng(0))
+    return float(np.mean([loss_fn(params, *b) for b in make_batches(packed, 16, np.random.default_rng(0))]))
+
+
+def eval_questions(n: int, seed: int, num_examples: int) -> list:
+    """``n`` evaluation questions of which neither the question nor its SQL is among the build's
+    ``num_examples`` training examples of ``seed`` (``toy_corpus.held_out_examples``, split "eval")."""
+    return held_out_examples(n, seed, split="eval", training_sets=((num_examples, seed),))
+
+
+def report(model_dir: str, tok, cfg: ModelConfig, params, args) -> tuple[float, float]:
+    """Held-out loss (256 questions) and greedy exact match (``--eval-examples``) of the saved weights."""
+    loss = held_out_loss(tok, cfg, params, eval_questions(256, args.seed, args.num_examples))
+    exact, samples = evaluate(model_dir, eval_questions(args.eval_examples, args.seed, args.num_examples))
+    for ex, text in samples[:4]:
+        print(f"\n-- question: {ex.question}\n   gold:  {ex.sql}\n   model: {text}")
+    return loss, exact
 
 
 def main(argv=None) -> int:
@@ -182,7 +205,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--eval-examples", type=int, default=32)
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="only report the held-out loss and exact match of the checkpoint in --out")
     args = p.parse_args(argv)
+    if args.evaluate_only:
+        return evaluate_only(args)
     t0 = time.perf_counter()
 
     examples = sql_examples(args.num_examples, args.seed, split="train")
@@ -243,20 +270,22 @@ def main(argv=None) -> int:
                    "args": vars(args) | {"out": None}, "train_loss": round(ema, 4),
                    "train_seconds": round(train_s)}, f, indent=2)
 
-    # Loss of the saved (bf16-rounded) weights on held-out questions, and greedy samples.
-    held = sql_examples(256, args.seed, split="eval")
-    hseqs, hq, ha = encode_corpus(tok, held, eos_id)
-    _, eval_loss_fn = build_train_step(cfg, optimizer)
+    # Loss and greedy answers of the saved (bf16-rounded) weights on held-out questions.
     rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
-
-    packed = pack_sequences(hseqs, hq, ha, [e.schema for e in held], 1, np.random.default_rng(0))
-    loss_a = float(np.mean([eval_loss_fn(rounded, *b) for b in make_batches(packed, 16, np.random.default_rng(0))]))
-    exact, samples = evaluate(args.out, args.eval_examples, args.seed)
-    for ex, text in samples[:4]:
-        print(f"\n-- question: {ex.question}\n   gold:  {ex.sql}\n   model: {text}")
+    loss_a, exact = report(args.out, tok, cfg, rounded, args)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"\nfinal train loss (EMA, SQL tokens) {ema:.4f}; held-out loss {loss_a:.4f}; held-out greedy exact match {exact:.1%} of {args.eval_examples}; "
           f"training {train_s:.0f}s; wrote {args.out} ({size / 1e6:.2f} MB)")
+    return 0
+
+
+def evaluate_only(args) -> int:
+    """``--evaluate-only``: the held-out report of the checkpoint already in ``--out``, no training."""
+    from specjax.models.loading import load_model
+
+    model = load_model(args.out, dtype=jnp.float32)
+    loss, exact = report(args.out, model.tokenizer, model.config, model.params, args)
+    print(f"\n{args.out}: held-out loss {loss:.4f}; held-out greedy exact match {exact:.1%} of {args.eval_examples}")
     return 0
 
 

@@ -1,18 +1,29 @@
 // Compiled core of specjax.drafters.suffix_index: the suffix automaton and the draft builders.
 //
-// A line-by-line port of the pure-Python reference in drafters/suffix_index.py (SuffixAutomaton,
-// SuffixIndex._best_draft, the candidate walk of SuffixIndex._budgeted_draft, draft_merged and
-// NodeCalibration.learn). It must produce bit-identical drafts: the same arithmetic in the same
-// order (built with -ffp-contract=off so no multiply-add is fused), the same total orders for heaps
-// and rankings, and the calibration read from and written to the same Python dict. Plain CPython
-// C API, so building it needs nothing but setuptools and a C++17 compiler.
+// A line-by-line port of the pure-Python reference (drafters/suffix_reference.py: SuffixAutomaton,
+// draft_merged and NodeCalibration.learn; drafters/suffix_index.py: SuffixIndex._best_draft and the
+// candidate walk of SuffixIndex._budgeted_draft). It must produce bit-identical drafts: the same
+// arithmetic in the same order (built with -ffp-contract=off so no multiply-add is fused), the same
+// total orders for heaps and rankings, and the calibration read from and written to the same Python
+// dict. Plain CPython C API, so building it needs nothing but setuptools and a C++17 compiler.
+//
+// Hostile input never kills the interpreter: the Python glue (the end of this file) checks every
+// argument before the core sees it (types, ranges, states, lengths, finite floats) and raises
+// TypeError, ValueError or IndexError naming it, and every C++ exception becomes a Python exception
+// (tests/test_suffix_core_fuzz.py drives each entry point with hostile arguments in a subprocess).
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <algorithm>
-#include <new>
+#include <cfloat>
+#include <climits>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <new>
+#include <stdexcept>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -84,6 +95,11 @@ struct Automaton {
   std::vector<Child> full_scratch;
   int32_t last = kRoot, window = kRoot;
   int64_t written = 0;
+  // Set while a budgeted draft reads this automaton: a calibration lookup (Python code) must not mutate it
+  // under the draft's references into its rankings.
+  int busy = 0;
+  // Set when an exception interrupted an append: the structure may be half-updated, so it is not read again.
+  bool broken = false;
 
   explicit Automaton(int64_t depth) : count_depth(depth) {}
 
@@ -99,6 +115,7 @@ struct Automaton {
   }
 
   int32_t new_state(int32_t len, int32_t lnk, int32_t cnt, int64_t stp) {
+    if (states.size() >= static_cast<size_t>(INT32_MAX)) throw std::length_error("more than 2**31 - 1 states");
     states.push_back(State{stp, len, lnk, cnt, kNoEdge, 0});
     return static_cast<int32_t>(states.size()) - 1;
   }
@@ -195,19 +212,55 @@ struct Automaton {
     written = 0;
   }
 
-  void remove(const std::vector<int32_t>& tokens) {
-    ranked.clear();
+  // Calls visit(state) for every count that removing ``tokens`` lowers, in order, until visit returns false.
+  // Returns the index of the first token without a transition (the walk stops there), else -1.
+  template <typename Visit>
+  int64_t walk_removal(const std::vector<int32_t>& tokens, Visit visit) const {
     int32_t state = kRoot;
     int64_t matched = 0;
-    for (int32_t token : tokens) {
-      state = child(state, token);
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      state = child(state, tokens[i]);
+      if (state < 0) return static_cast<int64_t>(i);
       matched += 1;
       if (matched > count_depth) {
         matched = count_depth;
         if (length(link(state)) >= count_depth) state = link(state);
       }
-      for (int32_t suffix = state; suffix > kRoot; suffix = link(suffix)) count(suffix) -= 1;
+      for (int32_t suffix = state; suffix > kRoot; suffix = link(suffix)) {
+        if (!visit(suffix)) return -1;
+      }
     }
+    return -1;
+  }
+
+  // Subtracts one previously added sequence. Tokens that were never added (a missing transition, or a count
+  // that would fall below zero) change nothing: returns the index of the token without a transition, or
+  // the state whose count ran out as -2 - state, else -1.
+  int64_t remove(const std::vector<int32_t>& tokens) {
+    int64_t missing = walk_removal(tokens, [](int32_t) { return true; });
+    if (missing >= 0) return missing;
+    int64_t lowered = 0;
+    int32_t exhausted = -1;
+    walk_removal(tokens, [&](int32_t state) {
+      if (count(state) <= 0) {
+        exhausted = state;
+        return false;
+      }
+      count(state) -= 1;
+      lowered += 1;
+      return true;
+    });
+    if (exhausted >= 0) {  // undo: the same walk, as far as it went
+      walk_removal(tokens, [&](int32_t state) {
+        if (lowered == 0) return false;
+        count(state) += 1;
+        lowered -= 1;
+        return true;
+      });
+      return -2 - static_cast<int64_t>(exhausted);
+    }
+    ranked.clear();
+    return -1;
   }
 
   int64_t count_of(const std::vector<int32_t>& pattern) const {
@@ -463,9 +516,10 @@ bool draft_tree(Automaton& a, int32_t state, int64_t budget, double min_prob, do
 
 // ---- calibration stats: the Python dict {group: [accepted, tested]} of NodeCalibration ----
 
-// The group's [accepted, tested] (1), or 0 when absent; -1 on a Python error. A dict subclass is read
-// through its own get(), as the reference does.
-int lookup_stats(PyObject* stats, int64_t key, double& accepted, double& tested) {
+// The group's [accepted, tested] (1), or 0 when absent; -1 on a Python error, or (ValueError) on values no
+// estimate can use: not finite, or tested + prior <= 0. A dict subclass is read through its own get(), as
+// the reference does.
+int lookup_stats(PyObject* stats, double prior, int64_t key, double& accepted, double& tested) {
   PyObject* py_key = PyLong_FromLongLong(key);
   if (py_key == nullptr) return -1;
   PyObject* seen;
@@ -485,13 +539,24 @@ int lookup_stats(PyObject* stats, int64_t key, double& accepted, double& tested)
   }
   accepted = PyFloat_AsDouble(a);
   Py_DECREF(a);
+  if (accepted == -1.0 && PyErr_Occurred()) {
+    Py_DECREF(seen);
+    return -1;
+  }
   PyObject* t = PySequence_GetItem(seen, 1);
   Py_DECREF(seen);
-  if (a == nullptr) return -1;
   if (t == nullptr) return -1;
   tested = PyFloat_AsDouble(t);
   Py_DECREF(t);
-  return PyErr_Occurred() ? -1 : 1;
+  if (PyErr_Occurred()) return -1;
+  if (!std::isfinite(accepted) || !std::isfinite(tested) || !(tested + prior > 0.0)) {
+    char message[200];
+    std::snprintf(message, sizeof(message), "stats[%lld] must be finite [accepted, tested] with tested + prior > 0, "
+                  "got [%g, %g] with prior %g", static_cast<long long>(key), accepted, tested, prior);
+    PyErr_SetString(PyExc_ValueError, message);
+    return -1;
+  }
+  return 1;
 }
 
 struct Candidate {
@@ -554,7 +619,7 @@ struct MergedBuilder {
       double ratio = static_cast<double>(child.count) / static_cast<double>(total);
       int64_t key = prefix | ratio_bin(ratio);
       double accepted = 0.0, tested = 0.0, estimate;
-      int found = lookup_stats(stats, key, accepted, tested);
+      int found = lookup_stats(stats, prior, key, accepted, tested);
       if (found < 0) return false;
       estimate = found ? (accepted + prior * ratio) / (tested + prior) : ratio;
       double child_value = estimate < 1.0 ? value * estimate : value;
@@ -565,18 +630,19 @@ struct MergedBuilder {
 
   // draft_merged's main loop; false on a Python error.
   bool build(DraftOut& out) {
-    // The reference's (parent node, token) -> node dict, as sibling lists: a draft has at most budget nodes.
-    std::vector<int32_t> first_child(static_cast<size_t>(budget), -1), next_sibling(static_cast<size_t>(budget), -1);
+    // The reference's (parent node, token) -> node dict, as sibling lists (one entry per node). The budget
+    // only bounds the draft: what is reserved is a draft's usual size, not the budget, which may be huge.
+    std::vector<int32_t> first_child, next_sibling;
     int32_t first_root_child = -1;
     auto find_node = [&](int32_t parent, int32_t token) {
       int32_t node = parent < 0 ? first_root_child : first_child[static_cast<size_t>(parent)];
       while (node >= 0 && out.tokens[static_cast<size_t>(node)] != token) node = next_sibling[static_cast<size_t>(node)];
       return node;
     };
-    out.tokens.reserve(static_cast<size_t>(budget));
-    out.parents.reserve(static_cast<size_t>(budget));
-    out.probs.reserve(static_cast<size_t>(budget));
-    out.keys.reserve(static_cast<size_t>(budget));
+    const auto expected = static_cast<size_t>(std::min<int64_t>(budget, 1024));
+    for (auto* nodes : {&first_child, &next_sibling, &out.tokens, &out.parents}) nodes->reserve(expected);
+    out.probs.reserve(expected);
+    out.keys.reserve(expected);
     heap.reserve(256);
     for (size_t i = 0; i < candidates.size(); ++i) {
       if (!push_children(static_cast<int32_t>(i), candidates[i].state, 1.0, 1.0, -1, 0)) return false;
@@ -601,9 +667,9 @@ struct MergedBuilder {
         bool fresh = node < 0;
         if (fresh) {
           node = static_cast<int32_t>(out.tokens.size());
-          int32_t& head = parent < 0 ? first_root_child : first_child[static_cast<size_t>(parent)];
-          next_sibling[static_cast<size_t>(node)] = head;
-          head = node;
+          next_sibling.push_back(parent < 0 ? first_root_child : first_child[static_cast<size_t>(parent)]);
+          first_child.push_back(-1);
+          (parent < 0 ? first_root_child : first_child[static_cast<size_t>(parent)]) = node;
           out.tokens.push_back(token);
           out.parents.push_back(parent);
           out.probs.push_back(value);
@@ -625,7 +691,7 @@ struct MergedBuilder {
             span_limit = int64_t(1) << bit_length(at_length);
             span_key = ((source_bits | bit_length(at_length)) << 5 | bit_length(total)) << 3 | 4;
             double accepted = 0.0, tested = 0.0;
-            int found = lookup_stats(stats, span_key, accepted, tested);
+            int found = lookup_stats(stats, prior, span_key, accepted, tested);
             if (found < 0) return false;
             span_estimate = found ? (accepted + prior) / (tested + prior) : 1.0;
           }
@@ -639,7 +705,7 @@ struct MergedBuilder {
           key = ((source_bits | bit_length(matched + depth)) << 5 | bit_length(total)) << 3;
           key |= ratio_bin(ratio);
           double accepted = 0.0, tested = 0.0;
-          int found = lookup_stats(stats, key, accepted, tested);
+          int found = lookup_stats(stats, prior, key, accepted, tested);
           if (found < 0) return false;
           estimate = found ? (accepted + prior * ratio) / (tested + prior) : ratio;
         }
@@ -666,7 +732,7 @@ struct MergedBuilder {
   }
 };
 
-// ---- Python glue ----
+// ---- Python glue: every argument is checked here, before the core sees it ----
 
 struct AutomatonObject {
   PyObject_HEAD
@@ -675,40 +741,134 @@ struct AutomatonObject {
 
 extern PyTypeObject AutomatonType;
 
-// Token ids from any iterable of ints in [0, 2**31).
-bool read_tokens(PyObject* obj, std::vector<int32_t>& out) {
-  PyObject* seq = PySequence_Fast(obj, "expected a sequence of token ids");
-  if (seq == nullptr) return false;
-  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-  PyObject** items = PySequence_Fast_ITEMS(seq);
-  out.resize(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    long long value = PyLong_AsLongLong(items[i]);
-    if ((value == -1 && PyErr_Occurred()) || value < 0 || value > INT32_MAX) {
-      if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "token ids must be in [0, 2**31), got %lld", value);
-      Py_DECREF(seq);
-      return false;
-    }
-    out[static_cast<size_t>(i)] = static_cast<int32_t>(value);
-  }
-  Py_DECREF(seq);
-  return true;
+// A reference released on every way out of a scope, C++ exceptions included.
+struct Owned {
+  PyObject* object;
+  explicit Owned(PyObject* obj) : object(obj) {}
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+  ~Owned() { Py_XDECREF(object); }
+};
+
+// TypeError naming the argument, unless the conversion failed otherwise (an exception of its own).
+void type_error(PyObject* obj, const char* name, const char* expected) {
+  if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_TypeError)) return;
+  PyErr_Clear();
+  PyErr_Format(PyExc_TypeError, "%s must be %s, got %.100s", name, expected, Py_TYPE(obj)->tp_name);
 }
 
-Automaton* automaton_of(PyObject* obj) {
-  if (!PyObject_TypeCheck(obj, &AutomatonType)) {
-    PyErr_SetString(PyExc_TypeError, "expected a _suffix_core.SuffixAutomaton");
-    return nullptr;
-  }
-  return reinterpret_cast<AutomatonObject*>(obj)->core;
-}
-
-bool valid_state(const Automaton& a, long long state) {
-  if (state < 0 || state >= static_cast<long long>(a.states.size())) {
-    PyErr_Format(PyExc_ValueError, "state %lld out of range (%zu states)", state, a.states.size());
+// An int argument in [lo, hi] (any object with __index__).
+bool int_arg(PyObject* obj, const char* name, long long lo, long long hi, long long& out) {
+  PyObject* index = PyNumber_Index(obj);
+  if (index == nullptr) {
+    type_error(obj, name, "an int");
     return false;
   }
+  int overflow = 0;
+  long long value = PyLong_AsLongLongAndOverflow(index, &overflow);
+  if (value == -1 && PyErr_Occurred()) {
+    Py_DECREF(index);
+    return false;
+  }
+  if (overflow != 0 || value < lo || value > hi) {
+    PyErr_Format(PyExc_ValueError, "%s must be in [%lld, %lld], got %R", name, lo, hi, index);
+    Py_DECREF(index);
+    return false;
+  }
+  Py_DECREF(index);
+  out = value;
   return true;
+}
+
+// A finite float argument in [lo, hi] (any real number).
+bool float_arg(PyObject* obj, const char* name, double lo, double hi, double& out) {
+  double value = PyFloat_AsDouble(obj);
+  if (value == -1.0 && PyErr_Occurred()) {
+    type_error(obj, name, "a float");
+    return false;
+  }
+  if (!std::isfinite(value) || value < lo || value > hi) {
+    char message[160];
+    std::snprintf(message, sizeof(message), "%s must be a finite float in [%g, %g], got %g", name, lo, hi, value);
+    PyErr_SetString(PyExc_ValueError, message);
+    return false;
+  }
+  out = value;
+  return true;
+}
+
+// Token ids in [0, 2**31) from any iterable of ints. The iterable is copied into a tuple first: converting
+// an item may run Python code (__index__) that changes the caller's list.
+bool read_tokens(PyObject* obj, const char* name, std::vector<int32_t>& out) {
+  Owned snapshot(PySequence_Tuple(obj));
+  PyObject* items = snapshot.object;
+  if (items == nullptr) {
+    type_error(obj, name, "an iterable of token ids");
+    return false;
+  }
+  Py_ssize_t n = PyTuple_GET_SIZE(items);
+  out.resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyTuple_GET_ITEM(items, i);
+    PyObject* index = PyLong_CheckExact(item) ? (Py_INCREF(item), item) : PyNumber_Index(item);
+    if (index == nullptr) {
+      if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s[%zd] must be an int token id, got %.100s", name, i, Py_TYPE(item)->tp_name);
+      }
+      return false;
+    }
+    int overflow = 0;
+    long long value = PyLong_AsLongLongAndOverflow(index, &overflow);
+    if (overflow != 0 || value < 0 || value > INT32_MAX) {
+      PyErr_Format(PyExc_ValueError, "%s[%zd]: token ids must be in [0, 2**31), got %R", name, i, index);
+      value = -1;
+    }
+    Py_DECREF(index);
+    if (value == -1) return false;  // -1 is out of range too: the error is set
+    out[static_cast<size_t>(i)] = static_cast<int32_t>(value);
+  }
+  return true;
+}
+
+// The automaton of a Python object, or nullptr with TypeError, or RuntimeError when it cannot be used
+// now: broken by an earlier error, or (for a mutation or a draft) in use by a draft in progress.
+Automaton* automaton_of(PyObject* obj, const char* name, bool exclusive) {
+  if (!PyObject_TypeCheck(obj, &AutomatonType)) {
+    PyErr_Format(PyExc_TypeError, "%s must be a _suffix_core.SuffixAutomaton, got %.100s", name, Py_TYPE(obj)->tp_name);
+    return nullptr;
+  }
+  Automaton* a = reinterpret_cast<AutomatonObject*>(obj)->core;
+  if (a->broken) {
+    PyErr_SetString(PyExc_RuntimeError, "this suffix automaton was left incomplete by an earlier error "
+                                        "(out of memory while appending): build a new one");
+    return nullptr;
+  }
+  if (exclusive && a->busy > 0) {
+    PyErr_SetString(PyExc_RuntimeError, "this suffix automaton is being read by a draft in progress "
+                                        "(a calibration statistics lookup called back into it)");
+    return nullptr;
+  }
+  return a;
+}
+
+// A state of ``a``, converted (int_arg with no bounds) before ``a`` is checked: a conversion may run Python code.
+bool check_state(const Automaton& a, long long state, const char* name, int32_t& out) {
+  if (state < 0 || state >= static_cast<long long>(a.states.size())) {
+    PyErr_Format(PyExc_IndexError, "%s %lld out of range (%zu states)", name, state, a.states.size());
+    return false;
+  }
+  out = static_cast<int32_t>(state);
+  return true;
+}
+
+// A state a draft starts from: counts are divided by its count, so it must have occurred (a match never
+// lands on a state whose count removals emptied).
+bool draft_state_ok(const Automaton& a, int32_t state, const char* name) {
+  if (a.count(state) > 0) return true;
+  PyErr_Format(PyExc_ValueError, "%s: state %d has continuations but no occurrences (count %d): it is no match "
+                                 "of this automaton", name, state, a.count(state));
+  return false;
 }
 
 PyObject* int_list(const std::vector<int32_t>& values) {
@@ -725,14 +885,47 @@ PyObject* int_list(const std::vector<int32_t>& values) {
   return list;
 }
 
+// Every C++ exception becomes a Python exception: running out of memory (or a size past what a vector
+// holds) MemoryError, anything else RuntimeError. An exception may never reach the interpreter.
+PyObject* python_error_from_cpp() {
+  try {
+    throw;
+  } catch (const std::bad_alloc&) {
+    return PyErr_NoMemory();
+  } catch (const std::length_error& err) {
+    PyErr_Format(PyExc_MemoryError, "suffix core: %s", err.what());
+  } catch (const std::exception& err) {
+    PyErr_Format(PyExc_RuntimeError, "suffix core: %s", err.what());
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError, "suffix core: unknown C++ exception");
+  }
+  return nullptr;
+}
+
+template <PyObject* (*F)(PyObject*, PyObject*)>
+PyObject* guarded(PyObject* self, PyObject* args) {
+  try {
+    return F(self, args);
+  } catch (...) {
+    return python_error_from_cpp();
+  }
+}
+
+template <PyObject* (*F)(PyObject*, void*)>
+PyObject* guarded_get(PyObject* self, void* closure) {
+  try {
+    return F(self, closure);
+  } catch (...) {
+    return python_error_from_cpp();
+  }
+}
+
 PyObject* automaton_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   static const char* keywords[] = {"count_depth", nullptr};
+  PyObject* depth_obj;
   long long depth;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "L", const_cast<char**>(keywords), &depth)) return nullptr;
-  if (depth < 2) {
-    PyErr_Format(PyExc_ValueError, "count_depth must be >= 2, got %lld", depth);
-    return nullptr;
-  }
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O", const_cast<char**>(keywords), &depth_obj)) return nullptr;
+  if (!int_arg(depth_obj, "count_depth", 2, LLONG_MAX, depth)) return nullptr;
   auto* self = reinterpret_cast<AutomatonObject*>(type->tp_alloc(type, 0));
   if (self == nullptr) return nullptr;
   try {
@@ -751,84 +944,122 @@ void automaton_dealloc(PyObject* obj) {
 
 PyObject* automaton_extend(PyObject* self, PyObject* tokens) {
   std::vector<int32_t> values;
-  if (!read_tokens(tokens, values)) return nullptr;
-  reinterpret_cast<AutomatonObject*>(self)->core->extend(values);
+  if (!read_tokens(tokens, "tokens", values)) return nullptr;
+  Automaton* a = automaton_of(self, "self", true);
+  if (a == nullptr) return nullptr;
+  try {
+    a->extend(values);
+  } catch (...) {
+    a->broken = true;
+    throw;
+  }
   Py_RETURN_NONE;
 }
 
 PyObject* automaton_end_sequence(PyObject* self, PyObject*) {
-  reinterpret_cast<AutomatonObject*>(self)->core->end_sequence();
+  Automaton* a = automaton_of(self, "self", true);
+  if (a == nullptr) return nullptr;
+  a->end_sequence();
   Py_RETURN_NONE;
 }
 
 PyObject* automaton_remove(PyObject* self, PyObject* tokens) {
   std::vector<int32_t> values;
-  if (!read_tokens(tokens, values)) return nullptr;
-  reinterpret_cast<AutomatonObject*>(self)->core->remove(values);
+  if (!read_tokens(tokens, "tokens", values)) return nullptr;
+  Automaton* a = automaton_of(self, "self", true);
+  if (a == nullptr) return nullptr;
+  int64_t refused = a->remove(values);
+  if (refused >= 0) {
+    PyErr_Format(PyExc_ValueError, "remove: tokens[%lld] does not continue the tokens before it in this "
+                                   "automaton: the sequence was never added", static_cast<long long>(refused));
+    return nullptr;
+  }
+  if (refused < -1) {
+    PyErr_Format(PyExc_ValueError, "remove: the count of state %lld would fall below zero: the sequence was not "
+                                   "added (or was already removed)", static_cast<long long>(-2 - refused));
+    return nullptr;
+  }
   Py_RETURN_NONE;
 }
 
 PyObject* automaton_count_of(PyObject* self, PyObject* pattern) {
   std::vector<int32_t> values;
-  if (!read_tokens(pattern, values)) return nullptr;
+  if (!read_tokens(pattern, "pattern", values)) return nullptr;
+  Automaton* a = automaton_of(self, "self", false);
+  if (a == nullptr) return nullptr;
   if (values.empty()) {
     PyErr_SetString(PyExc_ValueError, "count_of needs a non-empty pattern");
     return nullptr;
   }
-  return PyLong_FromLongLong(reinterpret_cast<AutomatonObject*>(self)->core->count_of(values));
+  return PyLong_FromLongLong(a->count_of(values));
 }
 
 PyObject* automaton_advance(PyObject* self, PyObject* args) {
-  long long state, matched, max_len;
-  PyObject* tokens;
-  if (!PyArg_ParseTuple(args, "LLOL", &state, &matched, &tokens, &max_len)) return nullptr;
-  Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
-  if (!valid_state(a, state)) return nullptr;
+  PyObject *state_obj, *matched_obj, *tokens, *max_len_obj;
+  if (!PyArg_UnpackTuple(args, "advance", 4, 4, &state_obj, &matched_obj, &tokens, &max_len_obj)) return nullptr;
   std::vector<int32_t> values;
-  if (!read_tokens(tokens, values)) return nullptr;
-  int32_t s = static_cast<int32_t>(state);
+  long long state, matched, max_len;
+  if (!int_arg(state_obj, "state", LLONG_MIN, LLONG_MAX, state) || !read_tokens(tokens, "tokens", values) ||
+      !int_arg(matched_obj, "matched", 0, INT32_MAX, matched) || !int_arg(max_len_obj, "max_len", 1, LLONG_MAX, max_len)) {
+    return nullptr;
+  }
+  Automaton* a = automaton_of(self, "self", false);
+  int32_t s;
+  if (a == nullptr || !check_state(*a, state, "state", s)) return nullptr;
   int64_t m = matched;
-  a.advance(s, m, values.data(), values.size(), max_len);
+  a->advance(s, m, values.data(), values.size(), max_len);
   return Py_BuildValue("(iL)", s, static_cast<long long>(m));
 }
 
 PyObject* automaton_match(PyObject* self, PyObject* args) {
-  PyObject* context;
-  long long max_len;
-  if (!PyArg_ParseTuple(args, "OL", &context, &max_len)) return nullptr;
+  PyObject *context, *max_len_obj;
+  if (!PyArg_UnpackTuple(args, "match", 2, 2, &context, &max_len_obj)) return nullptr;
   std::vector<int32_t> values;
-  if (!read_tokens(context, values)) return nullptr;
-  size_t start = 0;  // context[-max_len:] (all of it when max_len is 0)
-  if (max_len > 0 && static_cast<size_t>(max_len) < values.size()) start = values.size() - static_cast<size_t>(max_len);
+  long long max_len;
+  if (!read_tokens(context, "context", values) || !int_arg(max_len_obj, "max_len", 1, LLONG_MAX, max_len)) {
+    return nullptr;
+  }
+  Automaton* a = automaton_of(self, "self", false);
+  if (a == nullptr) return nullptr;
+  size_t start = 0;  // context[-max_len:]
+  if (static_cast<unsigned long long>(max_len) < values.size()) start = values.size() - static_cast<size_t>(max_len);
   int32_t s = kRoot;
   int64_t m = 0;
-  reinterpret_cast<AutomatonObject*>(self)->core->advance(s, m, values.data() + start, values.size() - start, max_len);
+  a->advance(s, m, values.data() + start, values.size() - start, max_len);
   return Py_BuildValue("(iL)", s, static_cast<long long>(m));
 }
 
 PyObject* automaton_suffix_of_length(PyObject* self, PyObject* args) {
+  PyObject *state_obj, *max_len_obj;
+  if (!PyArg_UnpackTuple(args, "suffix_of_length", 2, 2, &state_obj, &max_len_obj)) return nullptr;
   long long state, max_len;
-  if (!PyArg_ParseTuple(args, "LL", &state, &max_len)) return nullptr;
-  Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
-  if (!valid_state(a, state)) return nullptr;
-  return PyLong_FromLong(a.suffix_of_length(static_cast<int32_t>(state), max_len));
+  if (!int_arg(state_obj, "state", LLONG_MIN, LLONG_MAX, state) ||
+      !int_arg(max_len_obj, "max_len", 0, LLONG_MAX, max_len)) {
+    return nullptr;
+  }
+  Automaton* a = automaton_of(self, "self", false);
+  int32_t s;
+  if (a == nullptr || !check_state(*a, state, "state", s)) return nullptr;
+  return PyLong_FromLong(a->suffix_of_length(s, max_len));
 }
 
 PyObject* automaton_tail_state(PyObject* self, PyObject* arg) {
-  long long max_len = PyLong_AsLongLong(arg);
-  if (max_len == -1 && PyErr_Occurred()) return nullptr;
-  Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
-  return Py_BuildValue("(iL)", a.suffix_of_length(a.window, max_len),
-                       static_cast<long long>(std::min<int64_t>(a.written, max_len)));
+  long long max_len;
+  if (!int_arg(arg, "max_len", 0, LLONG_MAX, max_len)) return nullptr;
+  Automaton* a = automaton_of(self, "self", false);
+  if (a == nullptr) return nullptr;
+  return Py_BuildValue("(iL)", a->suffix_of_length(a->window, max_len),
+                       static_cast<long long>(std::min<int64_t>(a->written, max_len)));
 }
 
 PyObject* automaton_ranked_children(PyObject* self, PyObject* arg) {
-  long long state = PyLong_AsLongLong(arg);
-  if (state == -1 && PyErr_Occurred()) return nullptr;
-  Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
-  if (!valid_state(a, state)) return nullptr;
+  long long index;
+  if (!int_arg(arg, "state", LLONG_MIN, LLONG_MAX, index)) return nullptr;
+  Automaton* a = automaton_of(self, "self", false);
+  int32_t state;
+  if (a == nullptr || !check_state(*a, index, "state", state)) return nullptr;
   std::vector<Child> ranked;
-  a.full_ranking(static_cast<int32_t>(state), ranked);
+  a->full_ranking(state, ranked);
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(ranked.size()));
   if (list == nullptr) return nullptr;
   for (size_t i = 0; i < ranked.size(); ++i) {
@@ -844,14 +1075,15 @@ PyObject* automaton_ranked_children(PyObject* self, PyObject* arg) {
 }
 
 PyObject* automaton_children(PyObject* self, PyObject* arg) {
-  long long state = PyLong_AsLongLong(arg);
-  if (state == -1 && PyErr_Occurred()) return nullptr;
-  Automaton& a = *reinterpret_cast<AutomatonObject*>(self)->core;
-  if (!valid_state(a, state)) return nullptr;
+  long long index;
+  if (!int_arg(arg, "state", LLONG_MIN, LLONG_MAX, index)) return nullptr;
+  Automaton* a = automaton_of(self, "self", false);
+  int32_t state;
+  if (a == nullptr || !check_state(*a, index, "state", state)) return nullptr;
   std::vector<std::pair<int32_t, int32_t>> out;
-  int32_t edge = a.edge_token(state);
-  if (edge >= 0) out.emplace_back(edge, a.edge_target(state));
-  if (edge == kBranches) out.assign(a.branch_maps[a.edge_target(state)].begin(), a.branch_maps[a.edge_target(state)].end());
+  int32_t edge = a->edge_token(state);
+  if (edge >= 0) out.emplace_back(edge, a->edge_target(state));
+  if (edge == kBranches) out.assign(a->branch_maps[a->edge_target(state)].begin(), a->branch_maps[a->edge_target(state)].end());
   std::sort(out.begin(), out.end());
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(out.size()));
   if (list == nullptr) return nullptr;
@@ -892,20 +1124,11 @@ PyObject* automaton_count_depth(PyObject* self, void*) {
   return PyLong_FromLongLong(reinterpret_cast<AutomatonObject*>(self)->core->count_depth);
 }
 
-// A C++ allocation failure becomes Python's MemoryError instead of terminating the interpreter.
-template <PyObject* (*F)(PyObject*, PyObject*)>
-PyObject* guarded(PyObject* self, PyObject* args) {
-  try {
-    return F(self, args);
-  } catch (const std::bad_alloc&) {
-    return PyErr_NoMemory();
-  }
-}
-
 PyMethodDef automaton_methods[] = {
     {"extend", guarded<automaton_extend>, METH_O, "Append tokens to the current sequence."},
     {"end_sequence", guarded<automaton_end_sequence>, METH_NOARGS, "Start a new sequence."},
-    {"remove", guarded<automaton_remove>, METH_O, "Subtract one previously added sequence from the counts."},
+    {"remove", guarded<automaton_remove>, METH_O,
+     "Subtract one previously added sequence from the counts (ValueError, changing nothing, if it was not added)."},
     {"count_of", guarded<automaton_count_of>, METH_O, "Occurrences of a non-empty pattern."},
     {"advance", guarded<automaton_advance>, METH_VARARGS, "advance(state, matched, tokens, max_len) -> (state, matched)."},
     {"match", guarded<automaton_match>, METH_VARARGS, "match(context, max_len) -> (state, matched)."},
@@ -916,13 +1139,13 @@ PyMethodDef automaton_methods[] = {
     {nullptr, nullptr, 0, nullptr}};
 
 PyGetSetDef automaton_getset[] = {
-    {"num_states", automaton_num_states, nullptr, "number of states", nullptr},
-    {"memory_bytes", automaton_memory_bytes, nullptr, "heap bytes held (outside Python's allocator)", nullptr},
-    {"clock", automaton_clock, nullptr, "occurrences appended so far", nullptr},
-    {"count_depth", automaton_count_depth, nullptr, "longest pattern whose count is exact", nullptr},
-    {"length", automaton_length, nullptr, "a copy of each state's longest length", nullptr},
-    {"link", automaton_link, nullptr, "a copy of each state's suffix link", nullptr},
-    {"count", automaton_count, nullptr, "a copy of each state's occurrence count", nullptr},
+    {"num_states", guarded_get<automaton_num_states>, nullptr, "number of states", nullptr},
+    {"memory_bytes", guarded_get<automaton_memory_bytes>, nullptr, "heap bytes held (outside Python's allocator)", nullptr},
+    {"clock", guarded_get<automaton_clock>, nullptr, "occurrences appended so far", nullptr},
+    {"count_depth", guarded_get<automaton_count_depth>, nullptr, "longest pattern whose count is exact", nullptr},
+    {"length", guarded_get<automaton_length>, nullptr, "a copy of each state's longest length", nullptr},
+    {"link", guarded_get<automaton_link>, nullptr, "a copy of each state's suffix link", nullptr},
+    {"count", guarded_get<automaton_count>, nullptr, "a copy of each state's occurrence count", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
 PyTypeObject AutomatonType = {PyVarObject_HEAD_INIT(nullptr, 0)};
@@ -951,28 +1174,49 @@ PyObject* packed_draft(const DraftOut& out, PyObject* extra, PyObject* more) {
   return result;
 }
 
+// SpecParams.budget: max(0, min(int(matched * factor + offset + 1e-6), max_spec_tokens, limit)), exactly,
+// for any finite factor and offset: the float is compared with the cap before it is converted (a float
+// past the int64 range has no defined conversion).
+int64_t spec_budget(int64_t matched, double factor, double offset, int64_t max_spec_tokens, int64_t limit) {
+  const int64_t cap = std::min(max_spec_tokens, limit);
+  const double allowed = static_cast<double>(matched) * factor + offset + 1e-6;
+  if (cap <= 0 || allowed < 1.0) return 0;
+  if (!(allowed < 0x1p63)) return cap;  // beyond every int64 (or infinite)
+  return std::min(static_cast<int64_t>(allowed), cap);  // exact: 1 <= allowed < 2**63
+}
+
 // best_draft(automaton, state, matched, limit, max_spec_tokens, factor, offset, min_prob, tree, to_beat)
 //   -> None or packed (tokens, parents, probs, probs32, score, match_len): SuffixIndex._best_draft for one index.
 PyObject* core_best_draft(PyObject*, PyObject* args) {
-  PyObject* obj;
+  PyObject *obj, *state_obj, *matched_obj, *limit_obj, *max_spec_obj, *factor_obj, *offset_obj, *min_prob_obj,
+      *tree_obj, *to_beat_obj;
+  if (!PyArg_UnpackTuple(args, "best_draft", 10, 10, &obj, &state_obj, &matched_obj, &limit_obj, &max_spec_obj,
+                         &factor_obj, &offset_obj, &min_prob_obj, &tree_obj, &to_beat_obj)) {
+    return nullptr;
+  }
   long long state, matched, limit, max_spec_tokens;
   double factor, offset, min_prob, to_beat;
   int tree;
-  if (!PyArg_ParseTuple(args, "OLLLLdddpd", &obj, &state, &matched, &limit, &max_spec_tokens, &factor, &offset,
-                        &min_prob, &tree, &to_beat)) {
+  if (!int_arg(state_obj, "state", LLONG_MIN, LLONG_MAX, state) ||
+      !int_arg(matched_obj, "matched", 0, INT32_MAX, matched) || !int_arg(limit_obj, "limit", 0, LLONG_MAX, limit) ||
+      !int_arg(max_spec_obj, "max_spec_tokens", 0, LLONG_MAX, max_spec_tokens) ||
+      !float_arg(factor_obj, "factor", 0.0, DBL_MAX, factor) ||
+      !float_arg(offset_obj, "offset", -DBL_MAX, DBL_MAX, offset) ||
+      !float_arg(min_prob_obj, "min_prob", 0.0, 1.0, min_prob) ||
+      !float_arg(to_beat_obj, "to_beat", -DBL_MAX, DBL_MAX, to_beat) || (tree = PyObject_IsTrue(tree_obj)) < 0) {
     return nullptr;
   }
-  Automaton* a = automaton_of(obj);
-  if (a == nullptr || !valid_state(*a, state)) return nullptr;
+  Automaton* a = automaton_of(obj, "automaton", true);  // after the conversions: they may run Python code
+  int32_t s;
+  if (a == nullptr || !check_state(*a, state, "state", s)) return nullptr;
   DraftOut out, best;
   bool have_best = false;
-  int32_t s = static_cast<int32_t>(state);
   int64_t m = matched;
   while (s > kRoot) {
-    long long allowed = static_cast<long long>(static_cast<double>(m) * factor + offset + 1e-6);
-    int64_t budget = std::max<int64_t>(0, std::min<int64_t>(std::min<int64_t>(allowed, max_spec_tokens), limit));
+    int64_t budget = spec_budget(m, factor, offset, max_spec_tokens, limit);
     if (static_cast<double>(budget) <= to_beat + kTieTolerance) break;
     if (a->edge_token(s) != kNoEdge) {
+      if (!draft_state_ok(*a, s, "best_draft")) return nullptr;
       bool found = tree ? draft_tree(*a, s, budget, min_prob, to_beat, out)
                         : draft_chain(*a, s, budget, min_prob, to_beat, out);
       if (found) {
@@ -989,36 +1233,87 @@ PyObject* core_best_draft(PyObject*, PyObject* args) {
   return packed_draft(best, PyFloat_FromDouble(best.score), PyLong_FromLongLong(best.match_len));
 }
 
+// The automata of a draft in progress: referenced (so no Python code frees them) and marked busy (so none
+// mutates them) until the draft is done.
+struct HeldAutomata {
+  std::vector<PyObject*> objects;
+  void hold(PyObject* obj) {
+    objects.push_back(obj);  // first: if it throws, nothing is held
+    Py_INCREF(obj);
+    reinterpret_cast<AutomatonObject*>(obj)->core->busy += 1;
+  }
+  ~HeldAutomata() {
+    for (PyObject* obj : objects) {
+      reinterpret_cast<AutomatonObject*>(obj)->core->busy -= 1;
+      Py_DECREF(obj);
+    }
+  }
+};
+
 // budgeted_draft(sources, stats, prior, budget, min_prob)
 //   -> packed (tokens, parents, probs, probs32, keys int64, score):
-// the candidate walk
-// of SuffixIndex._budgeted_draft (every state on each source's suffix path with a live continuation) and
-// draft_merged over them. sources: (source, automaton, state, matched) tuples.
+// the candidate walk of SuffixIndex._budgeted_draft (every state on each source's suffix path with a live
+// continuation) and draft_merged over them. sources: (source, automaton, state, matched) tuples.
 PyObject* core_budgeted_draft(PyObject*, PyObject* args) {
-  PyObject *sources, *stats;
+  PyObject *sources_obj, *stats, *prior_obj, *budget_obj, *min_prob_obj;
+  if (!PyArg_UnpackTuple(args, "budgeted_draft", 5, 5, &sources_obj, &stats, &prior_obj, &budget_obj,
+                         &min_prob_obj)) {
+    return nullptr;
+  }
   double prior, min_prob;
   long long budget;
-  if (!PyArg_ParseTuple(args, "OO!dLd", &sources, &PyDict_Type, &stats, &prior, &budget, &min_prob)) return nullptr;
-  PyObject* seq = PySequence_Fast(sources, "sources must be a sequence");
-  if (seq == nullptr) return nullptr;
-  std::vector<Candidate> candidates;
-  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-  for (Py_ssize_t i = 0; i < n; ++i) {
+  if (!PyDict_Check(stats)) {
+    type_error(stats, "stats", "a dict");
+    return nullptr;
+  }
+  if (!float_arg(prior_obj, "prior", 0.0, DBL_MAX, prior) || !int_arg(budget_obj, "budget", 0, LLONG_MAX, budget) ||
+      !float_arg(min_prob_obj, "min_prob", 0.0, 1.0, min_prob)) {
+    return nullptr;
+  }
+  Owned snapshot(PySequence_Tuple(sources_obj));  // the caller's list may change while Python code runs
+  PyObject* sources = snapshot.object;
+  if (sources == nullptr) {
+    type_error(sources_obj, "sources", "a sequence of (source, automaton, state, matched) tuples");
+    return nullptr;
+  }
+  struct Source {
     long long source, state, matched;
-    PyObject* obj;
-    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "LOLL", &source, &obj, &state, &matched)) {
-      Py_DECREF(seq);
+    PyObject* automaton;  // held by the snapshot
+    int32_t start;
+  };
+  std::vector<Source> parsed;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(sources); ++i) {  // the conversions, which may run Python code
+    PyObject* item = PyTuple_GET_ITEM(sources, i);
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4) {
+      PyErr_Format(PyExc_TypeError, "sources[%zd] must be a (source, automaton, state, matched) tuple, got %.100s",
+                   i, Py_TYPE(item)->tp_name);
       return nullptr;
     }
-    Automaton* a = automaton_of(obj);
-    if (a == nullptr || !valid_state(*a, state)) {
-      Py_DECREF(seq);
+    Source parsed_item{0, 0, 0, PyTuple_GET_ITEM(item, 1), 0};
+    if (!int_arg(PyTuple_GET_ITEM(item, 0), "sources[i][0] (the source)", 0, 0xffff, parsed_item.source) ||
+        !int_arg(PyTuple_GET_ITEM(item, 2), "sources[i][2] (the state)", LLONG_MIN, LLONG_MAX, parsed_item.state) ||
+        !int_arg(PyTuple_GET_ITEM(item, 3), "sources[i][3] (matched)", 0, INT32_MAX, parsed_item.matched)) {
       return nullptr;
     }
-    int32_t s = static_cast<int32_t>(state);
-    int64_t m = matched;
+    parsed.push_back(parsed_item);
+  }
+  for (Source& item : parsed) {  // then the checks, with no Python code in between
+    Automaton* a = automaton_of(item.automaton, "sources[i][1] (the automaton)", true);
+    if (a == nullptr || !check_state(*a, item.state, "sources[i][2] (the state)", item.start)) return nullptr;
+  }
+  HeldAutomata held;  // declared after the snapshot: released before it
+  std::vector<Candidate> candidates;
+  for (const Source& item : parsed) {
+    held.hold(item.automaton);
+    Automaton* a = reinterpret_cast<AutomatonObject*>(item.automaton)->core;
+    const int64_t source = item.source;
+    int32_t s = item.start;
+    int64_t m = item.matched;
     while (s > kRoot) {
-      if (a->has_live_child(s)) candidates.push_back({a, s, source, m});
+      if (a->has_live_child(s)) {
+        if (!draft_state_ok(*a, s, "budgeted_draft")) return nullptr;
+        candidates.push_back({a, s, source, m});
+      }
       s = a->link(s);
       m = a->length(s);
     }
@@ -1026,61 +1321,75 @@ PyObject* core_budgeted_draft(PyObject*, PyObject* args) {
   DraftOut out;
   if (budget > 0) {
     MergedBuilder builder{candidates, stats, prior, min_prob, budget, {}, 0};
-    if (!builder.build(out)) {
-      Py_DECREF(seq);
-      return nullptr;
-    }
+    if (!builder.build(out)) return nullptr;
   }
-  Py_DECREF(seq);  // after the build: it keeps the automata alive
   double score = 0.0;  // summed in node order, as the reference does
   for (double prob : out.probs) score += prob;
   return packed_draft(out, packed(out.keys), PyFloat_FromDouble(score));
 }
 
-struct Buffer {
-  Py_buffer view{};
-  bool ok = false;
-  Buffer(PyObject* obj, Py_ssize_t item_size, const char* what) {
-    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return;
-    ok = view.len % item_size == 0;
-    if (!ok) PyErr_Format(PyExc_ValueError, "%s: a packed buffer of %zd-byte items expected", what, item_size);
+// A packed array argument (any contiguous buffer, aligned or not) of items of type T.
+template <typename T>
+bool read_packed(PyObject* obj, const char* name, std::vector<T>& out) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) {
+    type_error(obj, name, "a packed buffer (bytes, bytearray, array)");
+    return false;
   }
-  ~Buffer() {
-    if (view.obj != nullptr) PyBuffer_Release(&view);
+  bool ok = view.len % static_cast<Py_ssize_t>(sizeof(T)) == 0;
+  if (ok) {
+    out.resize(static_cast<size_t>(view.len) / sizeof(T));
+    if (!out.empty()) std::memcpy(out.data(), view.buf, static_cast<size_t>(view.len));
+  } else {
+    PyErr_Format(PyExc_ValueError, "%s: a packed buffer of %zu-byte items expected, got %zd bytes", name, sizeof(T),
+                 view.len);
   }
-  template <typename T>
-  const T* data() const { return static_cast<const T*>(view.buf); }
-  template <typename T>
-  Py_ssize_t size() const { return view.len / static_cast<Py_ssize_t>(sizeof(T)); }
-};
+  PyBuffer_Release(&view);
+  return ok;
+}
 
 // learn(stats, tokens, parents, keys, accepted_ids): NodeCalibration.learn on a packed draft (as
 // budgeted_draft returns it), updating the same dict the same way.
 PyObject* core_learn(PyObject*, PyObject* args) {
   PyObject *stats, *tokens_obj, *parents_obj, *keys_obj, *accepted_obj;
-  if (!PyArg_ParseTuple(args, "O!OOOO", &PyDict_Type, &stats, &tokens_obj, &parents_obj, &keys_obj, &accepted_obj)) {
+  if (!PyArg_UnpackTuple(args, "learn", 5, 5, &stats, &tokens_obj, &parents_obj, &keys_obj, &accepted_obj)) {
     return nullptr;
   }
-  Buffer tokens(tokens_obj, 4, "tokens"), parents(parents_obj, 4, "parents"), keys(keys_obj, 8, "keys");
-  if (!tokens.ok || !parents.ok || !keys.ok) return nullptr;
-  Py_ssize_t n = tokens.size<int32_t>();
-  if (parents.size<int32_t>() != n || keys.size<int64_t>() != n) {
-    PyErr_SetString(PyExc_ValueError, "tokens, parents and keys differ in length");
+  if (!PyDict_Check(stats)) {
+    type_error(stats, "stats", "a dict");
     return nullptr;
   }
-  std::vector<int32_t> accepted;
-  if (!read_tokens(accepted_obj, accepted)) return nullptr;
+  std::vector<int32_t> tokens, parents, accepted;
+  std::vector<int64_t> keys;
+  if (!read_packed(tokens_obj, "tokens", tokens) || !read_packed(parents_obj, "parents", parents) ||
+      !read_packed(keys_obj, "keys", keys) || !read_tokens(accepted_obj, "accepted_ids", accepted)) {
+    return nullptr;
+  }
+  const size_t n = tokens.size();
+  if (parents.size() != n || keys.size() != n) {
+    PyErr_Format(PyExc_ValueError, "tokens, parents and keys differ in length (%zu, %zu, %zu)", n, parents.size(),
+                 keys.size());
+    return nullptr;
+  }
+  for (size_t node = 0; node < n; ++node) {  // parents precede their children in a draft
+    if (parents[node] < -1 || parents[node] >= static_cast<int64_t>(node)) {
+      PyErr_Format(PyExc_ValueError, "parents[%zu] = %d: a parent must be -1 (the root) or an earlier node", node,
+                   parents[node]);
+      return nullptr;
+    }
+  }
   const auto known = static_cast<int64_t>(accepted.size());
-  std::vector<int64_t> next_truth(static_cast<size_t>(n), -1);  // accepted node -> index of the token after it
-  for (Py_ssize_t node = 0; node < n; ++node) {
-    int32_t parent = parents.data<int32_t>()[node];
+  std::vector<int64_t> next_truth(n, -1);  // accepted node -> index of the token after it
+  for (size_t node = 0; node < n; ++node) {
+    int32_t parent = parents[node];
     int64_t at = parent < 0 ? 0 : next_truth[static_cast<size_t>(parent)];
     if (at < 0 || at >= known) continue;
-    bool hit = tokens.data<int32_t>()[node] == accepted[static_cast<size_t>(at)];
-    if (hit) next_truth[static_cast<size_t>(node)] = at + 1;
-    PyObject* key = PyLong_FromLongLong(keys.data<int64_t>()[node]);
+    bool hit = tokens[node] == accepted[static_cast<size_t>(at)];
+    if (hit) next_truth[node] = at + 1;
+    PyObject* key = PyLong_FromLongLong(keys[node]);
     if (key == nullptr) return nullptr;
-    PyObject* seen = PyDict_GetItemWithError(stats, key);  // borrowed
+    PyObject* seen = PyDict_GetItemWithError(stats, key);  // borrowed: held below, Python code may drop it
+    Py_XINCREF(seen);
     bool ok;
     if (seen == nullptr) {
       ok = !PyErr_Occurred();
@@ -1094,6 +1403,9 @@ PyObject* core_learn(PyObject*, PyObject* args) {
       ok = a != nullptr && t != nullptr;
       if (ok) {
         accepted_count = PyFloat_AsDouble(a);
+        ok = !PyErr_Occurred();
+      }
+      if (ok) {
         tested = PyFloat_AsDouble(t);
         ok = !PyErr_Occurred();
       }
@@ -1105,6 +1417,7 @@ PyObject* core_learn(PyObject*, PyObject* args) {
            PySequence_SetItem(seen, 1, new_t) == 0;
       Py_XDECREF(new_a);
       Py_XDECREF(new_t);
+      Py_DECREF(seen);
     }
     Py_DECREF(key);
     if (!ok) return nullptr;
@@ -1128,7 +1441,7 @@ PyMODINIT_FUNC PyInit__suffix_core(void) {
   AutomatonType.tp_name = "specjax.drafters._suffix_core.SuffixAutomaton";
   AutomatonType.tp_basicsize = sizeof(AutomatonObject);
   AutomatonType.tp_flags = Py_TPFLAGS_DEFAULT;
-  AutomatonType.tp_doc = "Suffix automaton with occurrence counts (compiled; see suffix_index.SuffixAutomaton).";
+  AutomatonType.tp_doc = "Suffix automaton with occurrence counts (compiled; see suffix_reference.SuffixAutomaton).";
   AutomatonType.tp_new = automaton_new;
   AutomatonType.tp_dealloc = automaton_dealloc;
   AutomatonType.tp_methods = automaton_methods;

@@ -12,9 +12,9 @@ the accepted tokens so the next step starts from a compact prefix again.
 
 Shared here: the EAGLE-2 dynamic tree builder (top-k expansion of the top-k
 frontier by cumulative draft log-probability, then the best T candidates),
-used by the draft-model and EAGLE-3 drafters, and attention over a cache with
-an explicit visibility mask (a frontier node sees the prefix and its ancestors
-among the scratch rows).
+used by the draft-model and EAGLE-3 drafters, and attention over the cache's
+prefix plus chosen scratch rows (a frontier node sees the prefix and its
+ancestors among the scratch rows).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from typing import Any, Callable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from specjax.engine.tree import DraftTree
+from specjax.tpu_kernels.tree_attention import blockwise_attention
 
 
 class DeviceDrafter(Protocol):
@@ -78,6 +80,46 @@ def is_device_drafter(drafter) -> bool:
     return all(callable(getattr(drafter, m, None)) for m in methods)
 
 
+class KeyedByConfig:
+    """Hash and compare a (dataclass) drafter by its configuration, not by identity.
+
+    Device drafters are static jit arguments: hashed by identity, every new instance would
+    recompile every program. Every dataclass field counts except ``state_fields`` (weights and
+    learned tables: they reach the traced programs only as jit arguments, so drafters differing
+    only in them share one program); a field holding a model counts by its config, a field
+    holding another drafter by that drafter's key.
+    """
+
+    state_fields: tuple[str, ...] = ()
+
+    def config_key(self) -> tuple:
+        return (type(self),) + tuple((f.name, _static_value(f.name, getattr(self, f.name)))
+                                     for f in dataclasses.fields(self) if f.name not in self.state_fields)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self.config_key() == other.config_key()
+
+    def __hash__(self) -> int:
+        return hash(self.config_key())
+
+
+def _static_value(name: str, value: Any) -> Any:
+    """A field's hashable stand-in for a drafter's config key; arrays are refused (they would be
+    baked into a program another drafter then reuses)."""
+    from specjax.models.loading import Model
+
+    if isinstance(value, KeyedByConfig):
+        return value.config_key()
+    if isinstance(value, Model):
+        return ("model", value.config)
+    if isinstance(value, (list, tuple)):
+        return tuple(_static_value(name, v) for v in value)
+    if isinstance(value, (jax.Array, np.ndarray)):
+        raise TypeError(f"drafter field {name!r} holds an array: pass it to the traced methods as params or "
+                        "state and name it in state_fields, or make it a static (hashable) setting")
+    return value
+
+
 def row_temperature(sampling, batch_size: int) -> jax.Array:
     """float32[B] temperatures from per-row sampling params (or a scalar setting)."""
     return jnp.broadcast_to(jnp.asarray(sampling.temperature, jnp.float32), (batch_size,))
@@ -86,33 +128,47 @@ def row_temperature(sampling, batch_size: int) -> jax.Array:
 # ------------------------------------------------------------------ attention over a masked cache
 
 
-def scratch_visibility(prefix_len: jax.Array, base: jax.Array, scratch_mask: jax.Array,
-                       num_slots: int) -> jax.Array:
-    """bool[B, t, S]: query i sees slots ``< prefix_len[b]`` and scratch slot
-    ``base[b] + j`` where ``scratch_mask[b, i, j]``."""
-    m = scratch_mask.shape[-1]
-    slots = jnp.arange(num_slots, dtype=jnp.int32)
-    rel = slots[None, :] - base[:, None]  # [B, S]
-    in_scratch = (rel >= 0) & (rel < m)
-    index = jnp.broadcast_to(jnp.clip(rel, 0, m - 1)[:, None, :], scratch_mask.shape[:2] + (num_slots,))
-    picked = jnp.take_along_axis(scratch_mask, index, axis=2)
-    return (slots[None, None, :] < prefix_len[:, None, None]) | (in_scratch[:, None, :] & picked)
+def scratch_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer, lengths: jax.Array,
+                      scratch_mask: jax.Array, k_self: jax.Array, v_self: jax.Array) -> jax.Array:
+    """Attention of tree nodes being drafted, q [B, t, Hq, D], over the stacked cache [L, B, Hkv, S, D]
+    at ``layer``: the prefix slots ``< lengths[b]``, the scratch slot ``lengths[b] + j`` where
+    ``scratch_mask[b, i, j]`` (ancestors earlier levels wrote), and each query's own new key/value
+    [B, t, Hkv, D] (not yet in the cache). Streams the prefix in blocks (``blockwise_attention``):
+    no slot past the longest prefix and its scratch rows is read. fp32 softmax."""
+    b, t = q.shape[:2]
+    hkv, m = k_cache.shape[2], scratch_mask.shape[-1]
+    slots = (lengths[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :])[:, None, :]  # [B, 1, m]
+    batch, head = jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None]
+    rows = lambda cache: cache.at[layer, batch, head, slots].get(mode="clip").transpose(0, 2, 1, 3)
+    new_k = jnp.concatenate([rows(k_cache), k_self.astype(k_cache.dtype)], axis=1)  # [B, m + t, Hkv, D]
+    new_v = jnp.concatenate([rows(v_cache), v_self.astype(v_cache.dtype)], axis=1)
+    own = jnp.broadcast_to(jnp.eye(t, dtype=bool), (b, t, t))
+    return blockwise_attention(q, k_cache, v_cache, lengths, new_k, new_v,
+                               jnp.concatenate([scratch_mask, own], axis=-1), layer=layer)
 
 
-def masked_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visible: jax.Array,
-                     k_self: jax.Array, v_self: jax.Array) -> jax.Array:
-    """Attention of q [B, t, Hq, D] over cache rows [B, Hkv, S, D] where ``visible`` [B, t, S],
-    plus each query's own new key/value [B, t, Hkv, D] (not yet in the cache). fp32 softmax."""
-    b, t, hq, d = q.shape
-    hkv = k_cache.shape[1]
-    qg = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32) * d ** -0.5
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache.astype(jnp.float32))
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    own = jnp.einsum("btkgd,btkd->bkgt", qg, k_self.astype(jnp.float32))[..., None]
-    weights = jax.nn.softmax(jnp.concatenate([scores, own], axis=-1), axis=-1)
-    out = jnp.einsum("bkgts,bksd->btkgd", weights[..., :-1], v_cache.astype(jnp.float32))
-    out = out + jnp.einsum("bkgt,btkd->btkgd", weights[..., -1], v_self.astype(jnp.float32))
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+def scan_chunks(feed: Callable[..., Any], carry: Any, arrays: tuple, chunk: int) -> Any:
+    """``carry = feed(carry, start, *pieces)`` over arrays [B, P, ...] cut into chunks of ``chunk``
+    positions (the last one zero-padded), as one ``lax.scan``: a drafter's prefill compiles one chunk
+    and keeps chunk-sized activations, whatever the prompt's length (as the target's ``extend``)."""
+    p = arrays[0].shape[1]
+    width = min(p, chunk)
+    n = -(-p // width)
+
+    def split(a):
+        a = jnp.pad(a, [(0, 0), (0, n * width - p)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape((a.shape[0], n, width) + a.shape[2:]), 1, 0)
+
+    starts = jnp.arange(n, dtype=jnp.int32) * width
+    step = lambda c, xs: (feed(c, xs[0], *xs[1:]), None)
+    return lax.scan(step, carry, (starts,) + tuple(split(a) for a in arrays))[0]
+
+
+def pick_position(x: jax.Array, offset: jax.Array, previous: jax.Array) -> jax.Array:
+    """x[b, offset[b]] where the offset lies inside this chunk of x [B, C, H], else ``previous[b]``."""
+    c = x.shape[1]
+    picked = jnp.take_along_axis(x, jnp.clip(offset, 0, c - 1)[:, None, None], axis=1)[:, 0]
+    return jnp.where(((offset >= 0) & (offset < c))[:, None], picked.astype(previous.dtype), previous)
 
 
 def write_block(cache: jax.Array, rows: jax.Array, starts: jax.Array) -> jax.Array:

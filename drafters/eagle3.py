@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters.device import (TreeShape, build_dynamic_tree, masked_attention, row_temperature,
-                                     scratch_visibility, write_block)
+from specjax.drafters.device import (KeyedByConfig, TreeShape, build_dynamic_tree, pick_position, row_temperature,
+                                     scan_chunks, scratch_attention, write_block)
+from specjax.engine.steps import PREFILL_CHUNK
 from specjax.engine.tree import DraftTree
 from specjax.models.config import ModelConfig, UnsupportedModelError
 from specjax.models.decoder import KVCache, causal_mask, rms_norm
@@ -191,12 +192,14 @@ def head_block(cfg: Eagle3Config, params, cache: KVCache, lengths, tokens, feats
     return _finish(cfg, lp, residual, out), cache
 
 
-def head_masked(cfg: Eagle3Config, params, cache: KVCache, tokens, feats, positions, visible, write_starts):
-    """Feed t pairs that see the cache slots ``visible`` [B, t, S] and themselves (tree drafting)."""
+def head_scratch(cfg: Eagle3Config, params, cache: KVCache, tokens, feats, positions, lengths, scratch_mask,
+                 write_starts):
+    """Feed t pairs that see the prefix ``[0, lengths[b])``, the scratch slots ``lengths[b] + j`` where
+    ``scratch_mask`` [B, t, M], and themselves (tree drafting)."""
     lp = params["layer"]
     residual, q, k, v = _qkv(cfg, lp, params["embed"][tokens], feats, positions)
     k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-    out = masked_attention(q, cache.k[0], cache.v[0], visible, k, v)
+    out = scratch_attention(q, cache.k, cache.v, jnp.int32(0), lengths, scratch_mask, k, v)
     cache = KVCache(write_block(cache.k, k[None], write_starts), write_block(cache.v, v[None], write_starts))
     return _finish(cfg, lp, residual, out), cache
 
@@ -213,8 +216,10 @@ class Eagle3State:
 
 
 @dataclasses.dataclass(eq=False)
-class Eagle3Drafter:
+class Eagle3Drafter(KeyedByConfig):
     """EAGLE-3 head drafting EAGLE-2 dynamic trees (defaults: T = 60, depth 7, top-k 10)."""
+
+    state_fields = ("params",)
 
     cfg: Eagle3Config
     params: dict
@@ -224,6 +229,7 @@ class Eagle3Drafter:
     depth: int = DEFAULT_DEPTH
     hidden_layers: Optional[tuple[int, ...]] = None
     attention: str = "xla"
+    prefill_chunk: int = PREFILL_CHUNK  # prompt pairs fed per chunk at prefill (memory O(chunk x block))
 
     def __post_init__(self):
         if self.hidden_layers is None:
@@ -245,14 +251,23 @@ class Eagle3Drafter:
 
     def prefill(self, params, dstate: Eagle3State, prompt_tokens, prompt_lengths, first_tokens,
                 hidden) -> Eagle3State:
-        """Pairs (h_j, token_{j+1}) for every prompt position; the last one holds the root."""
+        """Pairs (h_j, token_{j+1}) for every prompt position, in chunks of ``prefill_chunk`` pairs
+        through the blockwise attention; the last one holds the root."""
         b = prompt_tokens.shape[0]
         shifted = jnp.concatenate([prompt_tokens[:, 1:], jnp.zeros((b, 1), prompt_tokens.dtype)], axis=1)
         shifted = shifted.at[jnp.arange(b), prompt_lengths - 1].set(first_tokens.astype(shifted.dtype))
-        out, cache = head_block(self.cfg, params, dstate.cache, jnp.zeros(b, jnp.int32), shifted,
-                                fuse_features(params, hidden), prompt_lengths, attention=self.attention)
-        root = jnp.take_along_axis(out, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-        return Eagle3State(cache, prompt_lengths.astype(jnp.int32), root)
+        lengths = prompt_lengths.astype(jnp.int32)
+
+        def feed(carry, start, tokens, feats):
+            cache, root = carry
+            valid = jnp.clip(lengths - start, 0, tokens.shape[1])
+            out, cache = head_block(self.cfg, params, cache, jnp.full(b, start), tokens, feats, valid,
+                                    attention=self.attention)
+            return cache, pick_position(out, lengths - 1 - start, root)
+
+        carry = (dstate.cache, jnp.zeros_like(dstate.root_hidden))
+        cache, root = scan_chunks(feed, carry, (shifted, fuse_features(params, hidden)), self.prefill_chunk)
+        return Eagle3State(cache, lengths, root)
 
     def propose(self, params, dstate: Eagle3State, root_tokens, lengths, sampling, key, *,
                 with_q: bool = False) -> tuple[DraftTree, Eagle3State]:
@@ -264,9 +279,8 @@ class Eagle3Drafter:
 
         def expand(cache, tokens, feats, positions, offset, scratch_mask):
             own = jax.nn.one_hot(offset + jnp.arange(tokens.shape[1]), m, dtype=bool)[None]
-            visible = scratch_visibility(dstate.lengths, dstate.lengths, scratch_mask & ~own, cache.k.shape[3])
-            out, cache = head_masked(self.cfg, params, cache, tokens, feats, positions, visible,
-                                     dstate.lengths + offset)
+            out, cache = head_scratch(self.cfg, params, cache, tokens, feats, positions, dstate.lengths,
+                                      scratch_mask & ~own, dstate.lengths + offset)
             return draft_logits(self.cfg, params, out), out, cache
 
         def q_to_target(q):

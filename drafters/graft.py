@@ -56,11 +56,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.drafters.base import HostDrafter
-from specjax.drafters.device import DeviceDrafter
+from specjax.drafters.device import DeviceDrafter, KeyedByConfig
 from specjax.drafters.hybrid import (NO_KEY, check_hybrid_member, concat_parts, feed_accepted, merge_trees,
                                      prefill_drafter, top_nodes)
 from specjax.engine.device_loop import prepare_device_batch
-from specjax.engine.engine import GenerationResult
+from specjax.engine.engine import GenerationResult, report_progress
 from specjax.engine.sampling import SamplingParams
 from specjax.engine.steps import step_impl
 from specjax.engine.tree import DraftTree
@@ -94,7 +94,7 @@ class GraftStats:
 
 
 @dataclasses.dataclass(eq=False)
-class GraftDrafter:
+class GraftDrafter(KeyedByConfig):
     """A device drafter's pruned tree plus host retrieval, merged into one tree of ``capacity`` nodes.
 
     Args:
@@ -106,6 +106,8 @@ class GraftDrafter:
       min_prob: model nodes below this cumulative draft probability are pruned too.
       refill: pruned model nodes fill the slots retrieval leaves empty.
     """
+
+    state_fields = ("retrieval",)  # host-side: its trees reach the device as arguments
 
     model: DeviceDrafter
     retrieval: HostDrafter
@@ -180,11 +182,11 @@ class GraftDrafter:
             self.retrieval.start_request(rid, prompt)
         outputs = [[int(t)] for t in np.asarray(first)]
         unobserved = [list(o) for o in outputs]
-        finished = np.asarray(state.finished) | engine._apply_stop_strings(outputs, stop)  # padding rows too
+        finished = np.asarray(state.finished) | engine.stop_string_hits(outputs, stop)  # padding rows too
         passes = np.ones(rows, np.int64)
         accepted = np.zeros(rows, np.int64)
         draft_s = np.zeros(rows)
-        engine._report(progress, n_req)
+        report_progress(progress, n_req)
         carry, model_tree = _propose(self.model.params, carry, graft=self)
         while not finished.all():
             active = ~finished
@@ -205,8 +207,8 @@ class GraftDrafter:
                 new = emitted[i, : num[i]].tolist()
                 outputs[i].extend(new)
                 unobserved[i].extend(new)
-            engine._report(progress, int(num[:n_req].sum()))
-            finished = finished | dev_finished | engine._apply_stop_strings(outputs, stop)
+            report_progress(progress, int(num[:n_req].sum()))
+            finished = finished | dev_finished | engine.stop_string_hits(outputs, stop)
         for i, rid in enumerate(rids):
             if unobserved[i]:
                 self.retrieval.observe(rid, unobserved[i])
@@ -216,7 +218,7 @@ class GraftDrafter:
         device_s = (wall - draft_s.sum()) / n_req
         outputs = outputs[:n_req]
         texts = [engine.decode(o) for o in outputs]
-        outputs, texts = engine._cut_stops(outputs, texts, stop)
+        outputs, texts = engine.cut_stops(outputs, texts, stop)
         return [GenerationResult(token_ids=o, text=t, target_passes=int(passes[i]),
                                  accepted_draft_tokens=int(accepted[i]), draft_s=float(draft_s[i]),
                                  verify_s=device_s, wall_s=wall)

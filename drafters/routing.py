@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters.device import DeviceDrafter
+from specjax.drafters.device import DeviceDrafter, KeyedByConfig
 from specjax.drafters.hybrid import (check_hybrid_member, concat_parts, feed_accepted, merge_trees, select_hidden,
                                      top_nodes)
 from specjax.engine.tree import DraftTree
@@ -128,7 +128,7 @@ def weight_average(params_list: Sequence[Any]) -> Any:
 
 
 @dataclasses.dataclass(eq=False)
-class TapsDrafter:
+class TapsDrafter(KeyedByConfig):
     """Route between (or merge the trees of) several device drafters for one target.
 
     Args:

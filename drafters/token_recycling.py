@@ -8,6 +8,12 @@ the root token: a node that is the r-th child of its parent gets
 ``table[parent_token, r]``. The table outlives requests (the paper's hot
 start): ``end_batch`` keeps it on the drafter for the next batch.
 
+Each successor also keeps the target's probability of it, so a drafted node
+carries a path probability (the product along its path): the auto tree size
+keeps the most probable nodes and calibrates these claims by what is accepted.
+``update`` also records the next step's root, so a plain step (the auto size's
+T = 0, no proposal) still teaches the table the root's successors.
+
 Drafts are point masses (no q), so acceptance is lossless for any table.
 """
 
@@ -20,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specjax.drafters.device import KeyedByConfig
 from specjax.engine.tree import DraftTree
 
 # The paper's default tree (its code's template "2.2.2"): 80 nodes in 6 levels
@@ -71,23 +78,27 @@ class TreeTemplate:
 @dataclasses.dataclass(frozen=True)
 class RecyclingState:
     table: jax.Array  # int32[V, k] latest top-k successors per token, -1 = never seen
-    tree_tokens: jax.Array  # int32[B, T + 1] the last proposed tree, root first
+    table_probs: jax.Array  # float32[V, k] the target's probability of each successor when it was scored
+    tree_tokens: jax.Array  # int32[B, T + 1] the tree to be verified, root first (the root alone between steps)
     tree_valid: jax.Array  # bool[B, T + 1]
 
 
 @dataclasses.dataclass(eq=False)
-class TokenRecyclingDrafter:
+class TokenRecyclingDrafter(KeyedByConfig):
     """Token Recycling over a static template (default: the paper's 80-node tree, k = 8).
 
     ``capacity`` below the template size keeps its first nodes (breadth first);
     above it, the extra slots stay empty.
     """
 
+    state_fields = ("table", "table_probs", "params")  # the learned table travels in the drafter state
+
     vocab_size: int
     capacity: int = 80
     k: int = 8
     paths: Sequence[Sequence[int]] = PAPER_TREE
     table: Optional[jax.Array] = None
+    table_probs: Optional[jax.Array] = None
     hidden_layers: tuple[int, ...] = ()
     params: None = None
 
@@ -101,40 +112,73 @@ class TokenRecyclingDrafter:
 
     def reset(self) -> None:
         """Forget every recycled successor (a cold start)."""
-        self.table = None
+        self.table = self.table_probs = None
 
     def init_state(self, batch_size: int, max_len: int = 0) -> RecyclingState:
-        table = self.table if self.table is not None else jnp.full((self.vocab_size, self.k), -1, jnp.int32)
+        if self.table is None:
+            table, probs = jnp.full((self.vocab_size, self.k), -1, jnp.int32), jnp.zeros((self.vocab_size, self.k))
+        else:
+            table, probs = self.table, self.table_probs
         n = self.capacity + 1
-        return RecyclingState(table, jnp.zeros((batch_size, n), jnp.int32), jnp.zeros((batch_size, n), bool))
+        return RecyclingState(table, probs, jnp.zeros((batch_size, n), jnp.int32), jnp.zeros((batch_size, n), bool))
 
     def prefill(self, params, dstate, prompt_tokens, prompt_lengths, first_tokens, hidden=None):
-        return dstate
+        """The first generated token is the first root."""
+        return _with_root(dstate, first_tokens.astype(jnp.int32), jnp.ones(first_tokens.shape, bool))
 
     def propose(self, params, dstate: RecyclingState, root_tokens, lengths, sampling, key, *,
                 with_q: bool = False) -> tuple[DraftTree, RecyclingState]:
         b, t = root_tokens.shape[0], len(self.template)
         tokens = jnp.zeros((b, self.capacity + 1), jnp.int32).at[:, 0].set(root_tokens.astype(jnp.int32))
         valid = jnp.zeros((b, self.capacity + 1), bool).at[:, 0].set(True)
+        probs = jnp.zeros((b, self.capacity + 1), jnp.float32).at[:, 0].set(1.0)
         for level in range(1, int(self.template.depth.max(initial=0)) + 1):
             nodes = np.flatnonzero(self.template.depth == level)
             parent_r = self.template.parents[nodes] + 1  # root-indexed
             succ = dstate.table[tokens[:, parent_r], self.template.ranks[nodes]]  # [B, n]
+            succ_p = dstate.table_probs[tokens[:, parent_r], self.template.ranks[nodes]]
             tokens = tokens.at[:, nodes + 1].set(jnp.maximum(succ, 0))
             valid = valid.at[:, nodes + 1].set(valid[:, parent_r] & (succ >= 0))
+            probs = probs.at[:, nodes + 1].set(probs[:, parent_r] * succ_p)
         parents = np.full(self.capacity, -1, np.int32)
         parents[:t] = self.template.parents
         tree = DraftTree(tokens=tokens[:, 1:], parents=jnp.broadcast_to(jnp.asarray(parents), (b, self.capacity)),
-                         valid=valid[:, 1:])
+                         valid=valid[:, 1:], draft_probs=jnp.where(valid, probs, 0.0)[:, 1:])
         return tree, dataclasses.replace(dstate, tree_tokens=tokens, tree_valid=valid)
 
+    def restrict(self, dstate: RecyclingState, kept: jax.Array, valid: jax.Array) -> RecyclingState:
+        """Only the proposal's nodes ``kept`` [B, t] (``valid`` [B, t]) were verified (a smaller
+        auto tree size): move them to the front, where ``update`` pairs them with their logits."""
+        t = kept.shape[1]
+        nodes = jnp.take_along_axis(dstate.tree_tokens[:, 1:], kept, axis=1)
+        tree_valid = jnp.zeros_like(dstate.tree_valid).at[:, 0].set(dstate.tree_valid[:, 0])
+        return dataclasses.replace(dstate, tree_tokens=dstate.tree_tokens.at[:, 1:t + 1].set(nodes),
+                                   tree_valid=tree_valid.at[:, 1:t + 1].set(valid))
+
     def update(self, params, dstate: RecyclingState, accepted, aux) -> RecyclingState:
-        """Every scored node's row becomes the target's top-k successors at that node."""
-        succ = jax.lax.top_k(aux.logits, self.k)[1].astype(jnp.int32)  # [B, T + 1, k]
-        live = dstate.tree_valid & (accepted.num > 0)[:, None]
-        rows = jnp.where(live, dstate.tree_tokens, self.vocab_size)  # out of range -> dropped
-        table = dstate.table.at[rows.reshape(-1)].set(succ.reshape(-1, self.k), mode="drop")
-        return dataclasses.replace(dstate, table=table)
+        """Every scored node's row becomes the target's top-k successors at that node (and their
+        probabilities); the last emitted token becomes the next root.
+
+        ``aux.logits`` [B, w, V] score the first w tree slots (the root, then the verified
+        nodes): w = 1 for a plain step."""
+        logits = aux.logits.astype(jnp.float32)
+        w = logits.shape[1]
+        top, succ = jax.lax.top_k(logits, self.k)  # [B, w, k]
+        probs = jnp.exp(top - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+        live = dstate.tree_valid[:, :w] & (accepted.num > 0)[:, None]
+        rows = jnp.where(live, dstate.tree_tokens[:, :w], self.vocab_size).reshape(-1)  # out of range -> dropped
+        table = dstate.table.at[rows].set(succ.astype(jnp.int32).reshape(-1, self.k), mode="drop")
+        table_probs = dstate.table_probs.at[rows].set(probs.reshape(-1, self.k), mode="drop")
+        last = jnp.take_along_axis(accepted.tokens, jnp.maximum(accepted.num - 1, 0)[:, None], axis=1)[:, 0]
+        root = jnp.where(accepted.num > 0, last, dstate.tree_tokens[:, 0])
+        dstate = dataclasses.replace(dstate, table=table, table_probs=table_probs)
+        return _with_root(dstate, root.astype(jnp.int32), dstate.tree_valid[:, 0] | (accepted.num > 0))
 
     def end_batch(self, dstate: RecyclingState) -> None:
-        self.table = dstate.table
+        self.table, self.table_probs = dstate.table, dstate.table_probs
+
+
+def _with_root(dstate: RecyclingState, root: jax.Array, valid: jax.Array) -> RecyclingState:
+    """The state between steps: each row's tree is its root alone."""
+    return dataclasses.replace(dstate, tree_tokens=dstate.tree_tokens.at[:, 0].set(root),
+                               tree_valid=jnp.zeros_like(dstate.tree_valid).at[:, 0].set(valid))

@@ -8,10 +8,15 @@ each step the policy compares the predicted accepted tokens with the real ones
 and keeps a running calibration factor, so an over-confident drafter is
 discounted. Per step it picks the T (0 = a plain step) that maximizes expected
 tokens per second, speculating only for a clear expected win (``min_gain``).
-When several steps in a row gain nothing (T = 0 chosen, or no draft token
-accepted), it stops asking the drafter for proposals and only probes with the
-smallest tree now and then, less often after each probe that fails, so a
-drafter that never pays costs (almost) nothing.
+Host drafting time counts as part of a speculative step's cost. When several
+steps in a row gain nothing (T = 0 chosen, or no draft token accepted), or when
+asking the drafter has recently been worth less than its own drafting time, it
+stops asking the drafter for proposals and only probes with the smallest tree
+now and then, less often after each probe that fails (a probe that proposes
+nothing fails too), so a drafter that never pays costs (almost) nothing.
+
+``ChunkPolicy`` makes the same choice per host sync for the on-device loop,
+whose drafters run inside the compiled step (see ``engine/device_loop.py``).
 """
 
 from __future__ import annotations
@@ -60,7 +65,11 @@ class CapacityPolicy:
     patience: int = 4  # idle steps before drafting is skipped
     min_gain: float = 1.05  # speculate only for a clear expected win over a plain step
     max_cost_jump: float = 2.0  # one step's time counts as at most this many times the bucket's estimate
+    history: list = dataclasses.field(default_factory=list)  # T of each recorded step, in order
+    draft_s: float = 0.0  # host drafting seconds per drafted step (running average, see ``record_drafting``)
+    ask_gain: float = 1.0  # recent value of asking the drafter: the chosen rate after drafting / a plain step's
     _since_probe: int = 0
+    _probing: bool = False
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -68,35 +77,52 @@ class CapacityPolicy:
 
     @property
     def paused(self) -> bool:
-        return self.idle_steps >= self.patience
+        return self.idle_steps >= self.patience or self.ask_gain < 1.0
 
     def should_draft(self) -> bool:
-        """False while speculation has not paid recently (except periodic probes)."""
+        """False while speculation has not paid recently, except for a periodic probe.
+
+        The probe counter restarts whenever a probe is granted, whatever the
+        probe then proposes (an empty proposal is a failed probe, not a reason
+        to ask again at once)."""
         if not self.paused:
             return True
         self._since_probe += 1
-        return self._since_probe >= self.probe_every
+        if self._since_probe < self.probe_every:
+            return False
+        self._since_probe, self._probing = 0, True
+        return True
 
     def choose(self, node_probs: Sequence[np.ndarray], num_active: int) -> int:
         """The bucket T maximizing expected emitted tokens per second for this step.
 
-        A probe step (drafting had been paused) verifies the smallest tree
-        instead: cheap, and enough for the calibration to recover when the
-        drafter starts to pay.
+        The drafting time is already spent (it counts in every option's time);
+        whether asking was worth it (the chosen rate against a plain step that
+        drafts nothing) feeds ``ask_gain``. A probe step (drafting had been
+        paused) verifies the smallest tree instead: cheap, and enough for the
+        calibration to recover when the drafter starts to pay.
         """
         longest = max((len(p) for p in node_probs), default=0)
-        if longest and self.paused:
-            return self.buckets[1]
         costs = self.monotone_costs()
-        best_t, best_rate = 0, self.min_gain * num_active / costs[0]
+        best_t, best_rate = 0, num_active / (costs[0] + self.draft_s)
         for t in self.buckets:
             if t == 0 or (t > longest and t != self._fit(longest)):
                 continue
             tokens = num_active + self.calibration * expected_accepted(node_probs, t)
-            rate = tokens / costs[t]
-            if rate > best_rate:
+            rate = tokens / (costs[t] + self.draft_s)
+            if rate > max(best_rate, self.min_gain * num_active / (costs[0] + self.draft_s)):
                 best_t, best_rate = t, rate
+        gain = best_rate * costs[0] / max(num_active, 1)
+        probe = self._probing or self.paused
+        self.ask_gain = gain if probe else (1 - self.smoothing) * self.ask_gain + self.smoothing * gain
+        if longest and probe:
+            return self.buckets[1]
         return best_t
+
+    def record_drafting(self, seconds: float) -> None:
+        """Fold one drafted step's host drafting time into the cost model."""
+        a = self.smoothing
+        self.draft_s = seconds if self.draft_s == 0.0 else (1 - a) * self.draft_s + a * seconds
 
     def monotone_costs(self) -> dict[int, float]:
         """Costs made non-decreasing in T: a bigger tree never costs less, whatever timing noise says."""
@@ -117,16 +143,18 @@ class CapacityPolicy:
         ``max_cost_jump`` times the current estimate: one outlier must not make a
         bucket look so expensive that it is never chosen, and so never re-measured.
         """
+        self.history.append(capacity)
         a = self.smoothing
         seconds = min(seconds, self.max_cost_jump * self.costs[capacity])
         self.costs[capacity] = (1 - a) * self.costs[capacity] + a * seconds
         if predicted > 0:
             self.calibration = (1 - a) * self.calibration + a * min(accepted / predicted, 2.0)
-        if self.paused and capacity > 0:  # a probe: back off if it gained nothing
-            self._since_probe = 0
-            self.probe_every = (CapacityPolicy.probe_every if accepted > 0
+        gained = capacity > 0 and accepted > 0
+        if self._probing:  # back off after a probe that gained nothing (proposing nothing included)
+            self._probing = False
+            self.probe_every = (CapacityPolicy.probe_every if gained
                                 else min(2 * self.probe_every, self.max_probe_every))
-        self.idle_steps = 0 if capacity > 0 and accepted > 0 else self.idle_steps + 1
+        self.idle_steps = 0 if gained else self.idle_steps + 1
 
 
 # Below this share of a step's cost, host drafting cannot make two lanes pay.
@@ -144,3 +172,95 @@ def pipelined_round_pays(full_step_s: float, half_step_s: float, drafting_s: flo
     serial = full_step_s + drafting_s
     pipelined = max(2 * half_step_s, drafting_s, half_step_s + drafting_s / 2)
     return pipelined < margin * serial
+
+
+@dataclasses.dataclass
+class ChunkPolicy:
+    """The on-device loop's T per host sync: one chunk of fused steps runs one bucket's program.
+
+    ``costs[T]`` are seconds per fused step of bucket T's program at this batch
+    bucket, the drafter's own work included (its proposal and update in a
+    speculative step, its update on the emitted token in a plain one), timed on
+    the chunks the loop runs (an unmeasured bucket is run, and so timed, before
+    any choice). ``claimed[T]`` is the drafter's own estimate of accepted
+    tokens per row and step if the best T nodes were verified (their path
+    probabilities, from the last speculative chunk), and ``calibration`` is
+    accepted / claimed at the chunks' T. A chunk goes to the T maximizing
+    expected tokens per second, speculating only for a clear win
+    (``min_gain``). After a plain choice it runs plain chunks, then probes the
+    smallest tree to refresh the claims; each probe that still finds plain
+    best doubles the wait (up to ``max_probe_every`` chunks).
+    """
+
+    costs: dict[int, float]
+    buckets: tuple[int, ...]
+    claimed: dict[int, float] = dataclasses.field(default_factory=dict)
+    calibration: float = 1.0
+    smoothing: float = 0.3
+    min_gain: float = 1.05
+    probe_every: int = 2  # plain chunks after a plain choice before the next probe ...
+    max_probe_every: int = 16  # ... doubling after each probe that still finds plain best, up to this
+    max_cost_jump: float = 2.0  # one chunk's step time counts as at most this many times the estimate
+    history: list = dataclasses.field(default_factory=list)  # (T, fused steps) per chunk, in order
+    probing: bool = False  # the last choice is a probe (the loop runs it as a short chunk)
+    _plain_left: int = 0
+    _probe_next: bool = False
+
+    def unmeasured(self) -> list[int]:
+        return [t for t in self.buckets if t not in self.costs]
+
+    def choose(self) -> int:
+        """T for the next chunk (0 = plain steps)."""
+        self.probing = False
+        if self.unmeasured():
+            return self.unmeasured()[0]
+        if self._plain_left > 0:
+            self._plain_left -= 1
+            return 0
+        if self._probe_next:
+            self._probe_next, self.probing = False, True
+            return self.buckets[1]
+        best = self.best_bucket()
+        if best == 0:
+            self._plain_left, self._probe_next = self.probe_every - 1, True
+            self.probe_every = min(2 * self.probe_every, self.max_probe_every)
+        else:
+            self.probe_every = ChunkPolicy.probe_every
+        return best
+
+    def best_bucket(self) -> int:
+        """The bucket with the most expected tokens per second (per active row: the batch's rows
+        step together, so row counts cancel)."""
+        costs, running = {}, 0.0
+        for t in self.buckets:  # a bigger tree never costs less, whatever timing noise says
+            running = max(running, self.costs[t])
+            costs[t] = running
+        best_t, best_rate = 0, self.min_gain / costs[0]
+        for t in self.buckets[1:]:
+            rate = (1.0 + self.calibration * self.claimed.get(t, 0.0)) / costs[t]
+            if rate > best_rate:
+                best_t, best_rate = t, rate
+        return best_t
+
+    def record(self, capacity: int, seconds: float, steps: int, row_steps: int, claimed: Sequence[float],
+               accepted: int) -> None:
+        """Fold one chunk into the estimates: its time over ``steps`` fused steps and, for a
+        speculative chunk, the drafter's claims per bucket (``claimed[i]`` for ``buckets[i]``,
+        summed over ``row_steps`` active row-steps) and the draft tokens accepted."""
+        self.history.append((capacity, steps))
+        if steps <= 0:
+            return
+        per_step = seconds / steps
+        if capacity not in self.costs:
+            self.costs[capacity] = per_step
+        else:  # timing noise on a shared host only adds time: follow drops fast, rises slowly
+            per_step = min(per_step, self.max_cost_jump * self.costs[capacity])
+            a = self.smoothing if per_step < self.costs[capacity] else self.smoothing / 3
+            self.costs[capacity] = (1 - a) * self.costs[capacity] + a * per_step
+        if capacity == 0 or row_steps <= 0:
+            return
+        self.claimed = {t: float(c) / row_steps for t, c in zip(self.buckets, claimed)}
+        predicted = self.claimed.get(capacity, 0.0) * row_steps
+        if predicted > 0:  # weighted as ``steps`` of the host policy's per-step updates
+            a = 1 - (1 - self.smoothing) ** steps
+            self.calibration = (1 - a) * self.calibration + a * min(accepted / predicted, 2.0)

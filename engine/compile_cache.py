@@ -1,20 +1,26 @@
-"""JAX's persistent compilation cache, on by default so a second run skips compiling.
+"""JAX's persistent compilation cache, turned on explicitly so a second run skips compiling.
 
-The cache lives in ``$SPECJAX_COMPILATION_CACHE`` if set, else
-``$XDG_CACHE_HOME/specjax/jax`` (``~/.cache/specjax/jax``). Set
-``SPECJAX_COMPILATION_CACHE=off`` to leave JAX's own setting alone (e.g. when
-the application configures its own cache).
+It is a global JAX setting, so the library never changes it behind a host
+program's back: ``Engine`` leaves it alone, the ``specjax`` CLI calls
+``enable_compilation_cache()``, and Python users opt in with
+``specjax.enable_compilation_cache()``. Without a path the cache lives in
+``$SPECJAX_COMPILATION_CACHE`` if set, else ``$XDG_CACHE_HOME/specjax/jax``
+(``~/.cache/specjax/jax``); ``SPECJAX_COMPILATION_CACHE=off`` leaves JAX's own
+setting alone (e.g. when the application configures its own cache).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 
 ENV = "SPECJAX_COMPILATION_CACHE"
+OFF = ("off", "0", "false", "no")
+# Small programs too: a decode step of a small model compiles in well under a second.
+MIN_COMPILE_TIME_S = 0.1
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -22,20 +28,21 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "specjax" / "jax"
 
 
-def enable_compilation_cache() -> Optional[pathlib.Path]:
-    """Point JAX's persistent cache at specjax's directory unless disabled or already set.
+def enable_compilation_cache(path: Union[str, os.PathLike, None] = None) -> Optional[pathlib.Path]:
+    """Point JAX's persistent compilation cache at ``path`` and cache programs compiling in 0.1 s or more.
 
-    Returns the directory in use, or None when the cache is left off.
+    Without ``path``: ``$SPECJAX_COMPILATION_CACHE`` (``off`` disables: returns None and changes
+    nothing), else the directory JAX already uses if one is set, else ``default_cache_dir()``.
+    Returns the directory in use.
     """
-    setting = os.environ.get(ENV, "")
-    if setting.lower() in ("off", "0", "false", "no"):
-        return None
-    current = jax.config.jax_compilation_cache_dir
-    if current:
-        return pathlib.Path(current)
-    path = pathlib.Path(setting) if setting else default_cache_dir()
+    if path is None:
+        setting = os.environ.get(ENV, "")
+        if setting.lower() in OFF:
+            return None
+        current = jax.config.jax_compilation_cache_dir
+        path = setting or current or default_cache_dir()
+    path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    # Small programs too: a decode step of a small model compiles in well under a second.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
     return path

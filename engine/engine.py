@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -28,17 +28,18 @@ from specjax.drafters.base import HostDrafter, Proposal
 from specjax.drafters.device import is_device_drafter
 from specjax.engine.autotune import (PIPELINE_MIN_DRAFT_SHARE, CapacityPolicy, capacity_buckets,
                                      expected_accepted, pipelined_round_pays)
-from specjax.engine.compile_cache import enable_compilation_cache
 from specjax.engine.plain import pad_prompts
 from specjax.engine.sampling import PerRow, SamplingParams
 from specjax.engine.state import DecodeState
 from specjax.engine.steps import PREFILL_CHUNK, extend, new_cache, prefill, step
 from specjax.engine.tree import DraftTree, empty_tree, validate_tree
+from specjax.models.chat import ChatInput, Message, conversations, encode_chat
 from specjax.models.loading import Model
 from specjax.models.sharding import DATA, cache_sharding, shard_model
 from specjax.tpu_kernels.sharded_attention import sharded_tree_attention
 
 Prompt = Union[str, Sequence[int]]
+OnTokens = Callable[[int, list], None]  # (request index, newly accepted token ids)
 AUTO = "auto"
 MIN_PROMPT_BUCKET = 16
 PROMPT_GRANULE = 64  # prompt widths above this round up to multiples of it (less padding than powers of two)
@@ -109,8 +110,10 @@ class _Lane:
 class _Book:
     """Per-row outputs and costs of one batch, shared by its lanes."""
 
-    def __init__(self, rows: int, n_requests: int, rids: list):
+    def __init__(self, rows: int, n_requests: int, rids: list, on_tokens: Optional[OnTokens] = None,
+                 first_index: int = 0):
         self.n_requests, self.rids = n_requests, rids
+        self.on_tokens, self.first_index = on_tokens, first_index
         self.outputs: list[list[int]] = [[] for _ in range(rows)]
         # Accepted tokens reach the drafter only when it is next asked for a draft (or at the end):
         # while "auto" has drafting paused, the host does no per-step drafter work.
@@ -122,13 +125,29 @@ class _Book:
 
     def start(self, rows: np.ndarray, first: np.ndarray, finished: np.ndarray) -> None:
         for j, i in enumerate(rows):
-            self.outputs[i] = [int(first[j])]
-            self.unobserved[i] = [int(first[j])]
+            self.emit(i, [int(first[j])])
         self.finished[rows] = finished | (rows >= self.n_requests)
+
+    def emit(self, row: int, tokens: list[int]) -> None:
+        """Book a row's newly accepted tokens and stream them to ``on_tokens`` (real requests only)."""
+        self.outputs[row].extend(tokens)
+        self.unobserved[row].extend(tokens)
+        if self.on_tokens is not None and row < self.n_requests:
+            self.on_tokens(self.first_index + int(row), tokens)
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def check_scratch_headroom(max_len: int, longest: int, capacity: int) -> None:
+    """Refuse a cache that cannot hold the last step's tree above ``longest`` tokens.
+
+    Verify writes T + 1 rows above the cached tokens; rows past the cache's end would be
+    dropped on write and clamped on read, and compaction would copy stale K/V into live slots.
+    """
+    if longest + capacity + 1 > max_len:
+        raise ValueError(f"cache of {max_len} slots < {longest} tokens + draft scratch ({capacity + 1})")
 
 
 class Engine:
@@ -172,7 +191,6 @@ class Engine:
             raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
         if pipeline not in (True, False, AUTO):
             raise ValueError(f"pipeline must be True, False or 'auto', got {pipeline!r}")
-        enable_compilation_cache()
         if mesh is not None:  # heads padded to the model axis; attention under shard_map over heads
             params, cfg = shard_model(target.params, target.config, mesh)
             target = dataclasses.replace(target, params=params, config=cfg)
@@ -183,6 +201,9 @@ class Engine:
         self.drafter = drafter
         self.on_device = is_device_drafter(drafter)
         self.auto = drafter is not None and not self.on_device and draft_capacity == AUTO
+        # A device drafter's tree is its own; "auto" picks a size per chunk among buckets up to this.
+        self.device_auto = self.on_device and draft_capacity == AUTO
+        self.max_draft_capacity = max_draft_capacity
         if drafter is None or self.on_device:  # a device drafter's tree size is its own
             self.capacity = 0
         else:
@@ -205,6 +226,10 @@ class Engine:
                 raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
             return list(self.target.tokenizer.encode(prompt).ids)
         return [int(t) for t in prompt]
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        """One conversation as prompt ids (``specjax.models.chat.encode_chat``)."""
+        return encode_chat(self.target, messages)
 
     def decode(self, ids: Sequence[int]) -> Optional[str]:
         return None if self.target.tokenizer is None else self.target.tokenizer.decode(list(ids))
@@ -260,7 +285,7 @@ class Engine:
         state, _ = self._prefill([[0]] * rows, width, max_len, max_new_tokens, SamplingParams.make(rows), seed=0)
         jax.block_until_ready(state)
         compile_s = {"prefill": time.perf_counter() - t0}
-        first_calls = self._measure_step_costs(rows, max_len, timing_steps)
+        first_calls, state = self._measure_step_costs(state, timing_steps)
         compile_s.update({f"step T={t}": s for t, s in first_calls.items()})
         return {"bucket": (rows, width, max_len), "compile_s": compile_s,
                 "step_s": dict(self._step_costs[(rows, max_len)])}
@@ -275,9 +300,10 @@ class Engine:
                              f"got {max_len}")
         return Session(max_len=next_power_of_two(max_len, MIN_CACHE_BUCKET))
 
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 128, *, temperature: PerRow = 0.0,
-                 top_p: PerRow = 1.0, top_k: PerRow = 0, seed: int = 0, stop: Sequence[str] = (),
-                 progress=None, session: Optional[Session] = None) -> list[GenerationResult]:
+    def generate(self, prompts: Optional[Sequence[Prompt]] = None, max_new_tokens: int = 128, *,
+                 messages: Optional[ChatInput] = None, temperature: PerRow = 0.0, top_p: PerRow = 1.0,
+                 top_k: PerRow = 0, seed: int = 0, stop: Sequence[str] = (), progress=None,
+                 session: Optional[Session] = None, on_tokens: Optional[OnTokens] = None) -> list[GenerationResult]:
         """Generate for every prompt; greedy output equals plain greedy decoding exactly.
 
         ``temperature``, ``top_p`` and ``top_k`` are scalars or one value per
@@ -286,31 +312,47 @@ class Engine:
         cut before it). ``progress`` is an optional tqdm-like object whose
         ``update(n)`` is called with the number of new tokens. With a ``session``
         (see ``Engine.session``), one prompt at a time continues that conversation.
+
+        ``messages`` replaces ``prompts`` for chat models: one conversation (a list of
+        ``{"role", "content"}`` dicts) or a list of them, rendered with the target's chat template
+        (``specjax.models.chat.render_chat``, ending with the assistant header) and tokenized without
+        adding special tokens, as ``apply_chat_template`` does.
+
+        ``on_tokens(request_index, new_token_ids)`` streams: the host loop calls it for each request
+        with the tokens every step accepts (the first one from prefill); device and hybrid drafters'
+        loops sync with the host less often, so there it is called once per request with the whole
+        output. Without stop strings the chunks concatenate to the result's ``token_ids``; with them
+        the last chunk may run past the cut.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        encoded = [self.encode(p) for p in prompts]
+        if (prompts is None) == (messages is None):
+            raise ValueError("pass either prompts or messages (chat conversations), not both or neither")
+        encoded = [self.encode(p) for p in prompts] if messages is None else [
+            self.encode_chat(conversation) for conversation in conversations(messages)]
         if session is not None and len(encoded) != 1:
             raise ValueError(f"a session continues one conversation: pass one prompt, got {len(encoded)}")
         if hasattr(self.drafter, "generate_hybrid"):  # Graft: device drafter + host retrieval, its own loop
             if session is not None:
                 raise ValueError("sessions run with host drafters (or none); this engine has a hybrid drafter")
-            return self.drafter.generate_hybrid(self, encoded, max_new_tokens, temperature=temperature, top_p=top_p,
-                                                top_k=top_k, seed=seed, stop=stop, progress=progress)
+            return _stream_whole(on_tokens, self.drafter.generate_hybrid(
+                self, encoded, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                stop=stop, progress=progress))
         if self.on_device:  # draft -> verify -> accept -> drafter update, N steps per host sync
             if session is not None:
                 raise ValueError("sessions run with host drafters (or none); this engine has a device drafter")
             from specjax.engine.device_loop import generate_on_device
 
-            return generate_on_device(self, encoded, max_new_tokens, temperature=temperature, top_p=top_p,
-                                      top_k=top_k, seed=seed, stop=stop, progress=progress)
+            return _stream_whole(on_tokens, generate_on_device(
+                self, encoded, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                stop=stop, progress=progress, auto=self.device_auto, max_capacity=self.max_draft_capacity))
         sampling = _per_prompt(SamplingParams.make(len(encoded), temperature, top_k, top_p))
         results: list[GenerationResult] = []
         for start in range(0, len(encoded), self.max_batch_size):
             end = start + self.max_batch_size
             results.extend(self._generate_batch(encoded[start:end], max_new_tokens,
                                                 {k: v[start:end] for k, v in sampling.items()},
-                                                seed + start, tuple(stop), progress, session))
+                                                seed + start, tuple(stop), progress, session, on_tokens, start))
         return results
 
     def _continue_session(self, session: Session, prompt: list, max_new_tokens: int, sampling: SamplingParams,
@@ -348,7 +390,8 @@ class Engine:
                        chunk=self.prefill_chunk)
 
     def _generate_batch(self, prompts, max_new_tokens, sampling: dict, seed, stop, progress,
-                        session: Optional[Session] = None):
+                        session: Optional[Session] = None, on_tokens: Optional[OnTokens] = None,
+                        first_index: int = 0):
         cfg = self.target.config
         t0 = time.perf_counter()
         n_requests = len(prompts)
@@ -358,8 +401,10 @@ class Engine:
                                                for k in ("temperature", "top_k", "top_p")))
         width = self.prompt_bucket(max(len(p) for p in prompts))
         max_len = session.max_len if session is not None else self.cache_bucket(width, max_new_tokens)
+        if session is None:
+            check_scratch_headroom(max_len, width + max_new_tokens, self.capacity)
         lanes = self._lanes(rows, max_len) if session is None else [np.arange(1)]
-        book = _Book(rows, n_requests, [next(self._request_ids) for _ in range(rows)])
+        book = _Book(rows, n_requests, [next(self._request_ids) for _ in range(rows)], on_tokens, first_index)
         running = []
         for lane_rows in lanes:
             lane_sampling = jax.tree_util.tree_map(lambda a: a[lane_rows], sampling)
@@ -369,13 +414,15 @@ class Engine:
             else:
                 state, first = self._continue_session(session, prompts[0], max_new_tokens, lane_sampling, seed)
             book.start(lane_rows, np.asarray(first), np.asarray(state.finished))
+            if self.auto and (len(lane_rows), max_len) not in self._step_costs:
+                state = self._measure_step_costs(state)[1]  # timed on the live state: no second cache
             policy = self._policy(len(lane_rows), max_len) if self.auto else None
             running.append(_Lane(lane_rows, state, policy, np.asarray(state.finished)))
         if self.drafter is not None:
             for rid, prompt in zip(book.rids[:n_requests], prompts):
                 self.drafter.start_request(rid, prompt)
-        book.finished |= self._apply_stop_strings(book.outputs, stop)
-        self._report(progress, n_requests)
+        book.finished |= self.stop_string_hits(book.outputs, stop)
+        report_progress(progress, n_requests)
         # Serial: draft -> step -> read, per step. Two lanes ping-pong: while one lane's step runs on
         # the device, the host reads the other lane's tokens and drafts its next tree.
         while not book.finished.all():
@@ -394,7 +441,7 @@ class Engine:
         wall = time.perf_counter() - t0
         outputs = book.outputs[:n_requests]
         texts = [self.decode(out) for out in outputs]
-        outputs, texts = self._cut_stops(outputs, texts, stop)
+        outputs, texts = self.cut_stops(outputs, texts, stop)
         return [GenerationResult(out, text, int(book.passes[i]), int(book.accepted[i]), float(book.draft_s[i]),
                                  float(book.verify_s[i]), wall, float(book.read_s[i]))
                 for i, (out, text) in enumerate(zip(outputs, texts))]
@@ -418,13 +465,13 @@ class Engine:
             return False  # CPU steps run on the drafting cores; nothing measured yet (first batch): serial
         drafting = self._draft_s_per_row * rows
         t = self.capacity if not self.auto else capacity_buckets(self.capacity)[1]
-        if (rows, max_len) not in self._step_costs:
-            self._measure_step_costs(rows, max_len)
+        if (rows, max_len) not in self._step_costs:  # before this batch's prefill: one cache at a time
+            self._measure_step_costs(self._scratch_state(rows, max_len))
         full = self._step_costs[(rows, max_len)][t]
         if drafting < PIPELINE_MIN_DRAFT_SHARE * full:  # cannot pay: spare the half-batch compiles
             return False
         if (rows // 2, max_len) not in self._step_costs:
-            self._measure_step_costs(rows // 2, max_len)
+            self._measure_step_costs(self._scratch_state(rows // 2, max_len))
         return pipelined_round_pays(full, self._step_costs[(rows // 2, max_len)][t], drafting)
 
     def _dispatch(self, lane: "_Lane", book: "_Book") -> None:
@@ -443,6 +490,8 @@ class Engine:
                                eos_ids=cfg.eos_token_ids)
         lane.in_flight = (acc, capacity, proposals, active, d1)
         drafted = [p for p in proposals if p is not None]
+        if drafted and lane.policy is not None:
+            lane.policy.record_drafting(d1 - d0)  # speculation's host cost, in the policy's cost model
         if drafted:
             per_row = (d1 - d0) / len(drafted)
             self._draft_s_per_row = per_row if self._draft_s_per_row is None else (
@@ -467,13 +516,11 @@ class Engine:
         book.read_s[lane.rows] += (d3 - d2) * share
         for j in np.flatnonzero(active):
             i = lane.rows[j]
-            new = emitted[j, : num[j]].tolist()
-            book.outputs[i].extend(new)
-            book.unobserved[i].extend(new)
+            book.emit(i, emitted[j, : num[j]].tolist())
             book.passes[i] += 1
             book.accepted[i] += n_draft[j]
-        self._report(progress, int(num[lane.rows < book.n_requests].sum()))
-        book.finished[lane.rows] = lane.device_finished | self._apply_stop_strings(
+        report_progress(progress, int(num[lane.rows < book.n_requests].sum()))
+        book.finished[lane.rows] = lane.device_finished | self.stop_string_hits(
             [book.outputs[i] for i in lane.rows], stop)
 
     def _finish_drafting(self, book: "_Book") -> None:
@@ -487,24 +534,36 @@ class Engine:
     # ------------------------------------------------------------ drafting
 
     def _policy(self, rows: int, max_len: int) -> CapacityPolicy:
-        """A per-batch policy over this bucket's step costs (measured now if new; the policy's
+        """A per-batch policy over this bucket's step costs (measured already; the policy's
         running updates stay with the engine) and the drafter's calibration so far."""
-        if (rows, max_len) not in self._step_costs:
-            self._measure_step_costs(rows, max_len)
-        return CapacityPolicy(costs=self._step_costs[(rows, max_len)], calibration=self._calibration)
+        return CapacityPolicy(costs=self._step_costs[(rows, max_len)], calibration=self._calibration,
+                              draft_s=(self._draft_s_per_row or 0.0) * rows)
 
-    def _measure_step_costs(self, rows: int, max_len: int, timing_steps: int = 3) -> dict[int, float]:
-        """Time each tree size's step on a scratch state of this bucket.
+    def _scratch_state(self, rows: int, max_len: int) -> DecodeState:
+        """An empty state of this bucket, to time steps before a batch has a state of its own."""
+        cfg = self.target.config
+        sharding = None if self.mesh is None else cache_sharding(cfg, self.mesh, rows)
+        return DecodeState(cache=new_cache(cfg, rows, max_len, self.target.params["embed"].dtype, sharding),
+                           lengths=jnp.zeros(rows, jnp.int32), last_tokens=jnp.zeros(rows, jnp.int32),
+                           remaining=jnp.full(rows, max_len, jnp.int32), finished=jnp.zeros(rows, bool),
+                           rng=jax.random.key(0), sampling=SamplingParams.make(rows))
 
-        Records the median of ``timing_steps`` runs per size and returns the
-        first call's time per size (compilation, unless already compiled).
+    def _measure_step_costs(self, state: DecodeState, timing_steps: int = 3) -> tuple[dict[int, float], DecodeState]:
+        """Time each tree size's step on ``state`` (a live one: no second KV cache); return it unchanged.
+
+        The timed steps see every row finished, so they emit nothing and leave lengths, tokens and
+        budgets alone; they write K/V only above the cached tokens (where the next step writes
+        anyway), from the middle of the cache where the rows are shorter. The rows' finished flags
+        and random key are put back. Records the median of ``timing_steps`` runs per size under
+        (rows, cache slots) and returns the first call's time per size (compilation, unless already
+        compiled) with the state.
         """
         cfg, params = self.target.config, self.target.params
-        sharding = None if self.mesh is None else cache_sharding(cfg, self.mesh, rows)
-        state = DecodeState(cache=new_cache(cfg, rows, max_len, params["embed"].dtype, sharding),
-                            lengths=jnp.full(rows, max_len // 2, jnp.int32), last_tokens=jnp.zeros(rows, jnp.int32),
-                            remaining=jnp.full(rows, max_len, jnp.int32), finished=jnp.zeros(rows, bool),
-                            rng=jax.random.key(0), sampling=SamplingParams.make(rows))
+        rows, max_len = state.lengths.shape[0], state.cache.k.shape[3]
+        live = (state.lengths, state.finished, state.rng)  # never passed to a step, so never donated
+        middle = min(max_len // 2, max_len - max(self.tree_sizes) - 1)
+        state = state.replace(lengths=jnp.maximum(state.lengths, middle), finished=jnp.ones(rows, bool),
+                              rng=jax.random.key(0))
         costs, first_calls = {}, {}
         for t in self.tree_sizes:
             tree = empty_tree(rows, t)  # host arrays and the loop's eos_ids: the very program the loop runs
@@ -515,10 +574,9 @@ class Engine:
                 jax.block_until_ready(acc.num)
                 jax.device_get((acc.tokens, acc.num, acc.num_draft_accepted, state.finished))
                 times.append(time.perf_counter() - t0)
-                state = state.replace(lengths=jnp.full(rows, max_len // 2, jnp.int32))
             costs[t], first_calls[t] = float(np.median(times[1:])), times[0]
         self._step_costs[(rows, max_len)] = costs
-        return first_calls
+        return first_calls, state.replace(lengths=live[0], finished=live[1], rng=live[2])
 
     def _propose(self, rids, rows: np.ndarray, active, policy: Optional[CapacityPolicy],
                  unobserved) -> list[Optional[Proposal]]:
@@ -541,6 +599,8 @@ class Engine:
     def _choose_capacity(self, proposals, active, policy: Optional[CapacityPolicy]) -> int:
         if policy is None:
             return self.capacity
+        if all(p is None for p in proposals):  # the policy did not ask the drafter: a plain step
+            return 0
         return policy.choose(_probs(proposals), int(active.sum()))
 
     def _pack(self, proposals, rows: int, capacity: int) -> DraftTree:
@@ -559,12 +619,13 @@ class Engine:
 
     # ------------------------------------------------------------ stops
 
-    def _apply_stop_strings(self, outputs, stop) -> np.ndarray:
+    def stop_string_hits(self, outputs: Sequence[Sequence[int]], stop: Sequence[str]) -> np.ndarray:
+        """[N] bool: which outputs' text contains one of the ``stop`` strings (none without a tokenizer)."""
         if not stop or self.target.tokenizer is None:
             return np.zeros(len(outputs), bool)
         return np.array([any(s in self.decode(o) for s in stop) for o in outputs])
 
-    def _cut_stops(self, outputs, texts, stop):
+    def cut_stops(self, outputs: list, texts: list, stop: Sequence[str]) -> tuple[list, list]:
         """Token ids through the one completing a stop string; text cut before the stop string."""
         if not stop or self.target.tokenizer is None:
             return outputs, texts
@@ -580,10 +641,19 @@ class Engine:
             cut_texts.append(text[: min(hits)])
         return cut_ids, cut_texts
 
-    @staticmethod
-    def _report(progress, n: int) -> None:
-        if progress is not None:
-            progress.update(n)
+
+def report_progress(progress, n: int) -> None:
+    """Advance a tqdm-like ``progress`` (``generate(progress=...)``) by ``n`` tokens; None: no bar."""
+    if progress is not None and n:
+        progress.update(n)
+
+
+def _stream_whole(on_tokens: Optional[OnTokens], results: list[GenerationResult]) -> list[GenerationResult]:
+    """``on_tokens`` for loops that return only whole outputs: each request's output in one call."""
+    if on_tokens is not None:
+        for i, result in enumerate(results):
+            on_tokens(i, list(result.token_ids))
+    return results
 
 
 def _per_prompt(sampling: SamplingParams) -> dict[str, np.ndarray]:

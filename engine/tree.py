@@ -68,19 +68,6 @@ def empty_tree(batch_size: int, capacity: int) -> DraftTree:
     )
 
 
-def chain_tree(tokens: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One sequence's chain draft as (tokens, parents, valid) of length ``capacity``."""
-    tokens = np.asarray(tokens, np.int32)[:capacity]
-    n = len(tokens)
-    out_tokens = np.zeros(capacity, np.int32)
-    out_tokens[:n] = tokens
-    parents = np.full(capacity, -1, np.int32)
-    parents[:n] = np.arange(-1, n - 1, dtype=np.int32)
-    valid = np.zeros(capacity, bool)
-    valid[:n] = True
-    return out_tokens, parents, valid
-
-
 def validate_tree(tree: DraftTree, vocab_size: Optional[int] = None) -> None:
     """Check a tree on the host; raise ``InvalidTreeError`` naming the first problem.
 

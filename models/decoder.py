@@ -180,23 +180,22 @@ def forward_hidden(
     inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)
     x = params["embed"][tokens]
     lengths = cache_lengths.astype(jnp.int32)
+    wanted = np.asarray(hidden_layers, np.int32)
+    # Only the requested layers are kept (a running [n, B, T, H] buffer), never all L of them.
+    collect = lambda buf, x, i: jnp.where((wanted == i)[:, None, None, None], x[None].astype(buf.dtype), buf)
+    kept = collect(jnp.zeros((len(wanted),) + x.shape, x.dtype), x, 0)
 
     def layer(carry, lp):
-        x, i = carry
+        x, i, kept = carry
         x, k, v = _attention_block(cfg, lp, x, positions, inv_freq, cache, i, lengths, tree_mask, attention)
         x = mlp_block(cfg, lp, x)
-        return (x, i + 1), (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), x if hidden_layers else None)
+        return (x, i + 1, collect(kept, x, i + 1)), (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
 
-    embeddings = x
-    (x, _), (k_new, v_new, per_layer) = lax.scan(layer, (x, jnp.int32(0)), params["layers"])
+    (x, _, kept), (k_new, v_new) = lax.scan(layer, (x, jnp.int32(0), kept), params["layers"])
     slots = lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     cache = KVCache(write_rows(cache.k, k_new, slots), write_rows(cache.v, v_new, slots))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    hidden = None
-    if hidden_layers:
-        stacked = jnp.concatenate([embeddings[None], per_layer], axis=0)
-        hidden = stacked[np.asarray(hidden_layers)]
-    return x, cache, hidden
+    return x, cache, kept if hidden_layers else None
 
 
 def lm_head(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ from specjax.models.safetensors_io import CheckpointError
 
 EMBEDDED_MODEL = "tiny-sql"
 EMBEDDED_DRAFTER = "tiny-sql-drafter"
+EMBEDDED_EAGLE3 = "tiny-sql-eagle3"
 CODE_MODEL = "stdlib-code"
 _BUILD_SCRIPTS = {EMBEDDED_MODEL: "train_tiny_sql.py", CODE_MODEL: "train_code_model.py"}
 
@@ -37,10 +38,19 @@ def code_model_dir() -> str:
     return _asset_dir(CODE_MODEL)
 
 
+def _shipped_drafter(name: str) -> Optional[str]:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", name)
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
 def embedded_drafter_dir() -> Optional[str]:
     """Path of the draft model shipped for the embedded model, or None where it is not installed."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", EMBEDDED_DRAFTER)
-    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+    return _shipped_drafter(EMBEDDED_DRAFTER)
+
+
+def embedded_eagle3_dir() -> Optional[str]:
+    """Path of the EAGLE-3 head shipped for the embedded model, or None where it is not installed."""
+    return _shipped_drafter(EMBEDDED_EAGLE3)
 
 
 EMBEDDED_SUFFIX_HISTORY = "suffix_history.jsonl.gz"

@@ -45,6 +45,9 @@ class Model:
     params: Params
     tokenizer: Any = None
     path: Optional[str] = None
+    chat_template: Optional[str] = None  # jinja source, as transformers renders it
+    bos_token: Optional[str] = None  # the strings a chat template refers to as bos_token / eos_token
+    eos_token: Optional[str] = None
 
 
 def hf_tensor_name(path: tuple[str, ...], layer: Optional[int] = None) -> str:
@@ -148,22 +151,106 @@ def load_tokenizer(model_dir: str):
         raise CheckpointError(f"{path}: cannot load tokenizer: {e}") from e
 
 
-def load_model(model_dir: str, dtype=jnp.bfloat16, mesh=None) -> Model:
-    """Config, weights and tokenizer of a Hugging Face model directory.
+def load_model(model_dir: str, dtype="auto", mesh=None) -> Model:
+    """Config, weights, tokenizer and chat template of a Hugging Face model directory or a ``.gguf`` file.
 
+    ``dtype="auto"``: on a CPU the checkpoint's own dtype (so greedy output matches transformers
+    there; a GGUF file dequantizes to float32), bfloat16 on a TPU/GPU.
     With a ``mesh`` each tensor goes straight onto its shards (see ``specjax.models.sharding``).
     """
+    if not os.path.exists(model_dir):  # a registry name or hf:Org/Repo, pulled into the cache on first use
+        from specjax.models.pull import resolve_model
+
+        model_dir = resolve_model(model_dir)
+    if model_dir.endswith(".gguf") or (os.path.isfile(model_dir) and _is_gguf(model_dir)):
+        return _load_gguf_model(model_dir, dtype, mesh)
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"model directory {model_dir!r} does not exist")
     cfg = read_config(model_dir)
     cfg = _with_generation_eos(model_dir, cfg)
-    place, model_cfg = None, cfg
-    if mesh is not None:  # heads padded / repeated to the model axis on the host, each tensor onto its shards
-        from specjax.models.sharding import mesh_placer
-
-        model_cfg, place = mesh_placer(cfg, mesh)
+    if dtype == "auto":
+        dtype = resolve_auto_dtype(_checkpoint_dtype(model_dir))
+    model_cfg, place = _placement(cfg, mesh)
     return Model(config=model_cfg, params=load_params(model_dir, cfg, dtype, place),
-                 tokenizer=load_tokenizer(model_dir), path=model_dir)
+                 tokenizer=load_tokenizer(model_dir), path=model_dir, **read_chat_strings(model_dir))
+
+
+def resolve_auto_dtype(checkpoint_dtype) -> Any:
+    """dtype "auto": the checkpoint's own dtype on a CPU, bfloat16 on a TPU/GPU."""
+    return jnp.dtype(checkpoint_dtype) if jax.default_backend() == "cpu" else jnp.dtype(jnp.bfloat16)
+
+
+def _placement(cfg: ModelConfig, mesh):
+    """(config the model runs with, place hook): heads padded / repeated to the model axis for a mesh."""
+    if mesh is None:
+        return cfg, None
+    from specjax.models.sharding import mesh_placer
+
+    model_cfg, place = mesh_placer(cfg, mesh)
+    return model_cfg, place
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _load_gguf_model(path: str, dtype, mesh) -> Model:
+    from specjax.models.gguf import GGUFFile, chat_strings, load_gguf_params, load_gguf_tokenizer, read_gguf_config
+
+    g = GGUFFile(path)
+    cfg = read_gguf_config(g)
+    dtype = resolve_auto_dtype(jnp.float32) if dtype == "auto" else dtype
+    model_cfg, place = _placement(cfg, mesh)
+    return Model(config=model_cfg, params=load_gguf_params(g, cfg, dtype, place),
+                 tokenizer=load_gguf_tokenizer(g), path=path, **chat_strings(g))
+
+
+_TORCH_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+def _checkpoint_dtype(model_dir: str):
+    """config.json's ``dtype`` / ``torch_dtype``, else the dtype of the first floating-point tensor stored."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        hf = json.load(f)
+    named = hf.get("dtype") or hf.get("torch_dtype")
+    if named in _TORCH_DTYPES:
+        return _TORCH_DTYPES[named]
+    for name, f in open_weight_files(model_dir).items():
+        arr = f.tensor(name)
+        if np.issubdtype(arr.dtype, np.floating) or arr.dtype == jnp.bfloat16:
+            return arr.dtype
+    return jnp.float32
+
+
+def read_chat_strings(model_dir: str) -> dict[str, Optional[str]]:
+    """``chat_template``, ``bos_token`` and ``eos_token`` of a Hugging Face directory.
+
+    The template comes from ``chat_template.jinja`` (transformers 5 writes it there) or
+    ``tokenizer_config.json``; the tokens from ``tokenizer_config.json`` (a string or an
+    AddedToken-like dict with ``content``).
+    """
+    config_path = os.path.join(model_dir, "tokenizer_config.json")
+    config: dict = {}
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path) as f:
+                config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
+    template = config.get("chat_template")
+    jinja_path = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            template = f.read()
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return {"chat_template": template, "bos_token": _token_text(config.get("bos_token")),
+            "eos_token": _token_text(config.get("eos_token"))}
+
+
+def _token_text(token) -> Optional[str]:
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def _with_generation_eos(model_dir: str, cfg: ModelConfig) -> ModelConfig:

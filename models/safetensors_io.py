@@ -12,7 +12,6 @@ import json
 import mmap
 import os
 import struct
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -83,9 +82,3 @@ class SafetensorsFile:
         except BufferError:
             pass
         self._file.close()
-
-
-def iter_index(files: list[SafetensorsFile]) -> Iterator[tuple[str, SafetensorsFile]]:
-    for f in files:
-        for name in f.keys():
-            yield name, f

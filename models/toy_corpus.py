@@ -16,16 +16,20 @@ suffix and prompt-lookup drafting shine.
 
 Generation is deterministic: the same ``(n, seed, split)`` always gives the same
 examples (``random.Random`` seeded with a string, independent of PYTHONHASHSEED).
+Demo and evaluation questions are held out from the shipped models' training data
+(:func:`held_out_examples`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import random
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
-__all__ = ["Column", "Table", "Schema", "Example", "SCHEMAS", "schema_text", "sql_examples",
-           "sql_prompts", "format_prompt"]
+__all__ = ["Column", "Table", "Schema", "Example", "SCHEMAS", "SHIPPED_TRAINING_SETS", "schema_text",
+           "sql_examples", "held_out_examples", "is_held_out", "seen_in_training", "sql_prompts", "format_prompt"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,33 +421,102 @@ _TEMPLATES: tuple[Callable, ...] = (
 )
 
 
-def sql_examples(n: int, seed: int = 0, split: str = "train",
-                 schemas: Optional[Sequence[str]] = None) -> list[Example]:
-    """``n`` (prompt, gold SQL) examples, deterministic in ``(seed, split)``.
+def _example_stream(seed: int, split: str, names: Sequence[str]) -> Iterator[Example]:
+    """The endless example stream of ``(seed, split)`` over the schemas ``names``."""
+    rng = random.Random(f"specjax-toy-sql/{split}/{seed}")
+    while True:
+        schema = SCHEMAS[rng.choice(names)]
+        table = rng.choice(schema.tables)
+        made = rng.choice(_TEMPLATES)(rng, schema, table)
+        if made is not None:
+            question, sql = made
+            yield Example(schema.name, question, sql, format_prompt(schema, question))
 
-    ``split`` only selects an independent random stream ("train" for the model's
-    training data, "demo" for :func:`sql_prompts`), so the same seed gives
-    different questions in different splits.
-    """
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
+
+def _schema_names(schemas: Optional[Sequence[str]]) -> list[str]:
     names = list(schemas) if schemas is not None else sorted(SCHEMAS)
     unknown = [s for s in names if s not in SCHEMAS]
     if unknown:
         raise ValueError(f"unknown schema(s) {unknown}; known: {sorted(SCHEMAS)}")
-    rng = random.Random(f"specjax-toy-sql/{split}/{seed}")
+    return names
+
+
+def sql_examples(n: int, seed: int = 0, split: str = "train",
+                 schemas: Optional[Sequence[str]] = None) -> list[Example]:
+    """``n`` (prompt, gold SQL) examples, deterministic in ``(seed, split)``.
+
+    ``split`` only selects an independent random stream, so the same seed gives
+    different questions in different splits, but every split draws from the same
+    closed world: most questions of one split also occur in another. Held-out
+    questions come from :func:`held_out_examples`.
+    """
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    return list(itertools.islice(_example_stream(seed, split, _schema_names(schemas)), n))
+
+
+# The shipped models' training data, as (n, seed) of split "train": the embedded tiny-sql
+# model's corpus (benchmarks/train_tiny_sql.py's defaults, recorded in its training.json)
+# and the prompts tiny-sql-drafter was distilled on (assets/tiny-sql-drafter/training.json).
+SHIPPED_TRAINING_SETS: tuple[tuple[int, int], ...] = ((20000, 0), (4000, 1000))
+
+# How many examples in a row may be seen ones before held_out_examples gives up.
+_MAX_SEEN_IN_A_ROW = 100_000
+
+
+@functools.lru_cache(maxsize=4)
+def seen_in_training(training_sets: tuple[tuple[int, int], ...] = SHIPPED_TRAINING_SETS
+                     ) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
+    """The prompts and the ``(schema, SQL)`` answers of train-split sets ``(n, seed)``.
+
+    Cached: the embedded model's 20,000 training examples regenerate in about 0.1 s.
+    """
+    examples = [ex for n, seed in training_sets for ex in sql_examples(n, seed, split="train")]
+    return frozenset(ex.prompt for ex in examples), frozenset((ex.schema, ex.sql) for ex in examples)
+
+
+def is_held_out(ex: Example, training_sets: tuple[tuple[int, int], ...] = SHIPPED_TRAINING_SETS) -> bool:
+    """Neither the question's prompt nor its SQL answer (for its schema) occurs in the training sets."""
+    prompts, answers = seen_in_training(training_sets)
+    return ex.prompt not in prompts and (ex.schema, ex.sql) not in answers
+
+
+def held_out_examples(n: int, seed: int = 0, split: str = "eval",
+                      training_sets: tuple[tuple[int, int], ...] = SHIPPED_TRAINING_SETS,
+                      schemas: Optional[Sequence[str]] = None) -> list[Example]:
+    """``n`` distinct examples of ``(seed, split)`` held out from the training sets (:func:`is_held_out`).
+
+    The filter is an exact lookup, not a rule on (schema, template, value): the train
+    split draws from the same closed world of 4 schemas and 15 templates, so about 3/4
+    of any other split's questions are training questions, and no partition of that
+    world separates the rest without changing the shipped corpus the models were
+    trained on. Questions without free values ("How many singers are there?") are all
+    in training and never held out.
+    """
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
     out: list[Example] = []
-    while len(out) < n:
-        schema = SCHEMAS[rng.choice(names)]
-        table = rng.choice(schema.tables)
-        made = rng.choice(_TEMPLATES)(rng, schema, table)
-        if made is None:
+    prompts: set[str] = set()
+    seen_in_a_row = 0
+    for ex in _example_stream(seed, split, _schema_names(schemas)):
+        if len(out) == n:
+            break
+        if ex.prompt in prompts or not is_held_out(ex, training_sets):
+            seen_in_a_row += 1
+            if seen_in_a_row > _MAX_SEEN_IN_A_ROW:
+                raise ValueError(f"split {split!r} seed {seed} has no more than {len(out)} held-out questions")
             continue
-        question, sql = made
-        out.append(Example(schema.name, question, sql, format_prompt(schema, question)))
+        seen_in_a_row = 0
+        prompts.add(ex.prompt)
+        out.append(ex)
     return out
 
 
 def sql_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` demo prompts (schema + question, ending in a newline) the embedded model answers in SQL."""
-    return [ex.prompt for ex in sql_examples(n, seed, split="demo")]
+    """``n`` distinct demo prompts (schema + question, ending in a newline) the embedded model answers in SQL.
+
+    Held out (:func:`held_out_examples`, split "demo"): no demo question or its SQL is in
+    the embedded model's or its shipped drafter's training data. ``sql_prompts(n, seed)``
+    is a prefix of ``sql_prompts(m, seed)`` for ``n < m``.
+    """
+    return [ex.prompt for ex in held_out_examples(n, seed, split="demo")]

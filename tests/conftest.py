@@ -12,3 +12,17 @@ os.environ.setdefault("SPECJAX_COMPILATION_CACHE", "off")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Each test file's compiled programs and models are freed when it ends: a worker runs many files,
+    and jit caches kept for the whole session grew two workers past this machine's 24 GB."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -5,7 +5,7 @@ import pytest
 
 from engine_helpers import tiny_model
 from specjax.drafters.base import Proposal
-from specjax.engine.autotune import CapacityPolicy, capacity_buckets, expected_accepted
+from specjax.engine.autotune import CapacityPolicy, ChunkPolicy, capacity_buckets, expected_accepted
 from specjax.engine.engine import Engine
 from specjax.engine.plain import greedy_generate
 
@@ -121,9 +121,111 @@ def test_measured_costs_are_of_the_programs_the_loop_runs():
     model = tiny_model(6, eos=(0,))
     prompts = [[3, 9, 4, 3, 9, 4, 3, 9], [17, 2, 5, 17, 2, 5]]
     engine = Engine(model, PromptLookupDrafter(), max_draft_capacity=2)
-    rows, width = engine.batch_bucket(len(prompts)), engine.prompt_bucket(max(map(len, prompts)))
-    engine._measure_step_costs(rows, engine.cache_bucket(width, 16))
+    engine.warmup(batch_size=len(prompts), prompt_len=max(map(len, prompts)), max_new_tokens=16)
     compiled = steps.step._cache_size()
     results = engine.generate(prompts, max_new_tokens=16)
     assert sum(r.target_passes for r in results) > len(prompts)  # the loop ran steps
     assert steps.step._cache_size() == compiled
+
+
+# ------------------------------------------------------------------ probing and the drafter's own cost
+
+
+class NoProbeRestart(CapacityPolicy):
+    """Control: the old rule, which restarted the probe counter only when a probe verified a tree."""
+
+    def should_draft(self) -> bool:
+        if not self.paused:
+            return True
+        self._since_probe += 1
+        return self._since_probe >= self.probe_every
+
+    def record(self, capacity, seconds, predicted, accepted):
+        if self.paused and capacity > 0:
+            self._since_probe = 0
+        super().record(capacity, seconds, predicted, accepted)
+
+
+def asks_in_200_steps(policy: CapacityPolicy, proposal: np.ndarray, accepted: int = 0) -> int:
+    """Steps (of 200, one row) in which the policy asks a drafter that always proposes ``proposal``."""
+    asked = 0
+    for _ in range(200):
+        drafted = policy.should_draft()
+        asked += drafted
+        t = policy.choose([proposal], 1) if drafted else 0
+        policy.record(t, COSTS[t], expected_accepted([proposal], t), accepted * (t > 0))
+    return asked
+
+
+@pytest.mark.parametrize("policy_class, most", [(CapacityPolicy, 20), (NoProbeRestart, None)])
+def test_a_drafter_proposing_nothing_is_asked_rarely(policy_class, most):
+    empty = np.zeros(0, np.float32)
+    asked = asks_in_200_steps(policy_class(costs=dict(COSTS)), empty)
+    wrong = asks_in_200_steps(policy_class(costs=dict(COSTS)), np.array([0.9, 0.9]))
+    if most is None:  # the control: an empty probe never restarted the counter, so it asked every step
+        assert asked > 150
+    else:
+        assert asked <= most and wrong <= most
+
+
+def test_drafting_time_counts_against_speculation():
+    claims = [np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4])] * 4
+    free = CapacityPolicy(costs=dict(COSTS))
+    assert free.choose(claims, 4) == 8 and free.should_draft()
+    slow = CapacityPolicy(costs=dict(COSTS))
+    slow.record_drafting(10 * COSTS[8])  # drafting alone costs ten verify steps
+    slow.choose(claims, 4)  # (4 + 22.8) / 17.6 tokens/s after drafting < 4 / 1.0 for a plain step
+    assert slow.ask_gain < 1.0
+    assert not any(slow.should_draft() for _ in range(slow.probe_every - 1))  # not asked before the probe
+    # The drafter becomes cheap again: the next probe sees it and drafting resumes.
+    slow.draft_s = 0.0
+    assert slow.should_draft()
+    assert slow.choose(claims, 4) == 1  # a probe verifies the smallest tree ...
+    slow.record(1, COSTS[1], expected_accepted(claims, 1), accepted=4)
+    assert slow.should_draft() and slow.choose(claims, 4) == 8  # ... then the best one again
+    # Control: a cost model without the drafting time keeps asking the slow drafter.
+    blind = CapacityPolicy(costs=dict(COSTS))
+    blind.choose(claims, 4)
+    assert blind.ask_gain > 1.0 and blind.should_draft()
+
+
+# ------------------------------------------------------------------ the device loop's per-chunk policy
+
+
+def test_chunk_policy_measures_every_bucket_then_picks_the_fastest():
+    policy = ChunkPolicy(costs={}, buckets=(0, 1, 2, 4))
+    measured = []
+    for _ in range(4):
+        t = policy.choose()
+        measured.append(t)
+        policy.record(t, 8 * COSTS[t], steps=8, row_steps=8, claimed=[0.0, 8 * 0.9, 8 * 1.7, 8 * 3.0],
+                      accepted=int(8 * 0.9 * (t == 1)) + int(8 * 1.7 * (t == 2)) + int(8 * 3.0 * (t == 4)))
+    assert measured == [0, 1, 2, 4]
+    # (1 + 3.0) / 1.2 = 3.3 tokens per unit of time at T=4, against 2.45 at T=2 and 1 for plain steps.
+    assert policy.choose() == 4
+    policy.calibration = 0.2  # (1 + 0.6) / 1.2 = 1.33 still beats 1.05 ...
+    assert policy.best_bucket() == 4
+    policy.costs[4] = 2.0  # ... until that tree costs more: 0.8, and T=2 gives (1 + 0.34) / 1.1 = 1.22
+    assert policy.best_bucket() == 2
+    policy.calibration = 0.02  # claims worth almost nothing: no tree beats 1.05
+    assert policy.best_bucket() == 0
+
+
+def test_chunk_policy_probes_less_often_while_plain_stays_best():
+    policy = ChunkPolicy(costs={0: 1.0, 1: 1.5, 2: 2.0}, buckets=(0, 1, 2), claimed={1: 0.1, 2: 0.2})
+    choices = []
+    for _ in range(24):
+        t = policy.choose()
+        choices.append(t)
+        policy.record(t, COSTS[0] * 8, 8, 8 * (t > 0), [0.0, 0.8, 1.6], accepted=0)
+    probes = [i for i, t in enumerate(choices) if t > 0]
+    assert probes == [2, 7, 16]  # waits of 2, 4, 8 chunks: a drafter that never pays runs plain steps
+    assert policy.calibration < 0.01  # eight steps of nothing per probe: calibrated down at once
+
+
+def test_chunk_calibration_counts_a_chunk_as_its_steps():
+    one, eight = (ChunkPolicy(costs={0: 1.0, 1: 1.0}, buckets=(0, 1)) for _ in range(2))
+    one.record(1, 1.0, steps=1, row_steps=1, claimed=[0.0, 1.0], accepted=0)
+    eight.record(1, 8.0, steps=8, row_steps=8, claimed=[0.0, 8.0], accepted=0)
+    assert one.calibration == pytest.approx(0.7)
+    assert eight.calibration == pytest.approx(0.7 ** 8)

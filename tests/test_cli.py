@@ -10,7 +10,8 @@ embedded = pytest.importorskip("specjax.models.embedded")
 
 
 def _run_json(capsys, *args):
-    assert main(["generate", "--json", "--max-new-tokens", "24", "--num-demo-prompts", "3", *args]) == 0
+    assert main(["generate", "--model", "tiny-sql", "--json", "--max-new-tokens", "24", "--num-demo-prompts", "3",
+                 *args]) == 0
     return json.loads(capsys.readouterr().out)
 
 

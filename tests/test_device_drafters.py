@@ -123,18 +123,15 @@ def test_vocab_mismatch_names_both_sizes():
         DraftModelDrafter(tiny_model(0, vocab=64), 97)
 
 
-def test_cli_builds_device_drafters():
-    import argparse
-
+def test_load_drafter_builds_device_drafters():
     from specjax.drafters.device import is_device_drafter
-    from specjax.engine.cli import make_drafter
+    from specjax.drafters.factory import load_drafter
 
     target = tiny_model(0, vocab=64)
-    args = argparse.Namespace(drafter_model=None, draft_capacity="auto", max_draft_capacity=16)
-    drafter = make_drafter("token-recycling", target, args)
+    drafter = load_drafter("token-recycling", target, max_draft_capacity=16)
     assert is_device_drafter(drafter) and drafter.capacity == 80
-    assert not is_device_drafter(make_drafter("suffix"))
+    assert not is_device_drafter(load_drafter("suffix"))
     with pytest.raises(ValueError, match="--drafter eagle3 needs --drafter-model"):
-        make_drafter("eagle3", target, args)
+        load_drafter("eagle3", target)  # not the embedded model: no shipped weights
     with pytest.raises(ValueError, match="needs the target model"):
-        make_drafter("draft-model")
+        load_drafter("draft-model")

@@ -117,7 +117,10 @@ _DRAFTERS: dict = {}
 def sampled_pairs(temperature: float, seed: int, children=None) -> np.ndarray:
     """(t2, t3) of N rows sampled with a draft-model tree (one compiled program per children rule)."""
     if children not in _DRAFTERS:
-        _DRAFTERS[children] = DraftModelDrafter(near_copy(TARGET, 0.25, seed=9), V, capacity=6, topk=2, depth=2)
+        # Drafters are keyed by type and settings, and the rule is patched into the module, not a
+        # setting: one drafter class per rule gives each rule its own compiled program.
+        rule = type(f"DraftModel_{getattr(children, '__name__', 'real')}", (DraftModelDrafter,), {})
+        _DRAFTERS[children] = rule(near_copy(TARGET, 0.25, seed=9), V, capacity=6, topk=2, depth=2)
     engine = Engine(TARGET, attention="xla", max_batch_size=N)
     device._children = children or REAL_CHILDREN
     try:

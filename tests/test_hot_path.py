@@ -114,21 +114,54 @@ def test_compiles_are_bounded_by_the_buckets_used():
     assert _compile_counts() == settled
 
 
-def test_persistent_compilation_cache_is_enabled_in_a_documented_place(tmp_path, monkeypatch):
+def _cache_settings() -> tuple:
+    return jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+
+
+@pytest.fixture
+def restore_cache_settings():
+    saved = _cache_settings()
+    yield
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+
+
+def test_engine_leaves_the_global_compilation_cache_settings_alone(monkeypatch, restore_cache_settings):
     from specjax.engine import compile_cache
 
-    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
-    previous = jax.config.jax_compilation_cache_dir
-    try:
-        jax.config.update("jax_compilation_cache_dir", None)
-        assert compile_cache.enable_compilation_cache() == tmp_path / "cache"
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
-        monkeypatch.setenv(compile_cache.ENV, "off")
-        jax.config.update("jax_compilation_cache_dir", None)
-        assert compile_cache.enable_compilation_cache() is None
-        assert not jax.config.jax_compilation_cache_dir
-    finally:
-        jax.config.update("jax_compilation_cache_dir", previous)
+    monkeypatch.delenv(compile_cache.ENV, raising=False)  # not even the default directory
+    jax.config.update("jax_compilation_cache_dir", None)
+    before = _cache_settings()
+    Engine(MODEL, PromptLookupDrafter(), max_draft_capacity=2).generate([[1, 2, 3]], max_new_tokens=3)
+    assert _cache_settings() == before
+
+
+def test_enable_compilation_cache_is_explicit_and_documented(tmp_path, monkeypatch, restore_cache_settings):
+    import specjax
+    from specjax.engine import compile_cache
+
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert specjax.enable_compilation_cache(tmp_path / "given") == tmp_path / "given"
+    assert _cache_settings() == (str(tmp_path / "given"), compile_cache.MIN_COMPILE_TIME_S)
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "env"))  # the CLI's way to move it
+    assert specjax.enable_compilation_cache() == tmp_path / "env"
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert specjax.enable_compilation_cache() is None
+    assert not jax.config.jax_compilation_cache_dir
+    monkeypatch.delenv(compile_cache.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert specjax.enable_compilation_cache() == tmp_path / "xdg" / "specjax" / "jax"
+
+
+def test_the_cli_turns_the_compilation_cache_on(tmp_path, monkeypatch, restore_cache_settings):
+    from specjax.engine import cli, compile_cache
+
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cli"))
+    monkeypatch.setattr(cli, "generate_main", lambda args: 0)
+    assert cli.main(["generate", "--prompt", "x"]) == 0
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cli")
 
 
 def test_warmup_reports_compile_times_and_a_cost_per_tree_size():
@@ -143,3 +176,61 @@ def test_warmup_reports_compile_times_and_a_cost_per_tree_size():
 def test_prompt_longer_than_the_cache_is_a_clear_error():
     with pytest.raises(ValueError, match="max_position_embeddings"):
         Engine(MODEL, None).generate([[1] * 500], max_new_tokens=20)
+
+
+def _cache_arrays(shape) -> int:
+    return sum(1 for a in jax.live_arrays() if a.shape == shape)
+
+
+def test_measuring_step_costs_allocates_no_second_cache(monkeypatch):
+    """"auto" times each tree size's step on the batch's live state: while it measures, no more
+    cache-sized buffers are alive than while the loop decodes (a scratch cache doubled them)."""
+    from specjax.engine import engine as engine_module
+
+    engine = Engine(MODEL, PromptLookupDrafter(), max_draft_capacity=4, attention="xla")
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 8, 9, 8]]
+    rows, width = engine.batch_bucket(len(prompts)), engine.prompt_bucket(7)
+    shape = (CFG.num_layers, rows, CFG.num_kv_heads, engine.cache_bucket(width, 8), CFG.head_dim)
+    seen = {True: [], False: []}  # cache-shaped live arrays at each step, measuring or not
+    measuring = [False]
+    real_step, real_measure = engine_module.step, Engine._measure_step_costs
+
+    def counting_step(*args, **kwargs):
+        seen[measuring[0]].append(_cache_arrays(shape))
+        return real_step(*args, **kwargs)
+
+    def flagged_measure(self, *args, **kwargs):
+        measuring[0] = True
+        try:
+            return real_measure(self, *args, **kwargs)
+        finally:
+            measuring[0] = False
+
+    monkeypatch.setattr(engine_module, "step", counting_step)
+    monkeypatch.setattr(Engine, "_measure_step_costs", flagged_measure)
+    engine.generate(prompts, max_new_tokens=8)
+    assert seen[True] and seen[False]  # costs were measured, then the loop ran
+    assert max(seen[True]) == max(seen[False]) >= 2  # K and V of the live cache, nothing more
+
+
+def test_measuring_step_costs_leaves_the_live_state_unchanged():
+    engine = Engine(MODEL, PromptLookupDrafter(), max_draft_capacity=4, attention="xla")
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 8, 9, 8]]
+    state, _ = engine._prefill(prompts, 16, 128, 8, SamplingParams.make(2, temperature=[0.0, 0.8]), seed=3)
+    lengths = np.asarray(state.lengths)
+
+    def snapshot(s):
+        fields = jax.device_get((s.lengths, s.last_tokens, s.remaining, s.finished, jax.random.key_data(s.rng)))
+        cached = [np.asarray(s.cache.k[:, b, :, : lengths[b]]) for b in range(2)]
+        return fields, cached
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+    before = snapshot(state)
+    first_calls, state = engine._measure_step_costs(state)
+    assert set(first_calls) == set(engine._step_costs[(2, 128)]) == {0, 1, 2, 4}
+    assert same(snapshot(state), before)
+    # Negative control: a plain step on the live state would have changed it.
+    stepped, _ = steps.step(MODEL.params, state, empty_tree(2, 4), cfg=CFG, attention="xla")
+    assert not same(snapshot(stepped), before)

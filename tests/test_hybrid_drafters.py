@@ -244,7 +244,8 @@ N = 3000
 def sampled_pairs(drafter, temperature: float, seed: int, greedy_rows: int = 0) -> np.ndarray:
     """(t2, t3) of N sampled rows; ``greedy_rows`` more rows (temperature 0, same batch) must give
     the target's greedy continuation."""
-    engine = Engine(SMALL, drafter, attention="xla", max_batch_size=N + greedy_rows)
+    # A fixed tree size: the auto size would mostly take plain steps on a CPU, and the drafts must matter.
+    engine = Engine(SMALL, drafter, attention="xla", max_batch_size=N + greedy_rows, draft_capacity=drafter.capacity)
     results = engine.generate([PROMPT] * (N + greedy_rows), 3, seed=seed,
                               temperature=[temperature] * N + [0.0] * greedy_rows)
     assert sum(r.accepted_draft_tokens for r in results) > N // 4  # the drafts matter
@@ -312,24 +313,48 @@ def test_taps_sampling_keeps_the_distribution(routing):
 
 
 def test_cli_builds_hybrid_drafters():
-    import argparse
-
-    from specjax.engine.cli import make_drafter
+    from specjax.drafters.factory import load_drafter
     from specjax.models.embedded import default_model_dir
     from specjax.models.loading import load_model
 
     directory = default_model_dir()  # the embedded model as its own draft model
     target = load_model(directory, dtype=jnp.float32)
-    args = argparse.Namespace(drafter_model=directory, draft_capacity=8, max_draft_capacity=16,
-                              routing="merged", retrieval="prompt-lookup")
-    graft = make_drafter("graft", target, args)
+    options = dict(draft_capacity=8, max_draft_capacity=16, routing="merged", retrieval="prompt-lookup")
+    graft = load_drafter("graft", target, drafter_model=directory, **options)
     assert isinstance(graft, GraftDrafter) and graft.capacity == 8
     assert isinstance(graft.retrieval, PromptLookupDrafter) and isinstance(graft.model, DraftModelDrafter)
-    args.drafter_model = f"{directory},{directory}"
-    router = make_drafter("taps", target, args)
+    router = load_drafter("taps", target, drafter_model=f"{directory},{directory}", **options)
     assert isinstance(router, TapsDrafter) and router.routing == "merged" and len(router.drafters) == 2
     with pytest.raises(ValueError, match="one --drafter-model"):
-        make_drafter("graft", target, args)
-    args.drafter_model = directory
+        load_drafter("graft", target, drafter_model=f"{directory},{directory}", **options)
     with pytest.raises(ValueError, match="at least two drafters"):
-        make_drafter("taps", target, args)
+        load_drafter("taps", target, drafter_model=directory, **options)
+
+
+def test_graft_stops_and_reports_progress_like_the_host_engine():
+    """Graft's own loop goes through the engine's public stop and progress surface: ids through the
+    token completing a stop string and text cut before it, as the host engine gives them."""
+    from specjax.drafters.factory import load_drafter
+    from specjax.models.embedded import default_model_dir
+    from specjax.models.loading import load_model
+    from specjax.models.toy_corpus import sql_prompts
+
+    class Bar:
+        def __init__(self):
+            self.updates = []
+
+        def update(self, n):
+            self.updates.append(n)
+
+    target = load_model(default_model_dir(), dtype=jnp.float32)
+    prompts, stop = sql_prompts(3, seed=2), [" WHERE", " FROM"]
+    plain = Engine(target, None, draft_capacity=0, attention="xla").generate(prompts, 40, stop=stop)
+    graft = load_drafter("graft", target, drafter_model=default_model_dir(), draft_capacity=6,
+                         retrieval="prompt-lookup")
+    bar = Bar()
+    results = Engine(target, graft, attention="xla").generate(prompts, 40, stop=stop, progress=bar)
+    assert [r.token_ids for r in results] == [r.token_ids for r in plain]
+    assert [r.text for r in results] == [r.text for r in plain]
+    assert all(" FROM" not in r.text for r in results)
+    assert all(any(s in target.tokenizer.decode(r.token_ids) for s in stop) for r in results)  # every row stopped
+    assert bar.updates and all(n > 0 for n in bar.updates)

@@ -35,7 +35,7 @@ def _rewrite_safetensors(path, mutate):
 
 
 def test_good_checkpoint_loads_in_bf16(good_dir):
-    model = load_model(good_dir)
+    model = load_model(good_dir, jnp.bfloat16)
     assert model.params["layers"]["wq"].dtype == jnp.bfloat16
     assert model.params["layers"]["wq"].shape == (2, 64, 64)
 

@@ -11,8 +11,8 @@ import types
 
 import pytest
 
-from specjax.drafters.replay import (ReplayConfig, SpecjaxBackend, TraceRequest, accepted_length, arctic_cache_class,
-                                     load_traces, main, replay, run)
+from specjax.engine.replay import (ReplayConfig, SpecjaxBackend, TraceRequest, accepted_length, arctic_cache_class,
+                                   load_traces, main, replay, run)
 
 SPIDER = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider_train_others_gold.jsonl.gz"
 
@@ -112,7 +112,7 @@ def test_bad_options_are_rejected(tmp_path):
 
 def test_module_runs_as_a_script(tmp_path):
     traces = write_traces(tmp_path / "t.jsonl", [{"prompt_ids": [1], "response_ids": [3, 4]}])
-    done = subprocess.run([sys.executable, "-m", "specjax.drafters.replay", "--traces", traces, "--json",
+    done = subprocess.run([sys.executable, "-m", "specjax.engine.replay", "--traces", traces, "--json",
                            "--no-reference"], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout)["response_tokens"] == 2
 
@@ -124,7 +124,7 @@ def test_spider_traces_draft_at_least_as_well_as_the_reference(tree):
     backends = [SpecjaxBackend(ReplayConfig(tree=tree))]
     cache_class = arctic_cache_class()
     if cache_class is not None:
-        from specjax.drafters.replay import ArcticBackend
+        from specjax.engine.replay import ArcticBackend
 
         backends.append(ArcticBackend(ReplayConfig(tree=tree), cache_class))
     results = run(requests, backends)
@@ -239,7 +239,7 @@ class FakeArcticCache:
 
 
 def test_equal_nodes_search_bisects_the_factor():
-    from specjax.drafters.replay import arctic_at_equal_nodes
+    from specjax.engine.replay import arctic_at_equal_nodes
 
     requests = [TraceRequest([1], [2, 3, 4, 5])]
     config = ReplayConfig(tree=True, budget=32)

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specjax.drafters.suffix_index import (SOURCE_GLOBAL, SOURCE_LOCAL, NodeCalibration, SpecParams,
-                                           SuffixDecodingDrafter, SuffixIndex, _ratio_bin, calibration_prefix)
+from specjax.drafters.suffix_index import SpecParams, SuffixDecodingDrafter, SuffixIndex
+from specjax.drafters.suffix_reference import (SOURCE_GLOBAL, SOURCE_LOCAL, NodeCalibration, calibration_prefix,
+                                               ratio_bin)
 
 # ---------------------------------------------------------------- brute force
 
@@ -252,7 +253,7 @@ def reference_values(index: SuffixIndex, request_id, budget: int) -> dict[tuple[
                     c = automaton.count[child]
                     if c == 0 or prob * c / total < min_prob:
                         continue
-                    key = calibration_prefix(source, matched + len(path), total) | _ratio_bin(c / total)
+                    key = calibration_prefix(source, matched + len(path), total) | ratio_bin(c / total)
                     seen = calibration.stats.get(key)
                     estimate = (seen[0] + calibration.prior_weight * c / total) / (seen[1] + calibration.prior_weight)
                     child_value = value * min(1.0, estimate)

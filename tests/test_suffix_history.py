@@ -96,8 +96,8 @@ embedded = pytest.importorskip("specjax.models.embedded")
 def _generate(capsys, *args):
     from specjax.engine.cli import main
 
-    assert main(["generate", "--json", "--max-new-tokens", "24", "--num-demo-prompts", "3", "--seed", "5",
-                 "--draft-capacity", "8", *args]) == 0
+    assert main(["generate", "--model", "tiny-sql", "--json", "--max-new-tokens", "24", "--num-demo-prompts", "3",
+                 "--seed", "5", "--draft-capacity", "8", *args]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -127,23 +127,18 @@ def test_saving_a_history_needs_the_suffix_drafter(tmp_path):
         main(["generate", "--drafter", "prompt-lookup", "--save-suffix-history", str(tmp_path / "h.jsonl.gz")])
 
 
-def test_shipped_history_loads_and_left_out_the_demo_questions():
-    import jax.numpy as jnp
-
-    from specjax.models.loading import load_model
-    from specjax.models.toy_corpus import sql_examples
-
-    path = embedded.embedded_suffix_history()
-    assert path is not None, "models/assets/tiny-sql/suffix_history.jsonl.gz is not installed"
-    model = load_model(embedded.default_model_dir(), dtype=jnp.float32)
-    responses = load_history(path, vocab_size=model.config.vocab_size, tokenizer=model.tokenizer)
-    assert len(responses) >= 1000 and all(responses)
+def test_history_builder_leaves_out_demo_questions_and_answers():
+    """The builder's filter (the shipped file itself: tests/test_embedded_honesty.py)."""
     spec = importlib.util.spec_from_file_location(
         "build_suffix_history", os.path.join(HERE, "..", "benchmarks", "build_suffix_history.py"))
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    questions = build.history_questions(400, seed=1)
-    demo = {ex.prompt for s in range(10) for ex in sql_examples(256, s, split="demo")}
-    assert len(questions) == 400 and not demo & set(questions)
-    raw = [ex.prompt for ex in sql_examples(800, 1, split="train")]
-    assert demo & set(raw), "the exclusion is untested: no training question repeats a demo question"
+    from specjax.models.toy_corpus import sql_examples
+
+    demo = build.demo_examples()
+    questions = build.candidate_questions(800, seed=1, demo=demo)
+    by_prompt = {ex.prompt: ex for ex in sql_examples(800, 1, split="train")}
+    assert questions and not {ex.prompt for ex in demo} & set(questions)
+    assert not {ex.sql for ex in demo} & {by_prompt[q].sql for q in questions}
+    assert len(questions) < 800, "the exclusion is untested: no training question is a demo one"
+    assert build.contains_any("SELECT a FROM t; x", ["FROM t;"]) and not build.contains_any("SELECT a", ["b"])

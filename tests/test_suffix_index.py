@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specjax.drafters.base import Proposal
-from specjax.drafters.suffix_index import (SpecParams, SuffixAutomaton, SuffixDecodingDrafter, SuffixIndex,
-                                           token_list)
+from specjax.drafters.suffix_index import SpecParams, SuffixDecodingDrafter, SuffixIndex, token_list
+from specjax.drafters.suffix_reference import SuffixAutomaton
 
 # ---------------------------------------------------------------- brute force
 

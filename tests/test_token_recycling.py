@@ -1,6 +1,7 @@
 """Token Recycling: the paper's template, drafting as gathers along it, table updates from
 every scored node."""
 
+import dataclasses
 import types
 
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ def test_drafting_gathers_successors_along_the_template():
     table = (np.arange(V)[:, None] * 3 + np.arange(8)[None, :] + 1) % V
     table[7] = -1  # token 7 was never scored: its subtree stays empty
     dstate = drafter.init_state(2)
-    dstate = dstate.__class__(jnp.asarray(table, jnp.int32), dstate.tree_tokens, dstate.tree_valid)
+    dstate = dataclasses.replace(dstate, table=jnp.asarray(table, jnp.int32))
     roots = np.array([2, 7])
     tree, _ = drafter.propose(None, dstate, jnp.asarray(roots), None, None, None)
     validate_tree(tree, V)
@@ -52,9 +53,10 @@ def test_update_takes_topk_of_every_scored_node():
     dstate = drafter.init_state(2)
     tree_tokens = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]], jnp.int32)
     valid = jnp.asarray([[True, True, False, True], [True, True, True, True]])
-    dstate = dstate.__class__(dstate.table, tree_tokens, valid)
+    dstate = dataclasses.replace(dstate, tree_tokens=tree_tokens, tree_valid=valid)
     logits = np.random.default_rng(0).normal(size=(2, 4, V)).astype(np.float32)
-    accepted = types.SimpleNamespace(num=jnp.asarray([2, 0]))  # row 1 finished: it teaches nothing
+    accepted = types.SimpleNamespace(tokens=jnp.asarray([[6, 30, 0, 0], [0, 0, 0, 0]]),
+                                     num=jnp.asarray([2, 0]))  # row 1 finished: it teaches nothing
     new = drafter.update(None, dstate, accepted, types.SimpleNamespace(logits=jnp.asarray(logits)))
     table = np.asarray(new.table)
     top2 = np.argsort(-logits, axis=-1)[..., :2]
@@ -62,12 +64,17 @@ def test_update_takes_topk_of_every_scored_node():
         expected = top2[0, node] if valid[0, node] else [-1, -1]
         assert table[token].tolist() == list(expected)
     assert (table[[9, 10, 11, 12]] == -1).all()
+    expected_p = np.exp(np.sort(logits, axis=-1)[..., ::-1][..., :2] - np.log(np.exp(logits).sum(-1))[..., None])
+    np.testing.assert_allclose(np.asarray(new.table_probs)[6], expected_p[0, 1], rtol=1e-5)
+    # The next step's root is each row's last emitted token (a finished row keeps its root).
+    assert np.asarray(new.tree_tokens[:, 0]).tolist() == [30, 9]
+    assert not np.asarray(new.tree_valid[:, 1:]).any()
 
 
 def test_the_table_outlives_the_batch():
     drafter = TokenRecyclingDrafter(V)
     dstate = drafter.init_state(1)
-    drafter.end_batch(dstate.__class__(dstate.table.at[3].set(1), dstate.tree_tokens, dstate.tree_valid))
+    drafter.end_batch(dataclasses.replace(dstate, table=dstate.table.at[3].set(1)))
     assert int(drafter.init_state(4).table[3, 0]) == 1
     drafter.reset()
     assert int(drafter.init_state(4).table[3, 0]) == -1

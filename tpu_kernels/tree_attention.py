@@ -103,6 +103,15 @@ def tree_attention_ref(
     the stacked cache).
     """
     check_shapes(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, layer)
+    return blockwise_attention(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask, layer=layer,
+                               sm_scale=sm_scale, block_k=block_k)
+
+
+def blockwise_attention(q, k_cache, v_cache, lengths, new_k, new_v, new_mask, *, layer=None, sm_scale=None,
+                        block_k: int = REF_BLOCK_K) -> jax.Array:
+    """The reference's math for T queries and U new keys (new_k, new_v [B, U, Hkv, D], new_mask
+    bool[B, T, U]): device drafters expanding a tree, whose frontier queries see the prefix, their
+    ancestors among scratch rows and themselves, read no cache slot past the longest prefix."""
     if layer is None:
         k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
     b, t, hq, d = q.shape
@@ -127,8 +136,8 @@ def tree_attention_ref(
 
     num_blocks = (jnp.max(lengths) + block - 1) // block
     carry = lax.fori_loop(0, num_blocks, prefix_block, carry)
-    s_tree = jnp.einsum("btkgd,bukd->bkgtu", qg, tree_k.astype(jnp.float32))
-    m, l, acc = _online_softmax(carry, s_tree, tree_mask[:, None, None, :, :], tree_v.transpose(0, 2, 1, 3),
+    s_tree = jnp.einsum("btkgd,bukd->bkgtu", qg, new_k.astype(jnp.float32))
+    m, l, acc = _online_softmax(carry, s_tree, new_mask[:, None, None, :, :], new_v.transpose(0, 2, 1, 3),
                                 "bkgtu,bkud->bkgtd")
     # A query with nothing to attend to (fully masked padding) yields zeros, not NaN.
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
@@ -174,8 +183,11 @@ def new_tokens_attention(q, k_cache, v_cache, lengths, tree_k, tree_v, tree_mask
     scale = d ** -0.5 if sm_scale is None else sm_scale
     qg = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32) * scale
     scores = jnp.einsum("btkgd,bukd->bkgtu", qg, tree_k.astype(jnp.float32))
-    scores = jnp.where(tree_mask[:, None, None], scores, -jnp.inf)
-    out = jnp.einsum("bkgtu,bukd->btkgd", jax.nn.softmax(scores, axis=-1), tree_v.astype(jnp.float32))
+    valid = tree_mask[:, None, None]
+    # A finite mask value, and zeros for a query with nothing to attend to (padding), as the
+    # reference gives: -inf would make padded rows NaN, and NaN values poison every row.
+    probs = jnp.where(valid, jax.nn.softmax(jnp.where(valid, scores, _MASK_VALUE), axis=-1), 0.0)
+    out = jnp.einsum("bkgtu,bukd->btkgd", probs, tree_v.astype(jnp.float32))
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
 

@@ -18,7 +18,7 @@ the factor that gives it the same mean drafted nodes per step.
 ``--concurrency N`` keeps N sessions in flight, stepping in turn like a batch,
 so that concurrent requests can draft from each other's partial outputs.
 
-    python -m specjax.drafters.replay --traces FILE.jsonl[.gz] [--tree] [--budget B] [--json]
+    python -m specjax.engine.replay --traces FILE.jsonl[.gz] [--tree] [--budget B] [--json]
 """
 
 from __future__ import annotations

@@ -1,0 +1,71 @@
+"""The real-model benchmark's pure parts: task selection, tree-shape parsing, the Markdown table,
+and that its EAGLE-3 training requests never repeat a measured task (no model is loaded)."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench_real_models")
+requests = _load("real_model_train_requests")
+
+
+def test_code_categories_select_only_code_and_sql_tasks():
+    tasks = bench.select_tasks("code", None)
+    assert tasks and {t["category"] for t in tasks} <= set(bench.CODE_CATEGORIES)
+    assert len(bench.select_tasks("code", 2)) == 2
+    every = bench.select_tasks(None, None)
+    assert len(every) > len(tasks)
+
+
+def test_unknown_category_is_refused_by_name():
+    with pytest.raises(SystemExit, match="poetry"):
+        bench.select_tasks("poetry", None)
+
+
+@pytest.mark.parametrize("text,shape", [("16x4x6", (16, 4, 6)), ("8X1x8", (8, 1, 8))])
+def test_tree_shapes_parse(text, shape):
+    assert bench.parse_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["16x4", "4x8x2", "8x2x9", "ax2x2", "0x1x1"])
+def test_bad_tree_shapes_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_shape(text)
+
+
+def test_markdown_table_marks_a_lossy_run():
+    run = dict(tokens_per_pass=2.5, mean_accepted=1.5, speedup=1.2, lossless=False)
+    report = {"measurements": [{"target": "t", "batch": 1, "tasks": ["a"], "runs": {"plain": dict(run, lossless=True), "x": run}}]}
+    lines = bench.markdown_table(report).splitlines()
+    assert len(lines) == 3  # plain's own row is left out: each speedup is against it
+    assert lines[2].endswith("| NO |") and "| 1 | x | 2.50 | 1.50 | 1.20x |" in lines[2]
+
+
+def test_training_requests_are_distinct_and_disjoint_from_the_tasks():
+    from specjax.models.tasks import load_tasks
+
+    made = requests.training_requests(96, seed=0)
+    assert len({repr(c) for c in made}) == 96
+    task_texts = {m["content"] for t in load_tasks() for m in t["messages"]}
+    assert not {m["content"] for c in made for m in c} & task_texts
+
+
+def test_training_requests_refuse_a_request_that_repeats_a_task():
+    made = requests.training_requests(5, seed=1)
+    fake_task = {"messages": [made[2][-1]]}  # a "task" equal to one of the requests
+    with pytest.raises(ValueError, match="repeats a benchmark task"):
+        requests.training_requests(5, seed=1, tasks=[fake_task])

@@ -1,0 +1,139 @@
+"""The auto tree size in the on-device loop: per chunk, a compiled bucket (0 = plain steps)
+chosen from measured step costs and calibrated drafter claims. Lossless whatever it picks,
+no recompiles once every bucket has run, and a drafter that never pays speculates rarely."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine_helpers import tiny_model
+from specjax.drafters.draft_model import DraftModelDrafter
+from specjax.drafters.token_recycling import TokenRecyclingDrafter
+from specjax.engine import device_loop
+from specjax.engine.autotune import ChunkPolicy
+from specjax.engine.device_loop import keep_best
+from specjax.engine.engine import Engine
+from specjax.engine.plain import greedy_generate
+from specjax.engine.tree import DraftTree
+
+V = 64
+TARGET = tiny_model(2, vocab=V)
+PROMPTS = [[5, 17, 33, 8], [9, 42, 61, 7, 7, 3, 30, 11], [3], [50, 51, 52, 53, 54, 55]]
+NEW_TOKENS = 40
+
+
+EXPECTED = greedy_generate(TARGET, PROMPTS, 64)
+NEVER = min(set(range(V)) - {t for out in EXPECTED for t in out})  # a token plain decoding never emits
+
+
+@dataclasses.dataclass(eq=False)
+class WrongDrafter:
+    """A device drafter whose confident chains are never right (all ``NEVER``)."""
+
+    capacity: int = 8
+    hidden_layers: tuple = ()
+    params: None = None
+
+    def init_state(self, batch_size, max_len):
+        return jnp.zeros(batch_size, jnp.int32)
+
+    def prefill(self, params, dstate, prompt_tokens, prompt_lengths, first_tokens, hidden):
+        return dstate
+
+    def propose(self, params, dstate, root_tokens, lengths, sampling, key, *, with_q=False):
+        b, t = root_tokens.shape[0], self.capacity
+        parents = jnp.broadcast_to(jnp.arange(-1, t - 1, dtype=jnp.int32), (b, t))
+        probs = jnp.broadcast_to(0.95 ** jnp.arange(1, t + 1, dtype=jnp.float32), (b, t))
+        return DraftTree(jnp.full((b, t), NEVER, jnp.int32), parents, jnp.ones((b, t), bool), probs), dstate
+
+    def update(self, params, dstate, accepted, aux):
+        return dstate + accepted.num
+
+    def end_batch(self, dstate):
+        return None
+
+
+WRONG = WrongDrafter()  # one instance: its compiled programs serve both tests below
+
+
+def speculative_share(history) -> float:
+    return sum(t > 0 for t, _ in history) / len(history)
+
+
+def test_a_drafter_that_is_always_wrong_stays_lossless_and_rarely_speculates():
+    expected = EXPECTED
+    engine = Engine(TARGET, WRONG, max_draft_capacity=2, attention="xla")
+    first = engine.generate(PROMPTS, 64)  # measures every bucket on the live batch
+    (policy,) = engine._chunk_policies.values()
+    assert not policy.unmeasured()
+    measured = len(policy.history)
+    second = engine.generate(PROMPTS, 64)
+    assert [r.token_ids for r in first] == [r.token_ids for r in second] == expected
+    assert speculative_share(policy.history[measured:]) < 0.35
+    assert policy.calibration < 0.05
+
+
+def test_switching_buckets_compiles_nothing_new():
+    engine = Engine(TARGET, WRONG, max_draft_capacity=2, attention="xla")
+    engine.generate(PROMPTS, 48)
+    (policy,) = engine._chunk_policies.values()
+    compiled = device_loop.run_steps._cache_size()
+    measured = len(policy.history)
+    policy.calibration, policy._plain_left = 50.0, 0  # claims now look great: it will switch to trees
+    results = engine.generate(PROMPTS[::-1], 48)  # the reversed batch: prefixes of EXPECTED
+    used = {t for t, _ in policy.history[measured:]}
+    assert len(used) >= 2 and max(used) > 0  # it did switch between programs ...
+    assert device_loop.run_steps._cache_size() == compiled  # ... each compiled while measuring
+    assert [r.token_ids for r in results] == greedy_generate(TARGET, PROMPTS[::-1], 48)
+
+
+RECYCLING = TokenRecyclingDrafter(V, capacity=24)  # one instance: its compiled programs serve two tests
+DRAFTERS = {
+    "token_recycling": lambda: RECYCLING,
+    "draft_chain_self": lambda: DraftModelDrafter(TARGET, V, capacity=8),
+    "draft_tree": lambda: DraftModelDrafter(tiny_model(4, vocab=V), V, capacity=8, topk=2, depth=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DRAFTERS))
+def test_auto_size_is_lossless_across_switches(name):
+    """Every bucket runs on the live batch while measuring (0 = plain chunks included), so the
+    drafter's state crosses each switch; the tokens equal plain greedy decoding."""
+    engine = Engine(TARGET, DRAFTERS[name](), max_draft_capacity=2, attention="xla")
+    results = device_loop.generate_on_device(engine, PROMPTS, NEW_TOKENS, steps_per_sync=2, auto=True,
+                                             max_capacity=2)
+    (policy,) = engine._chunk_policies.values()
+    assert {t for t, _ in policy.history} == {0, 1, 2}
+    assert [r.token_ids for r in results] == greedy_generate(TARGET, PROMPTS, NEW_TOKENS)
+
+
+def test_token_recycling_keeps_learning_through_plain_chunks():
+    """A plain chunk still feeds the table: the root's successors come from the plain step's logits."""
+    drafter = RECYCLING
+    drafter.reset()
+    engine = Engine(TARGET, drafter, max_draft_capacity=2, attention="xla")
+    policy = ChunkPolicy(costs={t: 1.0 for t in (0, 1, 2)}, buckets=(0, 1, 2))
+    policy._plain_left = 10 ** 6  # plain chunks only
+    engine._chunk_policies = {(drafter, 4, 128, False, 2): policy}
+    results = engine.generate(PROMPTS, 24)
+    assert all(t == 0 for t, _ in policy.history)
+    assert [r.token_ids for r in results] == greedy_generate(TARGET, PROMPTS, 24)
+    table = np.asarray(drafter.table)
+    scored = {a for r in results for a in r.token_ids[:-1]}  # every emitted token but the last was a root
+    assert all((table[a] >= 0).all() for a in scored)
+    assert (table >= 0).all(axis=1).sum() == len(scored)
+
+
+def test_keep_best_keeps_the_most_probable_nodes_with_their_parents():
+    # 0 -> {1 -> 3, 2 -> 4}: best three by path probability are 0, 1, 3 (not slot order 0, 1, 2).
+    tree = DraftTree(jnp.asarray([[10, 11, 12, 13, 14]]), jnp.asarray([[-1, 0, 0, 1, 2]]),
+                     jnp.asarray([[True, True, True, True, True]]), jnp.asarray([[0.9, 0.6, 0.2, 0.5, 0.1]]))
+    small, kept = keep_best(tree, 3)
+    assert np.asarray(kept).tolist() == [[0, 1, 3]]
+    assert np.asarray(small.tokens).tolist() == [[10, 11, 13]]
+    assert np.asarray(small.parents).tolist() == [[-1, 0, 1]]
+    # Control: the first three slots would keep node 2 (0.2) and drop node 3 (0.5).
+    assert float(np.sum(np.asarray(tree.draft_probs)[0, :3])) < float(np.sum(np.asarray(small.draft_probs)))
