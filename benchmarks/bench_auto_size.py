@@ -11,7 +11,7 @@ Prints a table and writes JSON.
 
     python benchmarks/bench_auto_size.py                              # embedded tiny SQL model
     python benchmarks/bench_auto_size.py --batch-sizes 1 --requests 4 --max-new-tokens 96 \\
-        --model /work/dl/smollm2-hf --prompts chat --drafters token-recycling
+        --model smollm2-135m-instruct --prompts chat --drafters token-recycling
 
 Timings on a shared CPU are noisy: read the medians, and rerun before trusting a
 difference of a few percent.
