@@ -25,19 +25,12 @@ def tiny_model(seed: int = 0, vocab: int = 64, qk_norm: bool = False, tie: bool 
     return Model(cfg, init_params(cfg, jax.random.key(seed), scale=0.5))
 
 
-class OracleTreeDrafter:
-    """Proposes random tree shapes whose nodes follow a known continuation with some probability.
+class ReferenceFollower:
+    """Host-drafter bookkeeping for test drafters that know each prompt's greedy continuation:
+    ``truth(rid)`` is what the target will still emit for that request."""
 
-    Gives every batch a mix of fully accepted, partially accepted and rejected
-    branches. ``shapes`` is a list of parent arrays to cycle through.
-    """
-
-    def __init__(self, references: dict, shapes: list, follow_prob: float, vocab: int, seed: int = 0):
+    def __init__(self, references: dict):
         self.references = references  # prompt tuple -> full greedy continuation
-        self.shapes = shapes
-        self.follow_prob = follow_prob
-        self.vocab = vocab
-        self.rng = np.random.default_rng(seed)
         self.contexts: dict = {}
         self.calls = 0
 
@@ -50,9 +43,27 @@ class OracleTreeDrafter:
     def stop_request(self, rid):
         self.contexts.pop(rid)
 
-    def propose(self, rid, max_tokens):
+    def truth(self, rid) -> list:
         prompt, out = self.contexts[rid]
-        truth = self.references[prompt][len(out):]
+        return self.references[prompt][len(out):]
+
+
+class OracleTreeDrafter(ReferenceFollower):
+    """Proposes random tree shapes whose nodes follow a known continuation with some probability.
+
+    Gives every batch a mix of fully accepted, partially accepted and rejected
+    branches. ``shapes`` is a list of parent arrays to cycle through.
+    """
+
+    def __init__(self, references: dict, shapes: list, follow_prob: float, vocab: int, seed: int = 0):
+        super().__init__(references)
+        self.shapes = shapes
+        self.follow_prob = follow_prob
+        self.vocab = vocab
+        self.rng = np.random.default_rng(seed)
+
+    def propose(self, rid, max_tokens):
+        truth = self.truth(rid)
         parents = np.asarray(self.shapes[self.calls % len(self.shapes)], np.int32)[:max_tokens]
         self.calls += 1
         tokens = np.zeros(len(parents), np.int32)

@@ -12,7 +12,7 @@ high slot indices, for a host drafter and a device drafter.
 import numpy as np
 import pytest
 
-from engine_helpers import tiny_model
+from engine_helpers import ReferenceFollower, tiny_model
 from specjax.drafters.base import Proposal
 from specjax.drafters.draft_model import DraftModelDrafter
 from specjax.engine.device_loop import generate_on_device
@@ -30,28 +30,17 @@ def _prompts(width: int, n: int = 3) -> list[list[int]]:
     return [rng.integers(1, MODEL.config.vocab_size, width).tolist() for _ in range(n)]
 
 
-class WrongSiblingsThenTruth:
+class WrongSiblingsThenTruth(ReferenceFollower):
     """Proposes a star of wrong depth-1 siblings first and the true continuation last, as a chain:
     the accepted nodes take the tree's highest slots. Chain lengths cycle, so the steps land at
     every offset from the cache's end."""
 
     def __init__(self, references: dict, capacity: int):
-        self.references, self.capacity = references, capacity
-        self.contexts: dict = {}
-        self.calls = 0
-
-    def start_request(self, rid, prompt_ids):
-        self.contexts[rid] = (tuple(prompt_ids), [])
-
-    def observe(self, rid, accepted_ids):
-        self.contexts[rid][1].extend(accepted_ids)
-
-    def stop_request(self, rid):
-        self.contexts.pop(rid)
+        super().__init__(references)
+        self.capacity = capacity
 
     def propose(self, rid, max_tokens):
-        prompt, out = self.contexts[rid]
-        truth = self.references[prompt][len(out):]
+        truth = self.truth(rid)
         chain = truth[: 1 + self.calls % 5]
         self.calls += 1
         n_wrong = max_tokens - len(chain)
