@@ -48,3 +48,19 @@ def save_hf_model(name: str, directory: str, seed: int = 0, **overrides) -> str:
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def prefill_logits(model, tokens):
+    """specjax's logits for every position of ``tokens`` [B, T] from an empty cache, to compare with
+    the transformers model's."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from specjax.models import decoder
+
+    b, t = tokens.shape
+    cache = decoder.KVCache.zeros(model.config, b, t + 8)
+    positions = np.broadcast_to(np.arange(t), (b, t))
+    out = decoder.forward(model.params, model.config, jnp.asarray(tokens), jnp.asarray(positions), cache,
+                          jnp.zeros(b, jnp.int32), decoder.causal_mask(b, t))
+    return np.asarray(out.logits)

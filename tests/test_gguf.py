@@ -15,8 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
-from hf_models import save_hf_model
-from specjax.models import decoder
+from hf_models import prefill_logits, save_hf_model
 from specjax.models import gguf as sj_gguf
 from specjax.models.gguf import GGUFError, convert_gguf
 from specjax.models.loading import load_model, read_chat_strings
@@ -152,15 +151,6 @@ def write_gguf(path: str, arch: str = "llama", block_type: str = "F32", *, pre: 
     return path
 
 
-def _prefill_logits(model, tokens: np.ndarray) -> np.ndarray:
-    b, t = tokens.shape
-    cache = decoder.KVCache.zeros(model.config, b, t + 8)
-    positions = np.broadcast_to(np.arange(t), (b, t))
-    out = decoder.forward(model.params, model.config, jnp.asarray(tokens), jnp.asarray(positions), cache,
-                          jnp.zeros(b, jnp.int32), decoder.causal_mask(b, t))
-    return np.asarray(out.logits)
-
-
 def _hf_logits(path: str, tokens: np.ndarray) -> np.ndarray:
     import transformers
 
@@ -188,7 +178,7 @@ def test_logits_match_transformers_gguf_loading(tmp_path, arch, block_type):
     assert model.config.tie_word_embeddings == (arch == "qwen2") and model.config.qkv_bias == (arch == "qwen2")
     expected = _hf_logits(path, TOKENS)
     assert np.abs(expected).max() > 0.1  # not flat: the comparison has something to compare
-    np.testing.assert_allclose(_prefill_logits(model, TOKENS), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(prefill_logits(model, TOKENS), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("block_type", ["F16", "Q4_K"])
@@ -204,7 +194,7 @@ def test_qwen3_logits_match_transformers_on_the_converted_directory(tmp_path, bl
         expected = hf(torch.tensor(TOKENS)).logits.numpy()
     model = load_model(path)
     assert model.config.qk_norm and not model.config.qkv_bias
-    np.testing.assert_allclose(_prefill_logits(model, TOKENS), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(prefill_logits(model, TOKENS), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_llama_without_unpermuting_qk_differs(tmp_path, monkeypatch):
@@ -212,7 +202,7 @@ def test_llama_without_unpermuting_qk_differs(tmp_path, monkeypatch):
     path = write_gguf(str(tmp_path / "m.gguf"), "llama", "F32")
     expected = _hf_logits(path, TOKENS)
     monkeypatch.setattr(sj_gguf, "unpermute_qk", lambda weight, num_heads: weight)
-    wrong = _prefill_logits(load_model(path), TOKENS)
+    wrong = prefill_logits(load_model(path), TOKENS)
     assert np.abs(wrong - expected).max() > 1e-2
 
 
@@ -222,7 +212,7 @@ def test_values_read_as_another_type_of_equal_size_differ(tmp_path):
     right = write_gguf(str(tmp_path / "right.gguf"), "llama", "F16", seed=3)
     wrong = write_gguf(str(tmp_path / "wrong.gguf"), "llama", "F16", seed=3, tag_as="BF16")
     expected = _hf_logits(right, TOKENS)
-    assert np.abs(_prefill_logits(load_model(wrong), TOKENS) - expected).max() > 1e-2
+    assert np.abs(prefill_logits(load_model(wrong), TOKENS) - expected).max() > 1e-2
 
 
 @pytest.mark.parametrize("arch,pre", [("llama", "smollm"), ("llama", "llama-bpe"), ("qwen2", "qwen2")])
@@ -281,7 +271,7 @@ def test_convert_gguf_writes_a_directory_transformers_and_specjax_load(tmp_path)
     np.testing.assert_allclose(from_dir, _hf_logits(path, TOKENS), atol=1e-5)
     model = load_model(out)
     assert model.params["embed"].dtype == jnp.float32
-    np.testing.assert_allclose(_prefill_logits(model, TOKENS), from_dir, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(prefill_logits(model, TOKENS), from_dir, atol=1e-4, rtol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert all(tok(t)["input_ids"] == model.tokenizer.encode(t).ids for t in TEXTS)
     assert (model.chat_template, model.bos_token, model.eos_token) == (CHAT_TEMPLATE, "<|im_start|>", "<|im_end|>")

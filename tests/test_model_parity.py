@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hf_models import CONFIGS, save_hf_model
+from hf_models import CONFIGS, prefill_logits, save_hf_model
 from specjax.models import decoder
 from specjax.models.loading import load_model
 
@@ -23,21 +23,12 @@ def pair(request, tmp_path_factory):
     return hf, load_model(directory, dtype=jnp.float32)
 
 
-def _prefill_logits(model, tokens: np.ndarray) -> np.ndarray:
-    b, t = tokens.shape
-    cache = decoder.KVCache.zeros(model.config, b, t + 8)
-    positions = np.broadcast_to(np.arange(t), (b, t))
-    out = decoder.forward(model.params, model.config, jnp.asarray(tokens), jnp.asarray(positions), cache,
-                          jnp.zeros(b, jnp.int32), decoder.causal_mask(b, t))
-    return np.asarray(out.logits)
-
-
 def test_logits_match_transformers(pair):
     hf, model = pair
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 19))
     with torch.no_grad():
         expected = hf(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(_prefill_logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(prefill_logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_tree_forward_equals_causal_path(pair):
