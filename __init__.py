@@ -4,7 +4,7 @@ Subpackages: ``specjax.models`` (decoder LMs, loading), ``specjax.engine``
 (draft / verify / accept, generation), ``specjax.drafters`` (suffix index,
 prompt lookup, ...), ``specjax.tpu_kernels`` (Pallas tree attention).
 
-The public API: ``from specjax import Engine, load_model, load_drafter``.
+The public API: ``from specjax import Engine, load_model, load_drafter, SpecConfig``.
 """
 
 from specjax.engine.compile_cache import enable_compilation_cache
@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 # The public API, imported on first use so ``import specjax`` stays cheap.
 _PUBLIC = {"Engine": "specjax.engine.engine", "load_model": "specjax.models.loading",
-           "load_drafter": "specjax.drafters.factory"}
-__all__ = ["Engine", "load_model", "load_drafter", "enable_compilation_cache"]
+           "load_drafter": "specjax.drafters.factory", "SpecConfig": "specjax.engine.spec_config"}
+__all__ = ["Engine", "load_model", "load_drafter", "SpecConfig", "enable_compilation_cache"]
 
 
 def __getattr__(name: str):

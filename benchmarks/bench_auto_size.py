@@ -34,7 +34,7 @@ from specjax.drafters.factory import load_drafter
 from specjax.engine.engine import Engine
 from specjax.models.embedded import default_model_dir, embedded_drafter_dir
 from specjax.models.loading import load_model
-from specjax.models.toy_corpus import sql_prompts
+from specjax.models.embedded.toy_corpus import sql_prompts
 
 HOST, DEVICE = ("prompt-lookup", "suffix"), ("token-recycling", "draft-model")
 CHAT = ["Write a short poem about the sea.", "Explain what a hash table is in two sentences.",

@@ -34,7 +34,7 @@ from specjax.engine.engine import Engine
 from specjax.models.config import ModelConfig
 from specjax.models.embedded import default_model_dir
 from specjax.models.loading import load_model
-from specjax.models.toy_corpus import sql_prompts
+from specjax.models.embedded.toy_corpus import sql_prompts
 
 
 def untrained_eagle3(model, capacity: int) -> Eagle3Drafter:

@@ -8,7 +8,7 @@ method (``sft``: fixed target trajectories; ``online``: fresh ones each step;
 visits and verified by the target) trains on the same batch shape; each run
 reports the target forward tokens it consumed (``target_tokens``: generating its
 sequences, the teacher pass over them, and opd's verification of its own chains;
-see ``drafters.training.target_tokens_of_step``). ``--opd-steps`` gives opd fewer
+see ``drafters.training.loop.target_tokens_of_step``). ``--opd-steps`` gives opd fewer
 steps so that its target tokens match the other methods'. Each trained drafter
 then runs the EAGLE-2 dynamic tree (top-k 10, depth 7) at T = 16 and 60 on held-out
 prompts, greedy and at temperature 1, through the device loop; greedy outputs are
@@ -51,7 +51,8 @@ import numpy as np
 
 from specjax.drafters.draft_model import DraftModelDrafter
 from specjax.drafters.eagle3 import load_eagle3
-from specjax.drafters.training import KINDS, METHODS, TrainOptions, encode_prompts, rollout, train_drafter
+from specjax.drafters.training import KINDS, METHODS, TrainOptions, encode_prompts, train_drafter
+from specjax.drafters.training.rollouts import rollout
 from specjax.engine.device_loop import generate_on_device
 from specjax.engine.engine import Engine
 from specjax.models.embedded import default_model_dir
@@ -79,7 +80,7 @@ class Target:
 
 
 def sql_target(n_train: int, n_eval: int) -> Target:
-    from specjax.models.toy_corpus import sql_examples, sql_prompts
+    from specjax.models.embedded.toy_corpus import sql_examples, sql_prompts
 
     model = load_model(default_model_dir(), dtype=jnp.float32)
     train = encode_prompts(model, [e.prompt for e in sql_examples(n_train, seed=1000, split="train")])

@@ -34,7 +34,7 @@ from specjax.drafters.suffix_index import SuffixDecodingDrafter
 from specjax.engine.engine import Engine
 from specjax.models.embedded import default_model_dir, embedded_suffix_history
 from specjax.models.loading import load_model
-from specjax.models.toy_corpus import sql_prompts
+from specjax.models.embedded.toy_corpus import sql_prompts
 
 HISTORY: list = []  # responses of the embedded model's shipped suffix history (loaded in main)
 

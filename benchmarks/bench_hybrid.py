@@ -159,7 +159,7 @@ def read_prompts(path, fallback_seed: int, n: int, engine: Engine) -> list:
         with open(path) as f:
             texts = [json.loads(line)["prompt"] for line in f if line.strip()][:n]
     else:
-        from specjax.models.toy_corpus import sql_prompts
+        from specjax.models.embedded.toy_corpus import sql_prompts
 
         texts = sql_prompts(n, seed=fallback_seed)
     return [engine.encode(t) for t in texts]

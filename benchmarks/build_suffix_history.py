@@ -27,7 +27,7 @@ from specjax.drafters.suffix_history import save_history
 from specjax.engine.engine import Engine
 from specjax.models.embedded import default_model_dir
 from specjax.models.loading import load_model
-from specjax.models.toy_corpus import Example, held_out_examples, sql_examples
+from specjax.models.embedded.toy_corpus import Example, held_out_examples, sql_examples
 
 DEMO_SEEDS = range(10)
 DEMO_PROMPTS_PER_SEED = 256  # `--num-demo-prompts` up to this gives a prefix of these

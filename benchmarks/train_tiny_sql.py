@@ -2,7 +2,7 @@
 
 Everything is generated here, nothing is downloaded:
 
-1. the corpus: ``specjax.models.toy_corpus.sql_examples`` (fixed schemas, template
+1. the corpus: ``specjax.models.embedded.toy_corpus.sql_examples`` (fixed schemas, template
    questions, gold SQL), split "train";
 2. a byte-level BPE tokenizer trained on it with the ``tokenizers`` library
    (``<|endoftext|>`` = EOS, ``<|pad|>``);
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward, init_params
-from specjax.models.toy_corpus import held_out_examples, sql_examples
+from specjax.models.embedded.toy_corpus import held_out_examples, sql_examples
 from specjax.models.training import export_llama, llama_hf_config, save_tokenizer_files
 from specjax.tpu_kernels.tree_attention import new_tokens_attention
 

@@ -20,6 +20,7 @@ ancestors among the scratch rows).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Protocol
 
 import jax
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from specjax.engine.sampling import position_keys, row_keys
 from specjax.engine.tree import DraftTree
 from specjax.tpu_kernels.tree_attention import blockwise_attention
 
@@ -58,10 +60,12 @@ class DeviceDrafter(Protocol):
 
     def propose(self, params, dstate, root_tokens: jax.Array, lengths: jax.Array, sampling, key: jax.Array,
                 *, with_q: bool = False) -> tuple[DraftTree, Any]:
-        """A tree continuing each row's root token (target cache length ``lengths``).
+        """A tree continuing each row's root token (target cache length ``lengths``: the root's position).
 
         ``with_q`` (static): some row samples, so children of those rows are drawn
-        i.i.d. from q at the row's temperature and the tree carries ``q_dists``.
+        from q at the row's temperature and the tree carries ``q_dists``. ``key``: the
+        rows' request keys [B] (``DecodeState.rng``); draws derive from them and the
+        position drawn (``specjax.engine.sampling.position_keys``), never from the step.
         """
         ...
 
@@ -217,12 +221,19 @@ class TreeShape:
 ExpandFn = Callable[..., tuple[jax.Array, jax.Array, Any]]
 
 
-def _children(key, logits: jax.Array, temperature: jax.Array, k: int, with_q: bool):
-    """Children of each node: greedy rows the top-k, sampled rows k i.i.d. draws from q.
+def _children(keys, positions, logits: jax.Array, temperature: jax.Array, k: int, with_q: bool,
+              target_ids: jax.Array, target_vocab: int):
+    """Children of each node: greedy rows the top-k, sampled rows k draws from q without replacement.
 
     logits [B, K, Vd] -> (ids [B, K, k], log q of them [B, K, k], q [B, K, Vd] or None).
     Scores use the draft's log-probabilities at temperature 1 for greedy rows and
     at the row's temperature for sampled rows (the q the children came from).
+
+    A sampled node's children are the top k of log q + G (Gumbel-top-k: k draws without
+    replacement), G the very Gumbel noise the target draws its token at that position with
+    (``keys``, ``positions``: the children's position; ``target_ids`` [Vd] maps draft ids into
+    the target's vocab of ``target_vocab``). The target's draw is argmax(log p + G): when q is
+    close to p it is the first child, or among the k (the Gumbel coupling), and acceptance keeps it.
     """
     greedy_logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     top_logp, top_ids = lax.top_k(greedy_logp, k)
@@ -230,8 +241,8 @@ def _children(key, logits: jax.Array, temperature: jax.Array, k: int, with_q: bo
         return top_ids.astype(jnp.int32), top_logp, None
     temp = jnp.where(temperature > 0, temperature, 1.0)[:, None, None]
     logq = jax.nn.log_softmax(logits.astype(jnp.float32) / temp, axis=-1)
-    drawn = jax.random.categorical(key, logq[:, :, None, :], axis=-1,
-                                   shape=logq.shape[:2] + (k,)).astype(jnp.int32)
+    shared = jax.vmap(lambda key: jax.random.gumbel(key, (target_vocab,)))(position_keys(keys, positions))
+    drawn = lax.top_k(logq + shared[:, None, target_ids], k)[1].astype(jnp.int32)  # [B, K, k]
     drawn_logq = jnp.take_along_axis(logq, drawn, axis=-1)
     sampled = (temperature > 0)[:, None, None]
     return (jnp.where(sampled, drawn, top_ids.astype(jnp.int32)), jnp.where(sampled, drawn_logq, top_logp),
@@ -239,9 +250,9 @@ def _children(key, logits: jax.Array, temperature: jax.Array, k: int, with_q: bo
 
 
 def build_dynamic_tree(expand: ExpandFn, carry: Any, root_logits: jax.Array, root_feats: jax.Array,
-                       base: jax.Array, shape: TreeShape, temperature: jax.Array, key: jax.Array, *,
-                       to_target: Callable[[jax.Array], jax.Array] = lambda ids: ids,
-                       q_to_target: Callable[[jax.Array], jax.Array] = lambda q: q,
+                       base: jax.Array, shape: TreeShape, temperature: jax.Array, keys: jax.Array,
+                       root_positions: jax.Array, *, to_target: Callable[[jax.Array], jax.Array] = lambda ids: ids,
+                       q_to_target: Callable[[jax.Array], jax.Array] = lambda q: q, target_vocab: Optional[int] = None,
                        with_q: bool = False) -> tuple[DraftTree, Any]:
     """EAGLE-2's dynamic tree, batched with static shapes.
 
@@ -251,10 +262,11 @@ def build_dynamic_tree(expand: ExpandFn, carry: Any, root_logits: jax.Array, roo
     the next frontier. Finally rerank every candidate and keep the best T (sorted
     by creation, so parents precede children).
 
-    Sampled rows (``with_q``, temperature > 0) draw children i.i.d. from q, and
-    the final cut keeps whole sibling groups in draw order (ranked by the
-    parent's score), never filtering children by their own values: each node's
-    children stay i.i.d. draws from its q, which lossless acceptance requires.
+    Sampled rows (``with_q``, temperature > 0) draw children from q without
+    replacement, coupled with the target's draw at their position (see
+    ``_children``), and the
+    final cut keeps whole sibling groups in draw order (ranked by the parent's
+    score). Acceptance is lossless for any tree; this only makes it accept more.
 
     Args:
       root_logits: [B, Vd] the drafter's logits for the root's children.
@@ -262,12 +274,19 @@ def build_dynamic_tree(expand: ExpandFn, carry: Any, root_logits: jax.Array, roo
       base: int32[B] first scratch slot (the drafter's true length); node at depth
         d is fed at position ``base + d - 1``, frontier j of depth d at scratch
         row ``(d - 1) * k + j``.
+      keys, root_positions: the rows' request keys [B] (or one key) and the root's
+        position in the target's sequence: a depth-d node's draw uses position
+        ``root_positions + d`` (``specjax.engine.sampling.position_keys``).
+      target_vocab: the target's vocabulary size (default: the drafter's).
     """
     b = root_logits.shape[0]
     k, depth = shape.topk, shape.depth
     m = max(shape.scratch_rows, 1)
-    keys = jax.random.split(key, depth)
-    ids, logp, q_root = _children(keys[0], root_logits[:, None, :], temperature, k, with_q)
+    keys = row_keys(keys, b)
+    target_ids = to_target(jnp.arange(root_logits.shape[-1], dtype=jnp.int32))
+    draw = functools.partial(_children, keys, temperature=temperature, k=k, with_q=with_q, target_ids=target_ids,
+                             target_vocab=target_vocab or root_logits.shape[-1])
+    ids, logp, q_root = draw(root_positions + 1, root_logits[:, None, :])
     ids, scores = ids[:, 0], logp[:, 0]  # [B, k]
     level_tokens, level_scores = [ids], [scores]
     level_parents = [jnp.full((b, k), -1, jnp.int32)]
@@ -282,7 +301,7 @@ def build_dynamic_tree(expand: ExpandFn, carry: Any, root_logits: jax.Array, roo
         f_tokens, f_scores, f_ids, f_feats, f_mask, carry = frontier
         positions = jnp.broadcast_to((base + d - 1)[:, None], (b, k))
         logits, feats, carry = expand(carry, to_target(f_tokens), f_feats, positions, (d - 1) * k, f_mask)
-        c_ids, c_logp, q = _children(keys[d], logits, temperature, k, with_q)
+        c_ids, c_logp, q = draw(root_positions + d + 1, logits)
         c_scores = (f_scores[:, :, None] + c_logp).reshape(b, k * k)
         first = k + (d - 1) * k * k
         best = lax.top_k(c_scores, k)[1]  # next frontier, as indices into this level

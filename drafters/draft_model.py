@@ -3,8 +3,9 @@
 Chain (``topk=1``: the draft's greedy continuation, ``depth`` tokens) or an
 EAGLE-2-style dynamic tree (``topk`` children of the ``topk`` best frontier
 nodes per level, then the best T by cumulative draft probability). Sampled
-rows draw children i.i.d. from the draft's q at the row's temperature and pass
-q in the tree, so acceptance stays lossless.
+rows draw children from the draft's q at the row's temperature, each node's
+first child with the target's own noise at its position (the Gumbel coupling,
+``device._children``), and pass q in the tree.
 
 State: the draft's own KV cache holding the true context *including* the
 root token (``dlen = target length + 1``) and the root's draft logits. Drafting
@@ -72,8 +73,7 @@ def scratch_forward(params: Params, cfg: ModelConfig, tokens, positions, cache: 
     (x, _), (k_new, v_new) = lax.scan(layer, (params["embed"][tokens], jnp.int32(0)), params["layers"])
     cache = KVCache(write_block(cache.k, k_new, write_starts), write_block(cache.v, v_new, write_starts))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("bth,vh->btv", x, head, preferred_element_type=jnp.float32), cache
+    return lm_head(params, cfg, x), cache
 
 
 def _no_scratch(batch_size: int, shape: TreeShape) -> jax.Array:
@@ -176,7 +176,7 @@ class DraftModelDrafter(KeyedByConfig):
 
         tree, (cache, fed) = build_dynamic_tree(expand, (dstate.cache, _no_scratch(b, self.shape)),
                                                 dstate.root_logits, jnp.zeros((b, 1)), dstate.lengths, self.shape,
-                                                row_temperature(sampling, b), key, with_q=with_q)
+                                                row_temperature(sampling, b), key, lengths, with_q=with_q)
         return tree, dataclasses.replace(dstate, cache=cache, scratch_tokens=fed)
 
     def update(self, params, dstate: DraftModelState, accepted, aux=None) -> DraftModelState:

@@ -288,8 +288,9 @@ class Eagle3Drafter(KeyedByConfig):
 
         tree, cache = build_dynamic_tree(expand, dstate.cache, draft_logits(self.cfg, params, dstate.root_hidden),
                                          dstate.root_hidden, dstate.lengths, self.shape,
-                                         row_temperature(sampling, b), key, to_target=lambda ids: ids + d2t[ids],
-                                         q_to_target=q_to_target, with_q=with_q)
+                                         row_temperature(sampling, b), key, lengths,
+                                         to_target=lambda ids: ids + d2t[ids], q_to_target=q_to_target,
+                                         target_vocab=vocab, with_q=with_q)
         return tree, dataclasses.replace(dstate, cache=cache)
 
     def update(self, params, dstate: Eagle3State, accepted, aux) -> Eagle3State:

@@ -12,7 +12,7 @@ import os
 from typing import Optional, Union
 
 DRAFTER_NAMES = ("auto", "suffix", "prompt-lookup", "draft-model", "eagle3", "token-recycling", "graft", "taps",
-                 "none")
+                 "hierarchical", "none")
 REAL_MODEL_DRAFTER = "prompt-lookup"  # "auto" for other models: 1.25 vs suffix's 1.17 tokens/pass on the
 # shipped tasks with SmolLM2-135M-Instruct at batch 1 on a CPU (suffix warm from the earlier tasks; README)
 RECOMMENDED_TREE = "specjax_drafter.json"  # in a drafter directory: {"tree": {"capacity", "topk", "depth"}}
@@ -47,7 +47,7 @@ def shipped_drafter_dirs(model_is_embedded: bool) -> dict:
 
     draft, eagle3 = embedded_drafter_dir(), embedded_eagle3_dir()
     taps = f"{eagle3},{draft}" if eagle3 and draft else None
-    named = {"draft-model": draft, "eagle3": eagle3, "graft": eagle3 or draft, "taps": taps}
+    named = {"draft-model": draft, "eagle3": eagle3, "graft": eagle3 or draft, "taps": taps, "hierarchical": draft}
     return {name: path for name, path in named.items() if path}
 
 
@@ -58,7 +58,8 @@ def resolve_drafter_name(name: str, drafter_model: Optional[str] = None, *,
     otherwise the suffix index (on a CPU a step's cost grows with the nodes verified, and the chain does
     not pay: see the README). Other models have no shipped drafter: ``REAL_MODEL_DRAFTER`` on every
     device. A model drafter without ``drafter_model`` takes the weights shipped for the embedded model:
-    draft-model the draft model, eagle3 and graft the EAGLE-3 head, taps both."""
+    draft-model the draft model, eagle3 and graft the EAGLE-3 head, taps both, hierarchical the draft model
+    (as the intermediate)."""
     import jax
 
     if name not in DRAFTER_NAMES:
@@ -106,25 +107,31 @@ def load_drafter(name: str, target=None, *, drafter_model: Optional[str] = None,
                  draft_capacity: Union[int, str] = "auto", max_draft_capacity: Optional[int] = None,
                  tree_topk: Optional[int] = None, tree_depth: Optional[int] = None, routing: str = "confidence",
                  retrieval: str = "suffix", suffix_history: Optional[str] = "auto",
-                 model_is_embedded: Optional[bool] = None):
+                 model_is_embedded: Optional[bool] = None, drafter_options: Optional[dict] = None):
     """The drafter called ``name`` (one of ``DRAFTER_NAMES``; None for "none") for ``target``.
 
     Device drafters (draft-model, eagle3, token-recycling, graft, taps) need ``target``; model
     drafters read their weights from ``drafter_model`` (taps: comma-separated directories), by default
     the ones shipped for the embedded model. ``draft_capacity`` an int fixes the tree slots per step;
     ``max_draft_capacity`` (default: ``default_max_capacity()``) is the device drafters' default size.
-    ``model_is_embedded`` defaults to whether ``target`` is the embedded model."""
+    ``model_is_embedded`` defaults to whether ``target`` is the embedded model. ``drafter_options`` are
+    keyword arguments of a host drafter's constructor (``PromptLookupDrafter``,
+    ``SuffixDecodingDrafter``), over the CLI's defaults."""
     if model_is_embedded is None:
         model_is_embedded = target is not None and is_embedded_model(target)
     name, drafter_model = resolve_drafter_name(name, drafter_model, model_is_embedded=model_is_embedded)
+    options = dict(drafter_options or {})
     if name == "none":
         return None
     if name == "prompt-lookup":
         from specjax.drafters.prompt_lookup import PromptLookupDrafter
 
-        return PromptLookupDrafter(max_ngram=3, max_branches=4)
+        return PromptLookupDrafter(**{"max_ngram": 3, "max_branches": 4, **options})
     if name == "suffix":
-        return _suffix_drafter(target, suffix_history_path(suffix_history, model_is_embedded))
+        return _suffix_drafter(target, suffix_history_path(suffix_history, model_is_embedded), options)
+    if options:
+        raise ValueError(f"drafter_options configure the host drafters (prompt-lookup, suffix), not {name!r}: "
+                         f"got {sorted(options)}")
     if target is None:
         raise ValueError(f"drafter {name!r} runs on the device and needs the target model")
     fixed = draft_capacity if isinstance(draft_capacity, int) and draft_capacity > 0 else None
@@ -141,6 +148,10 @@ def load_drafter(name: str, target=None, *, drafter_model: Optional[str] = None,
         return _graft(target, drafter_model, retriever, fixed or max_capacity)
     if name == "taps":
         return _taps(target, drafter_model, routing, fixed or max_capacity)
+    if name == "hierarchical":  # --drafter-model INTERMEDIATE[,HEAD]: HierSpec, Token Recycling on top by default
+        from specjax.drafters.hierarchical import load_hierarchical
+
+        return load_hierarchical(target, drafter_model, capacity=fixed)
     dtype = target.params["embed"].dtype
     if name == "draft-model":
         from specjax.drafters.draft_model import DraftModelDrafter
@@ -156,11 +167,11 @@ def load_drafter(name: str, target=None, *, drafter_model: Optional[str] = None,
     return load_eagle3(drafter_model, target, dtype=dtype, capacity=capacity, topk=topk, depth=depth)
 
 
-def _suffix_drafter(target, history: Optional[str]):
+def _suffix_drafter(target, history: Optional[str], options: dict):
     """A suffix-decoding drafter, its global index pre-filled from ``history`` (a responses file)."""
     from specjax.drafters.suffix_index import SuffixDecodingDrafter
 
-    drafter = SuffixDecodingDrafter()
+    drafter = SuffixDecodingDrafter(**options)
     if history is not None:
         if target is None:
             raise ValueError("a suffix history needs the target model (its vocabulary and tokenizer)")

@@ -23,9 +23,9 @@ One step, as built here (capacity T, static shapes):
    ``refill`` (default), the pruned model nodes by draft probability, so the T
    slots are never left empty when retrieval finds nothing (on an accelerator
    a verify of T slots costs the same whether they are used or not).
-4. **verify + accept** with the target, point-mass rejection sampling for
-   sampled rows (the union of a top-k model tree and retrieved paths is not a
-   set of draws from one q); then the device drafter is fed every emitted
+4. **verify + accept** with the target (sampled rows: each node compared with
+   the target's own draw at its position, lossless for any tree); then the
+   device drafter is fed every emitted
    token (``hybrid.feed_accepted``) and the retrieval drafter observes them.
 
 Overlap: the loop dispatches the next step's model draft (asynchronously)
@@ -55,13 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters.base import HostDrafter
+from specjax.drafters.base import HostDrafter, check_proposals
 from specjax.drafters.device import DeviceDrafter, KeyedByConfig
 from specjax.drafters.hybrid import (NO_KEY, check_hybrid_member, concat_parts, feed_accepted, merge_trees,
                                      prefill_drafter, top_nodes)
 from specjax.engine.device_loop import prepare_device_batch
 from specjax.engine.engine import GenerationResult, report_progress
-from specjax.engine.sampling import SamplingParams
+from specjax.engine.sampling import SamplingParams, request_seeds
 from specjax.engine.steps import step_impl
 from specjax.engine.tree import DraftTree
 
@@ -80,7 +80,6 @@ class GraftCarry:
 
     state: Any  # the target's DecodeState
     dstate: Any  # the device drafter's state
-    key: jax.Array  # drafting randomness
 
 
 @jax.tree_util.register_dataclass
@@ -151,32 +150,33 @@ class GraftDrafter(KeyedByConfig):
     # ------------------------------------------------------------ generation
 
     def generate_hybrid(self, engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature=0.0,
-                        top_p=1.0, top_k=0, seed: int = 0, stop: Sequence[str] = (), progress=None) -> list:
+                        top_p=1.0, top_k=0, seed=0, stop: Sequence[str] = (), progress=None) -> list:
         """``Engine.generate`` for Graft (token-id prompts); ``self.stats`` sums the batch counts."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampling = SamplingParams.make(len(prompts), temperature, top_k, top_p)
         per_prompt = {k: np.asarray(getattr(sampling, k)) for k in ("temperature", "top_k", "top_p")}
+        seeds = request_seeds(seed, len(prompts))
         self.stats = {"steps": 0, "verified": 0, "grafted": 0, "accepted_grafted": 0}
         results = []
         for start in range(0, len(prompts), engine.max_batch_size):
             end = start + engine.max_batch_size
             results.extend(self._generate_batch(engine, list(prompts[start:end]), max_new_tokens,
-                                                {k: v[start:end] for k, v in per_prompt.items()}, seed + start,
+                                                {k: v[start:end] for k, v in per_prompt.items()}, seeds[start:end],
                                                 tuple(stop), progress))
         return results
 
-    def _generate_batch(self, engine, prompts, max_new_tokens, sampling: dict, seed, stop, progress):
+    def _generate_batch(self, engine, prompts, max_new_tokens, sampling: dict, seeds, stop, progress):
         cfg, params = engine.target.config, engine.target.params
         t0 = time.perf_counter()
         n_req = len(prompts)
         batch = prepare_device_batch(engine, prompts, max_new_tokens, sampling, self.capacity, self.hidden_layers,
-                                     seed)
+                                     seeds)
         rows, state, first = batch.rows, batch.state, batch.first
         dstate = prefill_drafter(self.model.params, self.model.init_state(rows, batch.max_len),
                                  jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), first, batch.hidden,
                                  drafter=self.model)
-        carry = GraftCarry(state, dstate, jax.random.fold_in(jax.random.key(seed), 1))
+        carry = GraftCarry(state, dstate)
         rids = [("graft", next(_REQUEST_IDS)) for _ in range(n_req)]
         for rid, prompt in zip(rids, prompts):
             self.retrieval.start_request(rid, prompt)
@@ -191,7 +191,8 @@ class GraftDrafter(KeyedByConfig):
         while not finished.all():
             active = ~finished
             d0 = time.perf_counter()
-            retrieved = self._retrieve(rids, active, unobserved)  # overlaps the model's draft on the device
+            # The retrieval's trees overlap the model's draft on the device.
+            retrieved = self._retrieve(rids, active, unobserved, cfg.vocab_size)
             draft_s += (time.perf_counter() - d0) * active / active.sum()
             carry = dataclasses.replace(carry, state=carry.state.replace(finished=jnp.asarray(finished)))
             carry, acc_tokens, num, n_draft, dev_finished, stats = _graft_step(
@@ -224,23 +225,25 @@ class GraftDrafter(KeyedByConfig):
                                  verify_s=device_s, wall_s=wall)
                 for i, (o, t) in enumerate(zip(outputs, texts))]
 
-    def _retrieve(self, rids, active, unobserved) -> tuple[np.ndarray, ...]:
-        """The retrieval drafter's trees for the active rows, padded to [B, capacity]."""
+    def _retrieve(self, rids, active, unobserved, vocab_size: int) -> tuple[np.ndarray, ...]:
+        """The retrieval drafter's (checked) trees for the active rows, padded to [B, capacity]."""
         rows, t = len(active), self.capacity
         tokens = np.zeros((rows, t), np.int32)
         parents = np.full((rows, t), -1, np.int32)
         valid = np.zeros((rows, t), bool)
         probs = np.zeros((rows, t), np.float32)
+        proposals = {}
         for i, rid in enumerate(rids):
             if not active[i]:
                 continue
             if unobserved[i]:
                 self.retrieval.observe(rid, unobserved[i])
                 unobserved[i].clear()
-            prop = self.retrieval.propose(rid, t)
-            n = min(len(prop), t)
-            tokens[i, :n], parents[i, :n], valid[i, :n] = prop.tokens[:n], prop.parents[:n], True
-            probs[i, :n] = prop.probs[:n]
+            proposals[i] = self.retrieval.propose(rid, t)
+        check_proposals(list(proposals.values()), self.retrieval, t, vocab_size)
+        for i, prop in proposals.items():
+            n = len(prop)
+            tokens[i, :n], parents[i, :n], valid[i, :n], probs[i, :n] = prop.tokens, prop.parents, True, prop.probs
         return tokens, parents, valid, probs
 
     def _count(self, stats: GraftStats, active: np.ndarray) -> None:
@@ -255,11 +258,10 @@ _REQUEST_IDS = itertools.count()
 @functools.partial(jax.jit, static_argnames=("graft",), donate_argnums=(1,))
 def _propose(dparams, carry: GraftCarry, *, graft: GraftDrafter) -> tuple[GraftCarry, DraftTree]:
     """The device drafter's tree for the next step (top-k children: point-mass verification)."""
-    key, sub = jax.random.split(carry.key)
     state = carry.state
     tree, dstate = graft.model.propose(dparams, carry.dstate, state.last_tokens, state.lengths, state.sampling,
-                                       sub, with_q=False)
-    return GraftCarry(state, dstate, key), tree
+                                       state.rng, with_q=False)
+    return GraftCarry(state, dstate), tree
 
 
 @functools.partial(jax.jit, static_argnames=("graft", "cfg", "attention"), donate_argnums=(2,))
@@ -278,5 +280,5 @@ def _graft_step(params, dparams, carry: GraftCarry, model_tree: DraftTree, retri
     count = lambda mask: jnp.where(active, mask.sum(axis=1), 0).astype(jnp.int32)
     stats = GraftStats(verified=count(tree.valid), grafted=count(origin == GRAFTED),
                        accepted_grafted=count(on_path & (path_origin == GRAFTED)))
-    return (GraftCarry(state, dstate, carry.key), acc.tokens, acc.num, acc.num_draft_accepted, state.finished,
+    return (GraftCarry(state, dstate), acc.tokens, acc.num, acc.num_draft_accepted, state.finished,
             stats)

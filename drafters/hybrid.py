@@ -8,9 +8,8 @@ always ancestor-closed) and the best T are kept in creation order (parents
 precede children). Keys encode priorities (e.g. "kept model node" > "retrieved
 node" > "pruned model node") as integer classes plus a probability in [0, 1].
 
-Hybrid trees are verified as point masses (no ``q_dists``): the union of
-drafts from different sources is not a set of i.i.d. draws from one q per node,
-and point-mass rejection sampling is lossless for any tree.
+Hybrid trees carry no ``q_dists``: acceptance compares each node with the
+target's own draw at its position (``steps.accept``), lossless for any tree.
 
 ``feed_accepted`` hands a device drafter every emitted token of a step, in
 chunks of the drafter's own depth + 1: a hybrid tree can be deeper than the

@@ -11,11 +11,17 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from specjax.drafters.base import Proposal
+from specjax.drafters.base import HostDrafter, Proposal
 
 
-class PromptLookupDrafter:
-    """n-gram matching in the request's own context (prompt + output so far)."""
+class PromptLookupDrafter(HostDrafter):
+    """n-gram matching in the request's own context (prompt + output so far).
+
+    ``probs[i]``: the share of the merged continuations that pass through node i (a path
+    probability). Keeps nothing between requests, so one instance may serve several engines.
+    """
+
+    learns_across_requests = False
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_branches: int = 1):
         if not 1 <= min_ngram <= max_ngram:

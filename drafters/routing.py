@@ -8,9 +8,8 @@ and either
 - **routes** (``confidence`` / ``entropy``): per row, verifies the tree of the
   drafter most sure of the next token: the highest top-1 probability of its
   root distribution, or the lowest entropy of it. The signal is a function of
-  each drafter's state only, never of the tokens it sampled, so a sampled
-  row's tree is still a set of draws from the chosen drafter's q and keeps its
-  ``q_dists`` (choosing by the drawn tokens would bias them);
+  each drafter's state only, never of the tokens it sampled (acceptance is
+  lossless for any tree, so this keeps the signal honest, not the output);
 - **merges** (``merged``): one tree of capacity T holding every drafter's
   proposals, duplicate prefixes merged (``hybrid.merge_trees``); with
   ``split="even"`` each of the K drafters is guaranteed its T // K most probable
@@ -184,8 +183,8 @@ class TapsDrafter(KeyedByConfig):
                 with_q: bool = False) -> tuple[DraftTree, TapsState]:
         merged = self.routing == "merged"
         trees, states = [], []
-        for d, p, s, k in zip(self.drafters, params, dstate.states, jax.random.split(key, len(self.drafters))):
-            tree, s = d.propose(p, s, root_tokens, lengths, sampling, k, with_q=with_q and not merged)
+        for d, p, s in zip(self.drafters, params, dstate.states):  # one key: each couples with the target's draws
+            tree, s = d.propose(p, s, root_tokens, lengths, sampling, key, with_q=with_q and not merged)
             trees.append(tree)
             states.append(s)
         dstate = dataclasses.replace(dstate, states=tuple(states))

@@ -66,7 +66,7 @@ from typing import Hashable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from specjax.drafters.base import Proposal
+from specjax.drafters.base import HostDrafter, Proposal
 from specjax.drafters.suffix_reference import (NO_EDGE, ROOT, SOURCE_GLOBAL, SOURCE_LOCAL, SOURCE_SHARED,
                                                TIE_TOLERANCE, Draft, NodeCalibration, SuffixAutomaton,
                                                draft_merged)
@@ -460,8 +460,14 @@ class SuffixIndex:
         return best
 
 
-class SuffixDecodingDrafter:
-    """SuffixDecoding as a ``HostDrafter``: one instance serves every request of an engine.
+class SuffixDecodingDrafter(HostDrafter):
+    """SuffixDecoding as a ``HostDrafter``: one instance serves every request of one engine.
+
+    Its global index learns from every finished request, so an instance belongs to the
+    first Engine it is given to (see ``HostDrafter``: a second Engine needs a new instance,
+    or ``share_drafter_state=True``). ``probs[i]`` is node i's path probability: the
+    product of count ratios down its path (calibrated in budget mode), never rising
+    from parent to child.
 
     Args (keyword options, as ``--drafter suffix`` passes them):
       max_depth: longest context suffix matched (default 64).

@@ -17,6 +17,14 @@ nothing fails too), so a drafter that never pays costs (almost) nothing.
 
 ``ChunkPolicy`` makes the same choice per host sync for the on-device loop,
 whose drafters run inside the compiled step (see ``engine/device_loop.py``).
+
+Both policies compile lazily: a tree size is measured (and so compiled) only
+once the choice reaches it. Besides the measured sizes, a choice considers the
+smallest unmeasured one (the *frontier*) at the cost of the largest measured
+size below it (a lower bound: a bigger tree never costs less). Sizes above
+the frontier wait until it is measured, so the choice grows one size at a
+time (a few steps to reach a large tree), and sizes that never look worth
+trying never compile.
 """
 
 from __future__ import annotations
@@ -52,11 +60,16 @@ def expected_accepted(node_probs: Sequence[np.ndarray], capacity: int) -> float:
 class CapacityPolicy:
     """Per-step choice of T from measured step costs and calibrated drafter confidence.
 
-    ``costs[T]`` are seconds per step for each bucket (see ``Engine.warmup``);
-    they are refreshed by a running average of the steps actually taken.
+    ``costs[T]`` are seconds per step of the measured buckets (0 at least; see
+    ``Engine.warmup``), refreshed by a running average of the steps actually
+    taken. ``sizes`` are all the buckets it may choose (default: the measured
+    ones); an unmeasured one is chosen only as the frontier (see the module
+    docstring). The ``Engine`` measures a chosen bucket before its first step
+    (``Engine._measure_step_costs``: the compile stays out of the timing).
     """
 
     costs: dict[int, float]
+    sizes: tuple[int, ...] = ()
     smoothing: float = 0.3
     calibration: float = 1.0
     idle_steps: int = 0  # consecutive steps in which speculation gained nothing (T = 0 or none accepted)
@@ -73,7 +86,7 @@ class CapacityPolicy:
 
     @property
     def buckets(self) -> tuple[int, ...]:
-        return tuple(sorted(self.costs))
+        return self.sizes or tuple(sorted(self.costs))
 
     @property
     def paused(self) -> bool:
@@ -105,7 +118,7 @@ class CapacityPolicy:
         longest = max((len(p) for p in node_probs), default=0)
         costs = self.monotone_costs()
         best_t, best_rate = 0, num_active / (costs[0] + self.draft_s)
-        for t in self.buckets:
+        for t in costs:
             if t == 0 or (t > longest and t != self._fit(longest)):
                 continue
             tokens = num_active + self.calibration * expected_accepted(node_probs, t)
@@ -125,12 +138,9 @@ class CapacityPolicy:
         self.draft_s = seconds if self.draft_s == 0.0 else (1 - a) * self.draft_s + a * seconds
 
     def monotone_costs(self) -> dict[int, float]:
-        """Costs made non-decreasing in T: a bigger tree never costs less, whatever timing noise says."""
-        out, running = {}, 0.0
-        for t in self.buckets:
-            running = max(running, self.costs[t])
-            out[t] = running
-        return out
+        """Costs made non-decreasing in T: a bigger tree never costs less, whatever timing noise says.
+        The buckets a choice may consider: the measured ones up to the frontier, which it ends with."""
+        return _costs_to_frontier(self.costs, self.buckets)
 
     def _fit(self, n: int) -> int:
         """The smallest bucket holding n nodes (the largest bucket if none does)."""
@@ -145,8 +155,11 @@ class CapacityPolicy:
         """
         self.history.append(capacity)
         a = self.smoothing
-        seconds = min(seconds, self.max_cost_jump * self.costs[capacity])
-        self.costs[capacity] = (1 - a) * self.costs[capacity] + a * seconds
+        if capacity not in self.costs:  # a frontier nobody measured: its first timing is its cost
+            self.costs[capacity] = seconds
+        else:
+            seconds = min(seconds, self.max_cost_jump * self.costs[capacity])
+            self.costs[capacity] = (1 - a) * self.costs[capacity] + a * seconds
         if predicted > 0:
             self.calibration = (1 - a) * self.calibration + a * min(accepted / predicted, 2.0)
         gained = capacity > 0 and accepted > 0
@@ -155,6 +168,18 @@ class CapacityPolicy:
             self.probe_every = (CapacityPolicy.probe_every if gained
                                 else min(2 * self.probe_every, self.max_probe_every))
         self.idle_steps = 0 if gained else self.idle_steps + 1
+
+
+def _costs_to_frontier(costs: dict[int, float], buckets: Sequence[int]) -> dict[int, float]:
+    """Non-decreasing costs of the measured buckets up to the first unmeasured one (the frontier),
+    which gets the cost of the largest measured bucket below it: a lower bound for it."""
+    out, running = {}, 0.0
+    for t in buckets:
+        running = max(running, costs.get(t, running))
+        out[t] = running
+        if t not in costs:
+            break
+    return out
 
 
 # Below this share of a step's cost, host drafting cannot make two lanes pay.
@@ -181,8 +206,11 @@ class ChunkPolicy:
     ``costs[T]`` are seconds per fused step of bucket T's program at this batch
     bucket, the drafter's own work included (its proposal and update in a
     speculative step, its update on the emitted token in a plain one), timed on
-    the chunks the loop runs (an unmeasured bucket is run, and so timed, before
-    any choice). ``claimed[T]`` is the drafter's own estimate of accepted
+    the chunks the loop runs: plain steps and the smallest tree run first (the
+    smallest tree's chunk brings claims for every size), larger buckets once the
+    choice reaches them as the frontier (see the module docstring); the loop
+    compiles each bucket's program just before its first chunk. ``claimed[T]``
+    is the drafter's own estimate of accepted
     tokens per row and step if the best T nodes were verified (their path
     probabilities, from the last speculative chunk), and ``calibration`` is
     accepted / claimed at the chunks' T. A chunk goes to the T maximizing
@@ -212,8 +240,9 @@ class ChunkPolicy:
     def choose(self) -> int:
         """T for the next chunk (0 = plain steps)."""
         self.probing = False
-        if self.unmeasured():
-            return self.unmeasured()[0]
+        first = [t for t in self.buckets[:2] if t not in self.costs]
+        if first:
+            return first[0]
         if self._plain_left > 0:
             self._plain_left -= 1
             return 0
@@ -230,13 +259,10 @@ class ChunkPolicy:
 
     def best_bucket(self) -> int:
         """The bucket with the most expected tokens per second (per active row: the batch's rows
-        step together, so row counts cancel)."""
-        costs, running = {}, 0.0
-        for t in self.buckets:  # a bigger tree never costs less, whatever timing noise says
-            running = max(running, self.costs[t])
-            costs[t] = running
+        step together, so row counts cancel), among the measured ones and the frontier."""
+        costs = _costs_to_frontier(self.costs, self.buckets)  # a bigger tree never costs less
         best_t, best_rate = 0, self.min_gain / costs[0]
-        for t in self.buckets[1:]:
+        for t in list(costs)[1:]:
             rate = (1.0 + self.calibration * self.claimed.get(t, 0.0)) / costs[t]
             if rate > best_rate:
                 best_t, best_rate = t, rate

@@ -36,7 +36,7 @@ def _warm(engine, prompt_ids: list[int], max_new_tokens: int, compiled: set, sam
     """Compile this request's shapes (and measure their step costs) once per shape bucket, before timing:
     ``warmup`` for the host loop, a whole generation for device and hybrid drafters' own loops."""
     width = engine.prompt_bucket(len(prompt_ids))
-    bucket = (width, engine.cache_bucket(width, max_new_tokens))
+    bucket = (width, engine.cache_bucket(len(prompt_ids), max_new_tokens))
     if bucket in compiled:
         return
     if engine.on_device or hasattr(engine.drafter, "generate_hybrid"):
@@ -63,7 +63,7 @@ def run_tasks(model, args, out: Optional[TextIO] = None) -> int:
     if not tasks:
         raise SystemExit(f"specjax generate: --num-demo-prompts {args.num_demo_prompts} leaves no task to run")
     options = dict(draft_capacity=args.draft_capacity, max_draft_capacity=args.max_draft_capacity,
-                   attention=args.attention, max_batch_size=1)
+                   attention=args.attention, max_batch_size=1, lazy_compile=False)  # no compile in a timed run
     spec = Engine(model, drafter_from_args(args.drafter, model, args), **options)
     base = Engine(model, None, **options) if args.compare_baseline else None
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)

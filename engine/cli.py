@@ -34,7 +34,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                         "prompt lookup (no drafter ships for them), with the auto tree size")
     p.add_argument("--drafter-model", help="directory of the drafter's weights: a Hugging Face causal LM with the "
                                            "target's vocabulary (--drafter draft-model) or an EAGLE-3 head "
-                                           "(--drafter eagle3)")
+                                           "(--drafter eagle3); --drafter hierarchical: INTERMEDIATE[,HEAD], "
+                                           "the intermediate model and a draft model drafting for it (default: "
+                                           "Token Recycling)")
     p.add_argument("--routing", choices=("confidence", "entropy", "merged"), default="confidence",
                    help="--drafter taps (--drafter-model DIR1,DIR2): verify the most confident drafter's tree "
                         "per step and row, the least uncertain one's, or one merged tree of all of them")
@@ -77,6 +79,11 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: float32 on CPU, bfloat16 on accelerators")
+    p.add_argument("--quantize", choices=("int8", "int4", "native"),
+                   help="weight-only quantized target: int8 (per output channel) or int4 (groups of "
+                        "--quant-group inputs, scale + min) by round to nearest; native: a .gguf file's "
+                        "quantized blocks as stored (default: float weights)")
+    p.add_argument("--quant-group", type=_positive, help="int4 group size (a multiple of 32; default 64)")
     p.add_argument("--compare-baseline", action="store_true",
                    help="also run plain decoding (--drafter none), check outputs match, report the speedup")
     p.add_argument("--repeat", type=_positive, default=3,
@@ -136,7 +143,12 @@ def _load(args):
         from specjax.models.embedded import default_model_dir
 
         model_dir = default_model_dir()
-    return load_model(model_dir, dtype=getattr(jnp, dtype))
+    quantize = getattr(args, "quantize", None)
+    if quantize in ("int8", "int4"):
+        from specjax.models.quant import QuantSpec
+
+        quantize = QuantSpec.parse(quantize, getattr(args, "quant_group", None))
+    return load_model(model_dir, dtype=getattr(jnp, dtype), quantize=quantize)
 
 
 def is_embedded(args) -> bool:
@@ -187,7 +199,7 @@ def _prompts(args, model) -> tuple[list, list[str]]:
     from specjax.models.chat import encode_chat, has_chat_template
 
     if not args.prompt:
-        from specjax.models.toy_corpus import sql_prompts
+        from specjax.models.embedded.toy_corpus import sql_prompts
 
         prompts = sql_prompts(32 if args.num_demo_prompts is None else args.num_demo_prompts, seed=args.seed)
         return prompts, prompts
@@ -212,7 +224,8 @@ class _TimedRuns:
         self.model, self.name, self.prompts, self.args = model, drafter_name, prompts, args
         self.engine = Engine(model, drafter_from_args(drafter_name, model, args),
                              draft_capacity=args.draft_capacity, max_draft_capacity=args.max_draft_capacity,
-                             attention=args.attention, max_batch_size=args.batch_size)
+                             attention=args.attention, max_batch_size=args.batch_size,
+                             lazy_compile=False)  # timed runs must not compile a size the warm-up did not reach
         self.kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, seed=args.seed, stop=args.stop)
         self.engine.generate(prompts, **self.kwargs)  # compile every shape the timed runs use
@@ -395,7 +408,7 @@ def _add_train_drafter_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_drafter_main(args) -> int:
-    from specjax.drafters.training import cli_main
+    from specjax.drafters.training.loop import cli_main
 
     return cli_main(args)
 

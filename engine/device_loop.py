@@ -19,7 +19,9 @@ most probable T nodes (``keep_best``); a plain chunk still runs the drafter's
 draft model's cache) stays valid across switches; a drafter with ``catch_up``
 (the draft model) skips it in plain steps and is fed their tokens in one pass
 when the next speculative chunk starts. The programs share one loop state, so
-switching compiles nothing once each bucket has run.
+switching compiles nothing once each bucket has run; a bucket compiles when the
+policy first picks it (plain steps and the smallest tree first, larger trees as
+the claims say they would pay), so sizes never tried are never compiled.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from specjax.drafters.device import DeviceDrafter
 from specjax.engine.autotune import ChunkPolicy, capacity_buckets
 from specjax.engine.engine import MIN_CACHE_BUCKET, GenerationResult, next_power_of_two, report_progress
 from specjax.engine.plain import pad_prompts
-from specjax.engine.sampling import SamplingParams
+from specjax.engine.sampling import SamplingParams, request_keys, request_seeds
 from specjax.engine.state import DecodeState
-from specjax.engine.steps import prefill, step_impl
+from specjax.engine.steps import prefill, step_impl, token_logprobs
+from specjax.engine.trace import TraceStep
 from specjax.engine.tree import DraftTree
 from specjax.models.config import ModelConfig
 from specjax.models.sharding import cache_sharding
@@ -59,11 +62,12 @@ class LoopState:
     out_len: jax.Array  # int32[B]
     passes: jax.Array  # int32[B] target passes per row (prefill included)
     accepted: jax.Array  # int32[B] accepted draft tokens per row
-    key: jax.Array  # drafting randomness (sampled rows draw children from q)
     claimed: jax.Array  # float32[len(buckets)] drafter's claimed accepted tokens per bucket size, summed
     row_steps: jax.Array  # int32 active row-steps that drafted (the claims' denominator)
     steps: jax.Array  # int32 fused steps run
     fed: jax.Array  # int32[B] output tokens the drafter has seen (less after plain steps of a catch-up drafter)
+    step_log: jax.Array  # int32[B, max_new_tokens, 2] per pass after prefill: (tokens emitted, drafts accepted)
+    out_logprobs: Optional[jax.Array] = None  # float32[B, max_new_tokens] of out_tokens, when asked (see accept)
 
 
 def keep_best(tree: DraftTree, capacity: int) -> tuple[DraftTree, jax.Array]:
@@ -72,7 +76,8 @@ def keep_best(tree: DraftTree, capacity: int) -> tuple[DraftTree, jax.Array]:
     A node's path probability never exceeds its parent's and ties go to the lower
     slot (the parent), so the kept nodes include every kept node's parent; kept in
     slot order, parents still precede children. Only for point-mass drafts (no
-    ``q_dists``): sampled trees must keep whole groups of i.i.d. children.
+    ``q_dists``): sampled trees keep their whole size (a rule from the former
+    rejection sampling; today's acceptance would allow cutting them too).
     """
     b = tree.tokens.shape[0]
     probs = tree.valid.astype(jnp.float32) if tree.draft_probs is None else tree.draft_probs
@@ -104,7 +109,6 @@ def device_step(params, dparams, loop: LoopState, *, drafter: DeviceDrafter, cfg
                 with_q: bool, capacity: Optional[int] = None, buckets: tuple[int, ...] = ()) -> LoopState:
     """One step on the device: propose (unless ``capacity`` is 0: a plain step), keep the best
     ``capacity`` nodes (default: the drafter's whole tree), verify + accept, drafter update, record."""
-    key, sub = jax.random.split(loop.key)
     state = loop.state
     active = ~state.finished
     capacity = drafter.capacity if capacity is None else capacity
@@ -113,19 +117,20 @@ def device_step(params, dparams, loop: LoopState, *, drafter: DeviceDrafter, cfg
     if capacity == 0:
         tree = _plain_tree(active.shape[0])
     else:
-        tree, dstate = drafter.propose(dparams, dstate, state.last_tokens, state.lengths, state.sampling, sub,
-                                       with_q=with_q)
+        tree, dstate = drafter.propose(dparams, dstate, state.last_tokens, state.lengths, state.sampling,
+                                       state.rng, with_q=with_q)  # draws: (request key, position), see "Seeds"
         if buckets:
             claimed = claimed + claims_by_size(tree, active, buckets)
             row_steps = row_steps + jnp.sum(active, dtype=jnp.int32)
         if capacity < drafter.capacity:
             if tree.q_dists is not None:
-                raise ValueError("a sampled tree (with q) keeps its whole size: its children are i.i.d. groups")
+                raise ValueError("a sampled tree (with q) keeps its whole size")
             tree, kept = keep_best(tree, capacity)
             if hasattr(drafter, "restrict"):  # a drafter pairing its own nodes with the verifier's outputs
                 dstate = drafter.restrict(dstate, kept, tree.valid)
+    with_logprobs = loop.out_logprobs is not None  # the loop state's structure: a separate program
     state, acc, aux = step_impl(params, state, tree, cfg=cfg, attention=attention, eos_ids=cfg.eos_token_ids,
-                                hidden_layers=tuple(drafter.hidden_layers))
+                                hidden_layers=tuple(drafter.hidden_layers), logprobs=with_logprobs)
     if not lazy:
         dstate = drafter.update(dparams, dstate, acc, aux)
     b, n = acc.tokens.shape
@@ -133,9 +138,14 @@ def device_step(params, dparams, loop: LoopState, *, drafter: DeviceDrafter, cfg
     slots = loop.out_len[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
     slots = jnp.where(jnp.arange(n)[None, :] < acc.num[:, None], slots, width)  # width -> dropped
     out = loop.out_tokens.at[jnp.arange(b)[:, None], slots].set(acc.tokens, mode="drop")
+    out_logprobs = None if not with_logprobs else loop.out_logprobs.at[jnp.arange(b)[:, None], slots].set(
+        acc.logprobs, mode="drop")
+    log_slot = jnp.where(active, loop.passes - 1, loop.step_log.shape[1])  # finished rows: dropped
+    step_log = loop.step_log.at[jnp.arange(b), log_slot].set(
+        jnp.stack([acc.num, acc.num_draft_accepted], axis=-1), mode="drop")
     return LoopState(state, dstate, out, loop.out_len + acc.num, loop.passes + active.astype(jnp.int32),
-                     loop.accepted + acc.num_draft_accepted, key, claimed, row_steps, loop.steps + 1,
-                     loop.fed if lazy else loop.out_len + acc.num)
+                     loop.accepted + acc.num_draft_accepted, claimed, row_steps, loop.steps + 1,
+                     loop.fed if lazy else loop.out_len + acc.num, step_log, out_logprobs)
 
 
 CATCH_UP_WIDTH = 8  # tokens per catch-up pass
@@ -186,10 +196,10 @@ def _drafter_prefill(dparams, dstate, tokens, lengths, first, hidden, *, drafter
 
 
 def generate_on_device(engine, prompts: Sequence, max_new_tokens: int = 128, *, temperature=0.0, top_p=1.0,
-                       top_k=0, seed: int = 0, stop: Sequence[str] = (), progress=None,
+                       top_k=0, seed=0, stop: Sequence[str] = (), progress=None,
                        steps_per_sync: int = DEFAULT_STEPS_PER_SYNC,
                        drafter: Optional[DeviceDrafter] = None, auto: bool = False,
-                       max_capacity: Optional[int] = None) -> list[GenerationResult]:
+                       max_capacity: Optional[int] = None, logprobs: bool = False) -> list[GenerationResult]:
     """``Engine.generate`` for a device drafter (``engine.drafter`` unless ``drafter`` is given).
 
     Prompts run in batches of ``engine.max_batch_size``; ``temperature``,
@@ -197,6 +207,7 @@ def generate_on_device(engine, prompts: Sequence, max_new_tokens: int = 128, *, 
     tree size per chunk from measured costs and calibrated claims (see the
     module docstring), among ``capacity_buckets`` up to ``max_capacity``
     (default: the drafter's capacity); otherwise the drafter's own capacity.
+    ``logprobs``: as ``Engine.generate``'s, kept in a device buffer beside the tokens.
     """
     drafter = drafter if drafter is not None else engine.drafter
     if max_new_tokens < 1:
@@ -206,12 +217,13 @@ def generate_on_device(engine, prompts: Sequence, max_new_tokens: int = 128, *, 
     encoded = [engine.encode(p) for p in prompts]
     sampling = SamplingParams.make(len(encoded), temperature, top_k, top_p)
     per_prompt = {k: np.asarray(getattr(sampling, k)) for k in ("temperature", "top_k", "top_p")}
+    seeds = request_seeds(seed, len(encoded))
     results: list[GenerationResult] = []
     for start in range(0, len(encoded), engine.max_batch_size):
         end = start + engine.max_batch_size
         results.extend(_generate_batch(engine, drafter, encoded[start:end], max_new_tokens,
-                                       {k: v[start:end] for k, v in per_prompt.items()}, seed + start,
-                                       tuple(stop), progress, steps_per_sync, auto, max_capacity))
+                                       {k: v[start:end] for k, v in per_prompt.items()}, seeds[start:end],
+                                       tuple(stop), progress, steps_per_sync, auto, max_capacity, logprobs))
     return results
 
 
@@ -240,43 +252,50 @@ class DeviceBatch:
     state: DecodeState  # after prefill; the padding rows already finished
     first: jax.Array  # int32[rows] the first generated token
     hidden: Optional[jax.Array]  # the prompt's hidden states at ``hidden_layers`` (None if none)
+    first_logprobs: Optional[jax.Array] = None  # float32[rows] of ``first``, with ``return_logits``
 
 
 def prepare_device_batch(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: dict,
-                         capacity: int, hidden_layers: tuple[int, ...], seed: int) -> DeviceBatch:
+                         capacity: int, hidden_layers: tuple[int, ...], seeds,
+                         return_logits: bool = False) -> DeviceBatch:
     """Pad ``prompts`` to a batch and prompt bucket, pick the cache bucket for a drafter of tree
-    ``capacity``, and prefill; the setup every device-side generation loop starts from."""
+    ``capacity``, and prefill; the setup every device-side generation loop starts from. ``seeds``:
+    the requests' seeds (an int: request i gets ``seeds + i``; see ``request_seeds``). ``return_logits``:
+    also the first tokens' log-probabilities (``token_logprobs``)."""
     cfg = engine.target.config
     n_req = len(prompts)
     rows = engine.batch_bucket(n_req)
     padded = list(prompts) + [prompts[-1]] * (rows - n_req)  # padding rows finish at once
     tokens, lengths = pad_prompts(padded, cfg.vocab_size, multiple=1)
-    width = engine.prompt_bucket(tokens.shape[1])
-    tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
-    if width + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({width} tokens, padded) + max_new_tokens ({max_new_tokens}) exceeds the "
+    longest, width = tokens.shape[1], engine.prompt_bucket(tokens.shape[1])
+    tokens = np.pad(tokens, ((0, 0), (0, width - longest)))
+    if longest + max_new_tokens > cfg.max_position_embeddings:  # the real length: padding is never a position
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's max_position_embeddings ({cfg.max_position_embeddings})")
-    max_len = next_power_of_two(width + max_new_tokens + capacity + 1, MIN_CACHE_BUCKET)
+    # The drafters prefill the padded width into their own caches too: cover it and a root slot.
+    max_len = next_power_of_two(max(width + 1, longest + max_new_tokens + capacity + 1), MIN_CACHE_BUCKET)
     sp = SamplingParams.make(rows, *(np.pad(sampling[k], (0, rows - n_req), mode="edge")
                                      for k in ("temperature", "top_k", "top_p")))
-    out = prefill(engine.target.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths),
-                  jnp.full(rows, max_new_tokens, jnp.int32), jax.random.key(seed), sp, max_len=max_len,
-                  attention=engine.attention, hidden_layers=hidden_layers, chunk=engine.prefill_chunk,
-                  cache_sharding=None if engine.mesh is None else cache_sharding(cfg, engine.mesh, rows))
-    state, first = out[0], out[1]
-    hidden = out[2] if hidden_layers else None
+    keys = request_keys(np.pad(request_seeds(seeds, n_req), (0, rows - n_req), mode="edge"))
+    out = prefill(engine.target.params, cfg, tokens, lengths, np.full(rows, max_new_tokens, np.int32), keys, sp,
+                  max_len=max_len, attention=engine.attention, hidden_layers=hidden_layers,
+                  chunk=engine.prefill_chunk,  # numpy inputs: checked on the host without a sync
+                  cache_sharding=None if engine.mesh is None else cache_sharding(cfg, engine.mesh, rows),
+                  return_logits=return_logits)
+    state, first, hidden = out.state, out.first_tokens, out.hidden
     pad_rows = np.arange(rows) >= n_req
     state = state.replace(finished=state.finished | jnp.asarray(pad_rows))
-    return DeviceBatch(rows, tokens, lengths, max_len, sp, state, first, hidden)
+    first_logprobs = None if out.logits is None else token_logprobs(out.logits, first, sp)
+    return DeviceBatch(rows, tokens, lengths, max_len, sp, state, first, hidden, first_logprobs)
 
 
-def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sampling: dict, seed, stop,
-                    progress, steps_per_sync, auto=False, max_capacity=None):
+def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sampling: dict, seeds, stop,
+                    progress, steps_per_sync, auto=False, max_capacity=None, logprobs=False):
     cfg, params = engine.target.config, engine.target.params
     t0 = time.perf_counter()
     n_req = len(prompts)
     batch = prepare_device_batch(engine, prompts, max_new_tokens, sampling, drafter.capacity,
-                                 tuple(drafter.hidden_layers), seed)
+                                 tuple(drafter.hidden_layers), seeds, return_logits=logprobs)
     rows, state, first = batch.rows, batch.state, batch.first
     with_q = bool(np.any(np.asarray(batch.sampling.temperature) > 0))
     dstate = drafter.init_state(rows, batch.max_len)
@@ -286,22 +305,30 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
     policy = chunk_policy(engine, drafter, rows, batch.max_len, with_q, max_capacity) if auto else None
     buckets = policy.buckets if policy is not None else ()
     loop = LoopState(state, dstate, buffer, jnp.ones(rows, jnp.int32), jnp.ones(rows, jnp.int32),
-                     jnp.zeros(rows, jnp.int32), jax.random.fold_in(jax.random.key(seed), 1),
-                     jnp.zeros(len(buckets), jnp.float32), jnp.int32(0), jnp.int32(0), jnp.ones(rows, jnp.int32))
+                     jnp.zeros(rows, jnp.int32),
+                     jnp.zeros(len(buckets), jnp.float32), jnp.int32(0), jnp.int32(0), jnp.ones(rows, jnp.int32),
+                     jnp.zeros((rows, max_new_tokens, 2), jnp.int32),
+                     None if not logprobs else jnp.zeros((rows, max_new_tokens)).at[:, 0].set(batch.first_logprobs))
+    chunks, fused_steps = [], 0  # chunks: (T, seconds, fused steps, passes per row after it), for the traces
     reported = n_req
     report_progress(progress, n_req)
     finished = np.asarray(loop.state.finished)
     run = functools.partial(run_steps, params, drafter.params, drafter=drafter, cfg=cfg, attention=engine.attention,
                             with_q=with_q, buckets=buckets)
-    if policy is not None:  # compile every bucket's program now (zero-step calls), not inside a timed chunk
+    if policy is not None and not engine.lazy_compile:  # every bucket's program now (zero-step calls)
         for capacity in policy.unmeasured():
             loop = run(loop, jnp.int32(0), capacity=capacity)
     while not finished.all():
         if policy is None:
+            c0 = time.perf_counter()
             loop = run(loop, jnp.int32(steps_per_sync))
-            buf, out_len, finished = jax.device_get((loop.out_tokens, loop.out_len, loop.state.finished))
+            buf, out_len, finished, passes, n_steps = jax.device_get(
+                (loop.out_tokens, loop.out_len, loop.state.finished, loop.passes, loop.steps))
+            chunks.append((drafter.capacity, time.perf_counter() - c0, int(n_steps) - fused_steps, passes))
+            fused_steps = int(n_steps)
         else:
-            loop, (buf, out_len, finished) = _timed_chunk(run, loop, policy, steps_per_sync)
+            loop, (buf, out_len, finished), chunk = _timed_chunk(run, loop, policy, steps_per_sync)
+            chunks.append(chunk)
         outputs = [buf[i, : out_len[i]].tolist() for i in range(n_req)]
         total = int(out_len[:n_req].sum())
         report_progress(progress, total - reported)
@@ -312,22 +339,40 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
             loop = dataclasses.replace(loop, state=loop.state.replace(finished=loop.state.finished | stopped))
         finished = finished | stopped
     drafter.end_batch(loop.dstate)
-    buf, out_len, passes, accepted = jax.device_get((loop.out_tokens, loop.out_len, loop.passes, loop.accepted))
+    buf, out_len, passes, accepted, step_log, out_logprobs = jax.device_get(
+        (loop.out_tokens, loop.out_len, loop.passes, loop.accepted, loop.step_log, loop.out_logprobs))
     wall = time.perf_counter() - t0
     outputs = [buf[i, : out_len[i]].tolist() for i in range(n_req)]
     texts = [engine.decode(o) for o in outputs]
     outputs, texts = engine.cut_stops(outputs, texts, stop)
     # Drafting is fused into the device step: all of the loop's time is device (and sync) time.
     return [GenerationResult(token_ids=o, text=t, target_passes=int(passes[i]),
-                             accepted_draft_tokens=int(accepted[i]), draft_s=0.0, verify_s=wall / n_req, wall_s=wall)
+                             accepted_draft_tokens=int(accepted[i]), draft_s=0.0, verify_s=wall / n_req, wall_s=wall,
+                             trace=chunk_traces(chunks, step_log[i], i),
+                             logprobs=None if out_logprobs is None else out_logprobs[i, : len(o)].tolist())
             for i, (o, t) in enumerate(zip(outputs, texts))]
+
+
+def chunk_traces(chunks: list, step_log: np.ndarray, row: int) -> list[TraceStep]:
+    """Row ``row``'s passes as ``TraceStep``s: each chunk's T and time per fused step (an average over
+    the chunk: its steps are not timed apart), with the pass's counts from ``step_log`` ([passes, 2])."""
+    trace, done = [], 0
+    for capacity, seconds, steps, passes in chunks:
+        for k in range(done, int(passes[row]) - 1):
+            emitted, accepted = (int(x) for x in step_log[k])
+            trace.append(TraceStep(capacity, capacity, accepted, emitted, 0.0, seconds / max(steps, 1)))
+        done = max(done, int(passes[row]) - 1)
+    return trace
 
 
 def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int):
     """One chunk at the policy's T, timed and folded into the policy. A bucket still unmeasured
-    runs a short chunk (``MEASURE_STEPS``), so that every bucket is timed early in the first batch;
-    so does a probe, which is expected not to pay."""
+    is compiled first and runs a short chunk (``MEASURE_STEPS``); so does a probe, which is
+    expected not to pay. Returns the loop, (tokens, lengths, finished) and the chunk's record
+    (T, seconds, fused steps, passes per row) for the traces."""
     capacity = policy.choose()
+    if capacity in policy.unmeasured():  # compiled on first use (a zero-step call), outside the timing
+        loop = run(loop, jnp.int32(0), capacity=capacity)
     if capacity in policy.unmeasured() or policy.probing:
         steps = min(steps, MEASURE_STEPS)
     before = jax.device_get((loop.claimed, loop.row_steps, loop.steps, loop.accepted))
@@ -335,7 +380,8 @@ def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int):
     loop = run(loop, jnp.int32(steps), capacity=capacity)
     out = jax.device_get((loop.out_tokens, loop.out_len, loop.state.finished))
     seconds = time.perf_counter() - t0
-    claimed, row_steps, n_steps, accepted = jax.device_get((loop.claimed, loop.row_steps, loop.steps, loop.accepted))
+    claimed, row_steps, n_steps, accepted, passes = jax.device_get(
+        (loop.claimed, loop.row_steps, loop.steps, loop.accepted, loop.passes))
     policy.record(capacity, seconds, int(n_steps - before[2]), int(row_steps - before[1]), claimed - before[0],
                   int((accepted - before[3]).sum()))
-    return loop, out
+    return loop, out, (capacity, seconds, int(n_steps - before[2]), passes)

@@ -24,14 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from specjax.drafters.base import HostDrafter, Proposal
+from specjax.drafters.base import HostDrafter, Proposal, attach_host_drafter, check_proposals
 from specjax.drafters.device import is_device_drafter
 from specjax.engine.autotune import (PIPELINE_MIN_DRAFT_SHARE, CapacityPolicy, capacity_buckets,
                                      expected_accepted, pipelined_round_pays)
+from specjax.engine.buckets import MIN_CACHE_BUCKET, next_power_of_two, prompt_bucket
 from specjax.engine.plain import pad_prompts
-from specjax.engine.sampling import PerRow, SamplingParams
+from specjax.engine.sampling import PerRow, SamplingParams, request_keys, request_seeds
 from specjax.engine.state import DecodeState
-from specjax.engine.steps import PREFILL_CHUNK, extend, new_cache, prefill, step
+from specjax.engine.steps import PREFILL_CHUNK, Prefilled, extend, new_cache, prefill, step, token_logprobs
+from specjax.engine.trace import TraceStep
 from specjax.engine.tree import DraftTree, empty_tree, validate_tree
 from specjax.models.chat import ChatInput, Message, conversations, encode_chat
 from specjax.models.loading import Model
@@ -41,9 +43,6 @@ from specjax.tpu_kernels.sharded_attention import sharded_tree_attention
 Prompt = Union[str, Sequence[int]]
 OnTokens = Callable[[int, list], None]  # (request index, newly accepted token ids)
 AUTO = "auto"
-MIN_PROMPT_BUCKET = 16
-PROMPT_GRANULE = 64  # prompt widths above this round up to multiples of it (less padding than powers of two)
-MIN_CACHE_BUCKET = 128
 
 
 @dataclasses.dataclass
@@ -52,6 +51,9 @@ class GenerationResult:
 
     With ``stop`` strings, ``text`` ends before the first stop string while
     ``token_ids`` run through the token that completed it (as vLLM reports).
+    ``trace``: one ``TraceStep`` per target pass after prefill (``specjax.engine.trace``).
+    ``logprobs`` (with ``generate(logprobs=True)``): each token's log-probability under the
+    distribution it was drawn from (``steps.token_logprobs``), one per ``token_ids``.
     """
 
     token_ids: list[int]
@@ -62,6 +64,8 @@ class GenerationResult:
     verify_s: float  # ... of device step time (verify + accept)
     wall_s: float
     read_s: float = 0.0  # ... of reading the emitted tokens back to the host
+    trace: list[TraceStep] = dataclasses.field(default_factory=list)
+    logprobs: Optional[list[float]] = None
 
     @property
     def tokens_per_pass(self) -> float:
@@ -111,7 +115,7 @@ class _Book:
     """Per-row outputs and costs of one batch, shared by its lanes."""
 
     def __init__(self, rows: int, n_requests: int, rids: list, on_tokens: Optional[OnTokens] = None,
-                 first_index: int = 0):
+                 first_index: int = 0, logprobs: bool = False):
         self.n_requests, self.rids = n_requests, rids
         self.on_tokens, self.first_index = on_tokens, first_index
         self.outputs: list[list[int]] = [[] for _ in range(rows)]
@@ -122,10 +126,15 @@ class _Book:
         self.passes = np.ones(rows, np.int64)
         self.accepted = np.zeros(rows, np.int64)
         self.draft_s, self.verify_s, self.read_s = np.zeros(rows), np.zeros(rows), np.zeros(rows)
+        self.traces: list[list[TraceStep]] = [[] for _ in range(rows)]
+        self.logprobs: Optional[list[list[float]]] = [[] for _ in range(rows)] if logprobs else None
 
-    def start(self, rows: np.ndarray, first: np.ndarray, finished: np.ndarray) -> None:
+    def start(self, rows: np.ndarray, first: np.ndarray, finished: np.ndarray,
+              first_logprobs: Optional[np.ndarray] = None) -> None:
         for j, i in enumerate(rows):
             self.emit(i, [int(first[j])])
+            if self.logprobs is not None:
+                self.logprobs[i].append(float(first_logprobs[j]))
         self.finished[rows] = finished | (rows >= self.n_requests)
 
     def emit(self, row: int, tokens: list[int]) -> None:
@@ -134,10 +143,6 @@ class _Book:
         self.unobserved[row].extend(tokens)
         if self.on_tokens is not None and row < self.n_requests:
             self.on_tokens(self.first_index + int(row), tokens)
-
-
-def next_power_of_two(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
 
 
 def check_scratch_headroom(max_len: int, longest: int, capacity: int) -> None:
@@ -175,12 +180,18 @@ class Engine:
         the other's device step. ``"auto"`` (default) does it for a batch on a TPU/GPU when the
         measured drafting time and step costs say it pays (drafting comparable to a step; never on
         a CPU, whose steps run on the drafting cores); True / False force it.
+      share_drafter_state: let a host drafter that learns across requests (the suffix index) serve
+        this Engine after another one, keeping what it learned there; without it that raises (see
+        ``specjax.drafters.base.HostDrafter``). Every proposal is checked (``check_proposals``).
+      lazy_compile: with ``"auto"``, compile a tree size when the policy first picks it (a
+        first call pays only for the sizes it uses); False compiles every size when a batch
+        shape is first seen, so later calls never compile (benchmarks that time them).
     """
 
     def __init__(self, target: Model, drafter: Optional[HostDrafter] = None, *,
                  draft_capacity: Union[int, str] = AUTO, max_draft_capacity: int = 16, attention: str = "auto",
                  max_batch_size: int = 16, mesh: Optional[Mesh] = None, prefill_chunk: int = PREFILL_CHUNK,
-                 pipeline: Union[bool, str] = AUTO):
+                 pipeline: Union[bool, str] = AUTO, share_drafter_state: bool = False, lazy_compile: bool = True):
         if draft_capacity != AUTO and (not isinstance(draft_capacity, int) or draft_capacity < 0):
             raise ValueError(f"draft_capacity must be 'auto' or an int >= 0, got {draft_capacity!r}")
         if max_draft_capacity < 1:
@@ -200,6 +211,8 @@ class Engine:
         self.target = target
         self.drafter = drafter
         self.on_device = is_device_drafter(drafter)
+        if drafter is not None and not self.on_device and not hasattr(drafter, "generate_hybrid"):
+            attach_host_drafter(drafter, self, share_state=share_drafter_state)
         self.auto = drafter is not None and not self.on_device and draft_capacity == AUTO
         # A device drafter's tree is its own; "auto" picks a size per chunk among buckets up to this.
         self.device_auto = self.on_device and draft_capacity == AUTO
@@ -215,8 +228,27 @@ class Engine:
         self._step_costs: dict[tuple[int, int], dict[int, float]] = {}
         self._calibration = 1.0  # the drafter's accepted / claimed tokens, carried across batches
         self.pipeline = pipeline
+        self.lazy_compile = lazy_compile
         self._draft_s_per_row: Optional[float] = None  # running host drafting seconds per drafted row
         self._steps_share_host_cores = jax.default_backend() == "cpu"  # then overlap is not free
+
+    @classmethod
+    def from_pretrained(cls, model: Union[str, Model], drafter=None, *, max_draft: Optional[int] = None,
+                        speculative_config=None, dtype="auto", **engine_kwargs) -> "Engine":
+        """An Engine in one line: ``Engine.from_pretrained("smollm2-135m-instruct")``.
+
+        ``model``: a directory, ``.gguf`` file, registry name or ``hf:Org/Repo`` (``load_model``, with
+        ``dtype``), or a loaded ``Model``. ``drafter``: a ``load_drafter`` name (default
+        "prompt-lookup") or a drafter object; ``max_draft`` the largest tree per step (default
+        ``default_max_capacity()``: 8 on a CPU, 16 on a TPU/GPU). Or, instead of both, a
+        ``speculative_config`` (``SpecConfig`` or vLLM's dict). Other keywords go to ``Engine``.
+        """
+        from specjax.engine.spec_config import pretrained_parts
+
+        target, drafter, kwargs = pretrained_parts(model, drafter, max_draft=max_draft, dtype=dtype,
+                                                   speculative_config=speculative_config,
+                                                   engine_kwargs=engine_kwargs)
+        return cls(target, drafter, **kwargs)
 
     # ------------------------------------------------------------ text
 
@@ -250,22 +282,16 @@ class Engine:
         return rows
 
     def prompt_bucket(self, longest: int) -> int:
-        """Padded prompt width: a power of two up to ``PROMPT_GRANULE``, then granule multiples up to the
-        prefill chunk, then chunk multiples (at most chunk / granule + 3 compiled widths; prefill compute
-        is proportional to the width, so a 140-token prompt pads to 192, not 256)."""
-        chunk = self.prefill_chunk
-        if longest > chunk:
-            return -(-longest // chunk) * chunk
-        if longest <= PROMPT_GRANULE or chunk <= PROMPT_GRANULE:
-            return min(next_power_of_two(longest, MIN_PROMPT_BUCKET), chunk)
-        return -(-longest // PROMPT_GRANULE) * PROMPT_GRANULE
+        """Padded prompt width for this engine's prefill chunk (``specjax.engine.buckets.prompt_bucket``)."""
+        return prompt_bucket(longest, self.prefill_chunk)
 
-    def cache_bucket(self, prompt_width: int, max_new_tokens: int) -> int:
-        """Cache slots: a power of two covering prompt, budget and one tree's scratch rows."""
-        longest = prompt_width + max_new_tokens
+    def cache_bucket(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Cache slots: a power of two covering the longest real prompt, budget and one tree's scratch rows
+        (it also covers the padded prompt width: see ``prompt_bucket``)."""
+        longest = prompt_len + max_new_tokens
         limit = self.target.config.max_position_embeddings
         if longest > limit:
-            raise ValueError(f"prompt ({prompt_width} tokens, padded) + max_new_tokens ({max_new_tokens}) "
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds the model's max_position_embeddings ({limit})")
         return next_power_of_two(longest + self.capacity + 1, MIN_CACHE_BUCKET)
 
@@ -278,11 +304,11 @@ class Engine:
         Returns {"bucket": (rows, prompt width, cache slots), "compile_s": {name: seconds},
         "step_s": {T: seconds per step}}. The step costs feed ``draft_capacity="auto"``.
         """
-        cfg, params = self.target.config, self.target.params
         rows, width = self.batch_bucket(batch_size), self.prompt_bucket(prompt_len)
-        max_len = self.cache_bucket(width, max_new_tokens)
+        max_len = self.cache_bucket(prompt_len, max_new_tokens)
         t0 = time.perf_counter()
-        state, _ = self._prefill([[0]] * rows, width, max_len, max_new_tokens, SamplingParams.make(rows), seed=0)
+        state = self._prefill([[0]] * rows, width, max_len, max_new_tokens, SamplingParams.make(rows),
+                              seeds=np.zeros(rows, np.int64)).state
         jax.block_until_ready(state)
         compile_s = {"prefill": time.perf_counter() - t0}
         first_calls, state = self._measure_step_costs(state, timing_steps)
@@ -302,8 +328,9 @@ class Engine:
 
     def generate(self, prompts: Optional[Sequence[Prompt]] = None, max_new_tokens: int = 128, *,
                  messages: Optional[ChatInput] = None, temperature: PerRow = 0.0, top_p: PerRow = 1.0,
-                 top_k: PerRow = 0, seed: int = 0, stop: Sequence[str] = (), progress=None,
-                 session: Optional[Session] = None, on_tokens: Optional[OnTokens] = None) -> list[GenerationResult]:
+                 top_k: PerRow = 0, seed: Union[int, Sequence[int]] = 0, stop: Sequence[str] = (), progress=None,
+                 session: Optional[Session] = None, on_tokens: Optional[OnTokens] = None,
+                 logprobs: bool = False) -> list[GenerationResult]:
         """Generate for every prompt; greedy output equals plain greedy decoding exactly.
 
         ``temperature``, ``top_p`` and ``top_k`` are scalars or one value per
@@ -312,6 +339,11 @@ class Engine:
         cut before it). ``progress`` is an optional tqdm-like object whose
         ``update(n)`` is called with the number of new tokens. With a ``session``
         (see ``Engine.session``), one prompt at a time continues that conversation.
+
+        ``seed``: prompt i samples with seed ``seed + i``, or ``seed[i]`` for a sequence. Each token is
+        drawn with the noise of its request's seed and its position, so a request and seed give the
+        same tokens alone or in any batch, on a fresh or a used engine, with any drafter, and the
+        tokens ``generate_plain`` samples (see "Seeds" in the README).
 
         ``messages`` replaces ``prompts`` for chat models: one conversation (a list of
         ``{"role", "content"}`` dicts) or a list of them, rendered with the target's chat template
@@ -323,6 +355,12 @@ class Engine:
         loops sync with the host less often, so there it is called once per request with the whole
         output. Without stop strings the chunks concatenate to the result's ``token_ids``; with them
         the last chunk may run past the cut.
+
+        ``logprobs=True`` fills each result's ``logprobs``: the target's log-probability of every
+        emitted token under the distribution it was drawn from (greedy rows: the log-softmax of the
+        raw logits; sampled rows: of ``sampling.target_probs``, temperature, top-k and top-p
+        applied), gathered on the device inside the step (a separate compiled step; the default
+        one is unchanged). Every result carries a per-pass ``trace`` (``specjax.engine.trace``).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -332,9 +370,12 @@ class Engine:
             self.encode_chat(conversation) for conversation in conversations(messages)]
         if session is not None and len(encoded) != 1:
             raise ValueError(f"a session continues one conversation: pass one prompt, got {len(encoded)}")
+        seed = request_seeds(seed, len(encoded))  # request i's seed: seed + i, or seed[i] (see "Seeds")
         if hasattr(self.drafter, "generate_hybrid"):  # Graft: device drafter + host retrieval, its own loop
             if session is not None:
                 raise ValueError("sessions run with host drafters (or none); this engine has a hybrid drafter")
+            if logprobs:
+                raise ValueError("logprobs are recorded by the host and on-device loops, not a hybrid drafter's")
             return _stream_whole(on_tokens, self.drafter.generate_hybrid(
                 self, encoded, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                 stop=stop, progress=progress))
@@ -345,18 +386,20 @@ class Engine:
 
             return _stream_whole(on_tokens, generate_on_device(
                 self, encoded, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                stop=stop, progress=progress, auto=self.device_auto, max_capacity=self.max_draft_capacity))
+                stop=stop, progress=progress, auto=self.device_auto, max_capacity=self.max_draft_capacity,
+                logprobs=logprobs))
         sampling = _per_prompt(SamplingParams.make(len(encoded), temperature, top_k, top_p))
         results: list[GenerationResult] = []
         for start in range(0, len(encoded), self.max_batch_size):
             end = start + self.max_batch_size
             results.extend(self._generate_batch(encoded[start:end], max_new_tokens,
                                                 {k: v[start:end] for k, v in sampling.items()},
-                                                seed + start, tuple(stop), progress, session, on_tokens, start))
+                                                seed[start:end], tuple(stop), progress, session, on_tokens,
+                                                start, logprobs))
         return results
 
     def _continue_session(self, session: Session, prompt: list, max_new_tokens: int, sampling: SamplingParams,
-                          seed: int):
+                          seeds: np.ndarray, return_logits: bool = False) -> Prefilled:
         """Prefill only the part of ``prompt`` the session has not cached."""
         cfg = self.target.config
         reused = session.reusable_prefix(prompt)
@@ -375,47 +418,55 @@ class Engine:
             cache = new_cache(cfg, 1, session.max_len, self.target.params["embed"].dtype, sharding)
         session.cache = None  # donated to the steps; stored back when the reply is done
         session.prefilled_tokens += len(new)
-        return extend(self.target.params, cfg, cache, jnp.asarray([reused], jnp.int32), jnp.asarray(tokens),
-                      jnp.asarray(lengths), jnp.asarray([max_new_tokens], jnp.int32), jax.random.key(seed),
-                      sampling, attention=self.attention, chunk=self.prefill_chunk)
+        return extend(self.target.params, cfg, cache, np.asarray([reused], np.int32), tokens, lengths,
+                      np.asarray([max_new_tokens], np.int32), request_keys(seeds), sampling,
+                      attention=self.attention, chunk=self.prefill_chunk,
+                      return_logits=return_logits)  # numpy: checked without a sync
 
-    def _prefill(self, prompts, width, max_len, max_new_tokens, sampling: SamplingParams, seed: int):
+    def _prefill(self, prompts, width, max_len, max_new_tokens, sampling: SamplingParams, seeds: np.ndarray,
+                 return_logits: bool = False) -> Prefilled:
         cfg = self.target.config
         tokens, lengths = pad_prompts(prompts, cfg.vocab_size, multiple=1)
         tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
         sharding = None if self.mesh is None else cache_sharding(cfg, self.mesh, len(prompts))
-        return prefill(self.target.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths),
-                       jnp.full(len(prompts), max_new_tokens, jnp.int32), jax.random.key(seed), sampling,
-                       max_len=max_len, attention=self.attention, cache_sharding=sharding,
-                       chunk=self.prefill_chunk)
+        return prefill(self.target.params, cfg, tokens, lengths, np.full(len(prompts), max_new_tokens, np.int32),
+                       request_keys(seeds), sampling, max_len=max_len, attention=self.attention,
+                       cache_sharding=sharding, chunk=self.prefill_chunk,
+                       return_logits=return_logits)  # numpy: checked without a sync
 
-    def _generate_batch(self, prompts, max_new_tokens, sampling: dict, seed, stop, progress,
+    def _generate_batch(self, prompts, max_new_tokens, sampling: dict, seeds: np.ndarray, stop, progress,
                         session: Optional[Session] = None, on_tokens: Optional[OnTokens] = None,
-                        first_index: int = 0):
-        cfg = self.target.config
+                        first_index: int = 0, logprobs: bool = False):
         t0 = time.perf_counter()
         n_requests = len(prompts)
         rows = 1 if session is not None else self.batch_bucket(n_requests)
         padded = list(prompts) + [prompts[-1]] * (rows - n_requests)  # padding rows finish at once
+        seeds = np.pad(seeds, (0, rows - n_requests), mode="edge")
         sampling = SamplingParams.make(rows, *(np.pad(sampling[k], (0, rows - n_requests), mode="edge")
                                                for k in ("temperature", "top_k", "top_p")))
-        width = self.prompt_bucket(max(len(p) for p in prompts))
-        max_len = session.max_len if session is not None else self.cache_bucket(width, max_new_tokens)
+        longest = max(len(p) for p in prompts)
+        width = self.prompt_bucket(longest)
+        max_len = session.max_len if session is not None else self.cache_bucket(longest, max_new_tokens)
         if session is None:
-            check_scratch_headroom(max_len, width + max_new_tokens, self.capacity)
+            check_scratch_headroom(max_len, longest + max_new_tokens, self.capacity)
         lanes = self._lanes(rows, max_len) if session is None else [np.arange(1)]
-        book = _Book(rows, n_requests, [next(self._request_ids) for _ in range(rows)], on_tokens, first_index)
+        book = _Book(rows, n_requests, [next(self._request_ids) for _ in range(rows)], on_tokens, first_index,
+                     logprobs)
         running = []
         for lane_rows in lanes:
             lane_sampling = jax.tree_util.tree_map(lambda a: a[lane_rows], sampling)
             if session is None:
-                state, first = self._prefill([padded[i] for i in lane_rows], width, max_len, max_new_tokens,
-                                             lane_sampling, seed + int(lane_rows[0]))
+                out = self._prefill([padded[i] for i in lane_rows], width, max_len, max_new_tokens,
+                                    lane_sampling, seeds[lane_rows], return_logits=logprobs)
             else:
-                state, first = self._continue_session(session, prompts[0], max_new_tokens, lane_sampling, seed)
-            book.start(lane_rows, np.asarray(first), np.asarray(state.finished))
-            if self.auto and (len(lane_rows), max_len) not in self._step_costs:
-                state = self._measure_step_costs(state)[1]  # timed on the live state: no second cache
+                out = self._continue_session(session, prompts[0], max_new_tokens, lane_sampling, seeds,
+                                             return_logits=logprobs)
+            state, first = out.state, out.first_tokens
+            first_logprobs = None if out.logits is None else token_logprobs(out.logits, first, lane_sampling)
+            book.start(lane_rows, np.asarray(first), np.asarray(state.finished), first_logprobs)
+            if self.auto and (len(lane_rows), max_len) not in self._step_costs:  # lazily: trees on first use
+                sizes = (0,) if self.lazy_compile else None
+                state = self._measure_step_costs(state, sizes=sizes)[1]  # on the live state: no second cache
             policy = self._policy(len(lane_rows), max_len) if self.auto else None
             running.append(_Lane(lane_rows, state, policy, np.asarray(state.finished)))
         if self.drafter is not None:
@@ -443,7 +494,8 @@ class Engine:
         texts = [self.decode(out) for out in outputs]
         outputs, texts = self.cut_stops(outputs, texts, stop)
         return [GenerationResult(out, text, int(book.passes[i]), int(book.accepted[i]), float(book.draft_s[i]),
-                                 float(book.verify_s[i]), wall, float(book.read_s[i]))
+                                 float(book.verify_s[i]), wall, float(book.read_s[i]), book.traces[i],
+                                 None if book.logprobs is None else book.logprobs[i][: len(out)])
                 for i, (out, text) in enumerate(zip(outputs, texts))]
 
     # ------------------------------------------------------------ the step loop
@@ -465,13 +517,13 @@ class Engine:
             return False  # CPU steps run on the drafting cores; nothing measured yet (first batch): serial
         drafting = self._draft_s_per_row * rows
         t = self.capacity if not self.auto else capacity_buckets(self.capacity)[1]
-        if (rows, max_len) not in self._step_costs:  # before this batch's prefill: one cache at a time
-            self._measure_step_costs(self._scratch_state(rows, max_len))
+        if t not in self._step_costs.get((rows, max_len), {}):  # before this batch's prefill: one cache at a time
+            self._measure_step_costs(self._scratch_state(rows, max_len), sizes=(0, t))
         full = self._step_costs[(rows, max_len)][t]
         if drafting < PIPELINE_MIN_DRAFT_SHARE * full:  # cannot pay: spare the half-batch compiles
             return False
-        if (rows // 2, max_len) not in self._step_costs:
-            self._measure_step_costs(self._scratch_state(rows // 2, max_len))
+        if t not in self._step_costs.get((rows // 2, max_len), {}):
+            self._measure_step_costs(self._scratch_state(rows // 2, max_len), sizes=(0, t))
         return pipelined_round_pays(full, self._step_costs[(rows // 2, max_len)][t], drafting)
 
     def _dispatch(self, lane: "_Lane", book: "_Book") -> None:
@@ -482,13 +534,15 @@ class Engine:
         capacity = self._choose_capacity(proposals, active, lane.policy)
         tree = self._pack(proposals, len(lane.rows), capacity)
         d1 = time.perf_counter()
+        if lane.policy is not None and capacity not in lane.policy.costs:  # first use: compile, time it
+            lane.state = self._measure_step_costs(lane.state, sizes=(capacity,))[1]
         finished = book.finished[lane.rows]
         if (finished != lane.device_finished).any():  # stop strings end rows the device doesn't know of
             lane.state = lane.state.replace(finished=jnp.asarray(finished))
         cfg = self.target.config
         lane.state, acc = step(self.target.params, lane.state, tree, cfg=cfg, attention=self.attention,
-                               eos_ids=cfg.eos_token_ids)
-        lane.in_flight = (acc, capacity, proposals, active, d1)
+                               eos_ids=cfg.eos_token_ids, logprobs=book.logprobs is not None)
+        lane.in_flight = (acc, capacity, proposals, active, d1, d1 - d0)
         drafted = [p for p in proposals if p is not None]
         if drafted and lane.policy is not None:
             lane.policy.record_drafting(d1 - d0)  # speculation's host cost, in the policy's cost model
@@ -501,12 +555,12 @@ class Engine:
 
     def _collect(self, lane: "_Lane", book: "_Book", stop, progress) -> None:
         """Wait for the lane's step, read back only the emitted tokens, and book them."""
-        acc, capacity, proposals, active, dispatched = lane.in_flight
+        acc, capacity, proposals, active, dispatched, drafting = lane.in_flight
         lane.in_flight = None
         jax.block_until_ready(acc.num)
         d2 = time.perf_counter()
-        emitted, num, n_draft, lane.device_finished = jax.device_get(
-            (acc.tokens, acc.num, acc.num_draft_accepted, lane.state.finished))
+        emitted, num, n_draft, lane.device_finished, logprobs = jax.device_get(
+            (acc.tokens, acc.num, acc.num_draft_accepted, lane.state.finished, acc.logprobs))
         d3 = time.perf_counter()
         if lane.policy is not None:
             lane.policy.record(capacity, d3 - dispatched, expected_accepted(_probs(proposals), capacity),
@@ -519,6 +573,11 @@ class Engine:
             book.emit(i, emitted[j, : num[j]].tolist())
             book.passes[i] += 1
             book.accepted[i] += n_draft[j]
+            drafted = 0 if proposals[j] is None else min(len(proposals[j]), capacity)
+            book.traces[i].append(TraceStep(capacity, drafted, int(n_draft[j]), int(num[j]),
+                                            float(drafting * share[j]), d2 - dispatched))
+            if logprobs is not None:
+                book.logprobs[i].extend(logprobs[j, : num[j]].tolist())
         report_progress(progress, int(num[lane.rows < book.n_requests].sum()))
         book.finished[lane.rows] = lane.device_finished | self.stop_string_hits(
             [book.outputs[i] for i in lane.rows], stop)
@@ -534,9 +593,11 @@ class Engine:
     # ------------------------------------------------------------ drafting
 
     def _policy(self, rows: int, max_len: int) -> CapacityPolicy:
-        """A per-batch policy over this bucket's step costs (measured already; the policy's
-        running updates stay with the engine) and the drafter's calibration so far."""
-        return CapacityPolicy(costs=self._step_costs[(rows, max_len)], calibration=self._calibration,
+        """A per-batch policy over this bucket's step costs (the plain step's measured already, the
+        trees' as the policy reaches them; its running updates stay with the engine) and the
+        drafter's calibration so far."""
+        return CapacityPolicy(costs=self._step_costs[(rows, max_len)], sizes=self.tree_sizes,
+                              calibration=self._calibration,
                               draft_s=(self._draft_s_per_row or 0.0) * rows)
 
     def _scratch_state(self, rows: int, max_len: int) -> DecodeState:
@@ -546,37 +607,41 @@ class Engine:
         return DecodeState(cache=new_cache(cfg, rows, max_len, self.target.params["embed"].dtype, sharding),
                            lengths=jnp.zeros(rows, jnp.int32), last_tokens=jnp.zeros(rows, jnp.int32),
                            remaining=jnp.full(rows, max_len, jnp.int32), finished=jnp.zeros(rows, bool),
-                           rng=jax.random.key(0), sampling=SamplingParams.make(rows))
+                           rng=request_keys(np.zeros(rows, np.int64)), sampling=SamplingParams.make(rows),
+                           eos_ids=cfg.eos_token_ids)  # as prefill's states: the same compiled step
 
-    def _measure_step_costs(self, state: DecodeState, timing_steps: int = 3) -> tuple[dict[int, float], DecodeState]:
-        """Time each tree size's step on ``state`` (a live one: no second KV cache); return it unchanged.
+    def _measure_step_costs(self, state: DecodeState, timing_steps: int = 3,
+                            sizes: Optional[Sequence[int]] = None) -> tuple[dict[int, float], DecodeState]:
+        """Time each tree size's step (``sizes``, default all) on ``state`` (a live one: no second KV
+        cache); return it unchanged.
 
         The timed steps see every row finished, so they emit nothing and leave lengths, tokens and
         budgets alone; they write K/V only above the cached tokens (where the next step writes
         anyway), from the middle of the cache where the rows are shorter. The rows' finished flags
-        and random key are put back. Records the median of ``timing_steps`` runs per size under
+        are put back. Records the median of ``timing_steps`` runs per size under
         (rows, cache slots) and returns the first call's time per size (compilation, unless already
         compiled) with the state.
         """
         cfg, params = self.target.config, self.target.params
         rows, max_len = state.lengths.shape[0], state.cache.k.shape[3]
-        live = (state.lengths, state.finished, state.rng)  # never passed to a step, so never donated
-        middle = min(max_len // 2, max_len - max(self.tree_sizes) - 1)
-        state = state.replace(lengths=jnp.maximum(state.lengths, middle), finished=jnp.ones(rows, bool),
-                              rng=jax.random.key(0))
+        live = (state.lengths, state.finished)  # never passed to a step, so never donated
+        sizes = self.tree_sizes if sizes is None else tuple(sizes)
+        middle = min(max_len // 2, max_len - max(sizes) - 1)
+        state = state.replace(lengths=jnp.maximum(state.lengths, middle), finished=jnp.ones(rows, bool))
         costs, first_calls = {}, {}
-        for t in self.tree_sizes:
+        for t in sizes:
             tree = empty_tree(rows, t)  # host arrays and the loop's eos_ids: the very program the loop runs
             times = []
             for _ in range(timing_steps + 1):
                 t0 = time.perf_counter()  # timed as the generation loop times a step
-                state, acc = step(params, state, tree, cfg=cfg, attention=self.attention, eos_ids=cfg.eos_token_ids)
+                state, acc = step(params, state, tree, cfg=cfg, attention=self.attention, eos_ids=cfg.eos_token_ids,
+                                  logprobs=False)
                 jax.block_until_ready(acc.num)
                 jax.device_get((acc.tokens, acc.num, acc.num_draft_accepted, state.finished))
                 times.append(time.perf_counter() - t0)
             costs[t], first_calls[t] = float(np.median(times[1:])), times[0]
-        self._step_costs[(rows, max_len)] = costs
-        return first_calls, state.replace(lengths=live[0], finished=live[1], rng=live[2])
+        self._step_costs.setdefault((rows, max_len), {}).update(costs)  # the same dict as its policies'
+        return first_calls, state.replace(lengths=live[0], finished=live[1])
 
     def _propose(self, rids, rows: np.ndarray, active, policy: Optional[CapacityPolicy],
                  unobserved) -> list[Optional[Proposal]]:
@@ -584,10 +649,12 @@ class Engine:
         proposals: list[Optional[Proposal]] = [None] * len(rows)
         if self.drafter is None or self.capacity == 0 or (policy is not None and not policy.should_draft()):
             return proposals
-        for j in np.flatnonzero(active):
+        drafted = np.flatnonzero(active)
+        for j in drafted:
             i = rows[j]
             self._observe(rids[i], unobserved[i])
             proposals[j] = self.drafter.propose(rids[i], self.capacity)
+        check_proposals([proposals[j] for j in drafted], self.drafter, self.capacity, self.target.config.vocab_size)
         return proposals
 
     def _observe(self, rid, tokens: list) -> None:
@@ -604,7 +671,7 @@ class Engine:
         return policy.choose(_probs(proposals), int(active.sum()))
 
     def _pack(self, proposals, rows: int, capacity: int) -> DraftTree:
-        """The proposals truncated to ``capacity`` nodes (best-first order keeps the best ones)."""
+        """The (checked) proposals truncated to ``capacity`` nodes (best-first order keeps the best ones)."""
         tokens = np.zeros((rows, capacity), np.int32)
         parents = np.full((rows, capacity), -1, np.int32)
         valid = np.zeros((rows, capacity), bool)

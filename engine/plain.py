@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.engine.sampling import SamplingParams, sample_or_argmax
+from specjax.engine.sampling import (SamplingParams, position_keys, request_keys, request_seeds, row_keys,
+                                     sample_or_argmax)
 from specjax.engine.state import DecodeState
-from specjax.engine.steps import _is_eos, prefill
+from specjax.engine.buckets import prompt_bucket
+from specjax.engine.steps import PREFILL_CHUNK, _is_eos, prefill
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import forward
 from specjax.models.loading import Model
@@ -27,8 +29,8 @@ def decode_step(params, state: DecodeState, *, cfg: ModelConfig, attention: str 
     b = state.lengths.shape[0]
     out = forward(params, cfg, state.last_tokens[:, None], state.lengths[:, None], state.cache,
                   state.lengths, jnp.ones((b, 1, 1), bool), attention=attention)
-    rng, key = jax.random.split(state.rng)
-    nxt = sample_or_argmax(key, out.logits[:, 0], state.sampling)
+    keys = position_keys(row_keys(state.rng, b), state.lengths + 1)  # the next token's position
+    nxt = sample_or_argmax(keys, out.logits[:, 0], state.sampling)
     active = ~state.finished
     remaining = state.remaining - active.astype(jnp.int32)
     return state.replace(
@@ -37,7 +39,6 @@ def decode_step(params, state: DecodeState, *, cfg: ModelConfig, attention: str 
         last_tokens=jnp.where(active, nxt, state.last_tokens),
         remaining=remaining,
         finished=state.finished | (active & _is_eos(nxt, cfg.eos_token_ids)) | (remaining <= 0),
-        rng=rng,
     )
 
 
@@ -63,20 +64,28 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, multiple: int
 
 
 def generate_plain(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed=0,
                    stop_at_eos: bool = True, attention: str = "xla") -> list[list[int]]:
-    """Generate up to ``max_new_tokens`` per prompt, one target pass per token."""
+    """Generate up to ``max_new_tokens`` per prompt, one target pass per token.
+
+    Prompt i's seed is ``seed + i`` (or ``seed[i]`` for a sequence), as in ``Engine.generate``: each
+    token is drawn with the noise of its request and position, so with a host drafter (or none) the
+    Engine samples exactly these tokens (see "Seeds" in the README)."""
     cfg = model.config
     if not stop_at_eos:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, eos_token_ids=())
-    tokens, lengths = pad_prompts(prompts, cfg.vocab_size)
-    max_len = int(-(-(tokens.shape[1] + max_new_tokens + 1) // 64) * 64)
-    budget = jnp.full(len(prompts), max_new_tokens, jnp.int32)
+    tokens, lengths = pad_prompts(prompts, cfg.vocab_size, multiple=1)
+    longest, width = tokens.shape[1], prompt_bucket(tokens.shape[1], PREFILL_CHUNK)  # the Engine's widths
+    tokens = np.pad(tokens, ((0, 0), (0, width - longest)))
+    max_len = int(-(-max(width, longest + max_new_tokens + 1) // 64) * 64)
+    budget = np.full(len(prompts), max_new_tokens, np.int32)
     sampling = SamplingParams.make(len(prompts), temperature, top_k, top_p)
-    state, first = prefill(model.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), budget,
-                           jax.random.key(seed), sampling, max_len=max_len, attention=attention)
+    prefilled = prefill(model.params, cfg, tokens, lengths, budget,  # numpy: checked on the host for free
+                        request_keys(request_seeds(seed, len(prompts))), sampling, max_len=max_len,
+                        attention=attention)
+    state, first = prefilled.state, prefilled.first_tokens
     outputs = [[int(t)] for t in np.asarray(first)]
     finished = np.asarray(state.finished)
     while not finished.all():

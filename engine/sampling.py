@@ -119,15 +119,72 @@ def target_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
 
 def sample_or_argmax(key: jax.Array, logits: jax.Array, sp: SamplingParams) -> jax.Array:
     """int32[B, ...] next tokens from logits[B, ..., V]: argmax for greedy rows, else a draw
-    from ``target_probs``. An all-greedy batch skips the filters and the random draw."""
+    from ``target_probs`` (``gumbel_argmax``; ``key`` is one key or one per row, e.g. the
+    ``position_keys`` of each row's next token). An all-greedy batch skips the filters and the draw."""
     greedy = _per_node(sp.temperature, logits.shape[:-1]).reshape(logits.shape[:-1]) <= 0
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw():
-        sampled = jax.random.categorical(key, jnp.log(target_probs(logits, sp)), axis=-1).astype(jnp.int32)
-        return jnp.where(greedy, argmax, sampled)
+        return jnp.where(greedy, argmax, gumbel_argmax(key, jnp.log(target_probs(logits, sp))))
 
     return lax.cond(sp.any_sampled(), draw, lambda: argmax)
+
+
+# ------------------------------------------------------------------ seeds
+#
+# Every random draw is a function of (the request's key, the absolute position of the token
+# drawn), never of the batch, the step or the tree: a request's sampled output is then the same
+# alone or in any batch, whatever tree sizes the auto policy picks. Prefill, plain steps and
+# speculative acceptance draw the token at a position with its noise; sampling model drafters
+# draw their children there with the same noise (the Gumbel coupling, ``drafters.device``).
+
+
+def request_keys(seeds) -> jax.Array:
+    """[B] keys, one per request seed (what ``prefill`` takes as ``rng``)."""
+    seeds = np.asarray(seeds)
+    if seeds.ndim != 1 or not np.issubdtype(seeds.dtype, np.integer):
+        raise ValueError(f"seeds must be a 1-D sequence of ints, got {seeds!r}")
+    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+
+
+def request_seeds(seed, n: int) -> np.ndarray:
+    """int64[n] per-request seeds: ``seed + i`` for request i from an int, or one seed per request."""
+    array = np.asarray(seed)
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer) or array.ndim > 1:
+        raise ValueError(f"seed must be an int or one int per prompt, got {seed!r}")
+    if array.ndim == 1 and array.shape[0] != n:
+        raise ValueError(f"seed has {array.shape[0]} values for {n} prompts")
+    seeds = array.astype(np.int64) + (np.arange(n) if array.ndim == 0 else 0)
+    if np.any((seeds < 0) | (seeds >= 2 ** 32)):
+        raise ValueError(f"seeds must be in [0, 2**32), got {seeds.tolist()}")
+    return seeds
+
+
+def row_keys(rng: jax.Array, batch_size: int) -> jax.Array:
+    """[B] per-row keys: ``rng`` itself when it holds one key per row, else B keys split from it."""
+    if rng.ndim == 0:
+        return jax.random.split(rng, batch_size)
+    if rng.shape != (batch_size,):
+        raise ValueError(f"rng holds {rng.shape} keys for {batch_size} rows: pass one key or one per row")
+    return rng
+
+
+def position_keys(keys: jax.Array, positions: jax.Array) -> jax.Array:
+    """[B] keys of each row's draw at absolute sequence ``positions[b]``."""
+    return jax.vmap(jax.random.fold_in)(keys, positions.astype(jnp.uint32))
+
+
+def gumbel_argmax(key: jax.Array, logp: jax.Array) -> jax.Array:
+    """int32 argmax(logp + Gumbel noise) over the last axis: an exact draw from softmax(logp).
+
+    ``key``: one key for the whole array, or one per row ([B]: each row's noise depends on its
+    key alone, so the draw does not depend on the batch around it).
+    """
+    if key.ndim == 0:
+        noise = jax.random.gumbel(key, logp.shape)
+    else:
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, logp.shape[1:]))(key)
+    return jnp.argmax(logp + noise, axis=-1).astype(jnp.int32)
 
 
 def _per_node(row_values: jax.Array, lead_shape: tuple[int, ...]) -> jax.Array:

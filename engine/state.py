@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from specjax.engine.sampling import SamplingParams
 from specjax.models.decoder import KVCache
@@ -19,6 +20,8 @@ class DecodeState:
     generated token, not yet in the cache: it is the root of the next draft tree.
     ``remaining[b]`` counts tokens still allowed (max_new_tokens budget).
     ``sampling`` holds each row's temperature / top-k / top-p as runtime arrays.
+    ``eos_ids`` (static, not an array) are the tokens that end a sequence: ``prefill`` sets the
+    model config's, and ``accept`` stops at them unless told otherwise.
     """
 
     cache: KVCache
@@ -26,8 +29,19 @@ class DecodeState:
     last_tokens: jax.Array  # int32[B]
     remaining: jax.Array  # int32[B]
     finished: jax.Array  # bool[B]
-    rng: jax.Array  # PRNG key
+    rng: jax.Array  # [B] per-row request keys (or one key, split per row); never advanced: draws fold in positions
     sampling: SamplingParams
+    eos_ids: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     def replace(self, **changes) -> "DecodeState":
         return dataclasses.replace(self, **changes)
+
+
+def fork(state: DecodeState) -> DecodeState:
+    """A copy of the state in new buffers (every array leaf copied, on the device, no sync).
+
+    ``step`` / ``verify`` / ``accept`` donate their state: its buffers are reused for the result, so a
+    state can be stepped once. To try several trees from one state, step a fork per try:
+    ``step(params, fork(state), tree_a, cfg=cfg)``, then ``step(params, state, tree_b, cfg=cfg)``.
+    """
+    return jax.tree_util.tree_map(jnp.copy, state)

@@ -10,19 +10,26 @@ only the ``Accepted`` tokens.
 
 Sampling settings are per-row arrays in the state (``DecodeState.sampling``),
 so a new temperature never recompiles and rows of one batch may differ.
+
+The steps donate their state (the cache is updated in place): a state is stepped
+once, and ``fork(state)`` (``specjax.engine.state``) copies it to try several trees.
+``prefill`` / ``extend`` check concrete inputs on the host (ids, lengths,
+positions); the jitted steps never sync with the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from specjax.engine.sampling import SamplingParams, sample_or_argmax, target_probs
+from specjax.engine.sampling import (SamplingParams, gumbel_argmax, position_keys, row_keys, sample_or_argmax,
+                                     target_probs)
 from specjax.engine.state import DecodeState
 from specjax.engine.tree import DraftTree, ancestor_mask, depths, parents_with_root
 from specjax.models.config import ModelConfig
@@ -48,6 +55,7 @@ class Accepted:
     num: jax.Array  # int32[B]
     num_draft_accepted: jax.Array  # int32[B], draft tokens among them
     path: jax.Array  # int32[B, T + 1]
+    logprobs: Optional[jax.Array] = None  # float32[B, T + 1] of ``tokens`` (see ``token_logprobs``), on request
 
 
 @jax.tree_util.register_dataclass
@@ -57,6 +65,89 @@ class StepAux:
 
     logits: jax.Array  # float32[B, T + 1, V]
     hidden: Optional[jax.Array]  # [len(hidden_layers), B, T + 1, H] or None
+
+
+class Prefilled(NamedTuple):
+    """What ``prefill`` and ``extend`` return: always these four fields, None where not asked for."""
+
+    state: DecodeState
+    first_tokens: jax.Array  # int32[B], the first new token per row (already counted against its budget)
+    hidden: Optional[jax.Array] = None  # [len(hidden_layers), B, P, H] of every position, with hidden_layers
+    logits: Optional[jax.Array] = None  # float32[B, V], each row's last prompt position, with return_logits
+
+
+class _DonatesState:
+    """A jitted step that donates its ``DecodeState``, refusing a state an earlier step already donated.
+
+    XLA's own error says only "Buffer has been deleted or donated"; this one names ``fork``.
+    ``is_deleted`` reads a host-side flag (no device sync); traced states (inside the caller's own
+    ``jit``) pass unchecked. Every other attribute (``lower``, ``clear_cache``, ...) is the jitted
+    function's.
+    """
+
+    def __init__(self, jitted, position: int):
+        self._jitted, self._position = jitted, position
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, *args, **kwargs):
+        state = args[self._position] if len(args) > self._position else kwargs.get("state")
+        refuse_donated(state, f"{self.__name__}()")
+        return self._jitted(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._jitted, name)
+
+
+def _donates_state(position: int):
+    return lambda jitted: _DonatesState(jitted, position)
+
+
+def refuse_donated(tree, where: str) -> None:
+    """Raise if any concrete array of ``tree`` (a state or cache) was donated to an earlier step."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.is_deleted():
+            raise ValueError(f"{where}: this state's buffers were donated to an earlier step and are gone; "
+                             "pass the state that step returned, or step a copy, fork(state) "
+                             "(specjax.engine.state.fork), to try several trees from one state")
+
+
+def _concrete(*trees) -> bool:
+    """True when no leaf is a tracer (the values can be read on the host)."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
+
+
+def check_prompt_inputs(cfg: ModelConfig, cache_slots: int, starts, tokens, lengths, max_new_tokens) -> None:
+    """Host-side checks of a prefill's inputs, with errors naming the problem.
+
+    The jitted chunks would run bad input silently: an id >= vocab reads a clamped embedding row and a
+    position past ``max_position_embeddings`` extrapolates RoPE. Only real positions are checked (the
+    padding is never read). Reads the values, so callers skip it for traced or already-checked inputs.
+    """
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"prompt tokens must be integer ids [batch, width], got {tokens.dtype}{list(tokens.shape)}")
+    b, p = tokens.shape
+    if lengths.shape != (b,):
+        raise ValueError(f"prompt lengths must have shape [{b}] (one per row), got {list(lengths.shape)}")
+    starts = np.broadcast_to(np.asarray(starts), (b,))
+    budget = np.broadcast_to(np.asarray(max_new_tokens), (b,))
+    for row in range(b):
+        if not 1 <= lengths[row] <= p:
+            raise ValueError(f"row {row}: prompt length {lengths[row]} is outside [1, {p}] (the padded width)")
+        ids = tokens[row, : lengths[row]]
+        bad = (ids < 0) | (ids >= cfg.vocab_size)
+        if bad.any():
+            raise ValueError(f"row {row}: token id {ids[bad][0]} at position {np.argmax(bad)} is outside the "
+                             f"vocab [0, {cfg.vocab_size})")
+        end = int(starts[row] + lengths[row])
+        if end > cfg.max_position_embeddings:
+            raise ValueError(f"row {row}: {end} tokens ({starts[row]} cached + {lengths[row]} new) exceed the "
+                             f"model's max_position_embeddings ({cfg.max_position_embeddings})")
+        if end + 1 > cache_slots:
+            raise ValueError(f"row {row}: {end} prompt tokens + the first new token do not fit a cache of "
+                             f"{cache_slots} slots")
+        if budget[row] < 1:
+            raise ValueError(f"row {row}: max_new_tokens must be >= 1, got {budget[row]}")
 
 
 # ------------------------------------------------------------------ prefill
@@ -92,33 +183,48 @@ def prefill_chunk(params, cache: KVCache, tokens: jax.Array, starts: jax.Array, 
     return cache, jnp.where(here[:, None], picked.astype(last_hidden.dtype), last_hidden), hidden
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnames=("cfg", "return_logits"), donate_argnums=(2,))
 def _first_tokens(params, cfg: ModelConfig, cache: KVCache, last_hidden, lengths, max_new_tokens, rng,
-                  sampling: SamplingParams):
-    """The LM head on each sequence's last position only ([B, V], never [B, P, V])."""
-    rng, key = jax.random.split(rng)
-    first = sample_or_argmax(key, lm_head(params, cfg, last_hidden), sampling)
+                  sampling: SamplingParams, return_logits: bool = False):
+    """The LM head on each sequence's last position only ([B, V], never [B, P, V]); the first token
+    is drawn with the noise of its position (``lengths``), and the state keeps the per-row keys."""
+    rng = row_keys(rng, lengths.shape[0])
+    logits = lm_head(params, cfg, last_hidden)
+    first = sample_or_argmax(position_keys(rng, lengths), logits, sampling)
     finished = _is_eos(first, cfg.eos_token_ids) | (max_new_tokens <= 1)
     state = DecodeState(cache=cache, lengths=lengths.astype(jnp.int32), last_tokens=first,
                         remaining=max_new_tokens.astype(jnp.int32) - 1, finished=finished, rng=rng,
-                        sampling=sampling)
-    return state, first
+                        sampling=sampling, eos_ids=tuple(cfg.eos_token_ids))
+    return Prefilled(state, first, logits=logits if return_logits else None)
 
 
 def extend(params, cfg: ModelConfig, cache: KVCache, starts: jax.Array, new_tokens: jax.Array,
            new_lengths: jax.Array, max_new_tokens: jax.Array, rng: jax.Array, sampling: SamplingParams, *,
-           attention: str = "xla", hidden_layers: tuple[int, ...] = (), chunk: int = PREFILL_CHUNK):
+           attention: str = "xla", hidden_layers: tuple[int, ...] = (), chunk: int = PREFILL_CHUNK,
+           return_logits: bool = False, validate: bool = True) -> Prefilled:
     """Prefill new_tokens[B, P] (right-padded, new_lengths[b] real) after starts[b] cached tokens.
 
     The general prefill: ``prefill`` is ``extend`` from an empty cache, and a
-    session's next turn extends the cache it kept. Prompts wider than ``chunk``
-    must be padded to a multiple of it; they run as a host loop over one
-    compiled chunk function. Returns (state, first tokens) and, when
-    ``hidden_layers`` is given, the hidden states [n, B, P, H] of every position.
+    session's next turn extends the cache it kept (donated: pass a cache once).
+    Prompts wider than ``chunk`` must be padded to a multiple of it
+    (``specjax.engine.buckets.prompt_bucket`` gives such widths); they run as a
+    host loop over one compiled chunk function. Returns a ``Prefilled``: the
+    state and first tokens, the hidden states [n, B, P, H] of every position
+    when ``hidden_layers`` is given, and with ``return_logits`` the float32
+    logits [B, V] of each row's last prompt position (before temperature,
+    top-k and top-p).
+
+    ``validate`` checks concrete inputs on the host (``check_prompt_inputs``:
+    ids in the vocab, lengths, positions within ``max_position_embeddings`` and
+    the cache); traced inputs are never read. Callers that checked already
+    pass False to skip reading the arrays back.
     """
     b, p = new_tokens.shape
     if p > chunk and p % chunk:
         raise ValueError(f"prompt width {p} exceeds the prefill chunk {chunk} and is not a multiple of it")
+    refuse_donated(cache, "extend()")
+    if validate and _concrete(starts, new_tokens, new_lengths, max_new_tokens):
+        check_prompt_inputs(cfg, cache.k.shape[3], starts, new_tokens, new_lengths, max_new_tokens)
     width = min(p, chunk)
     starts = jnp.asarray(starts, jnp.int32)
     ends = starts + jnp.asarray(new_lengths, jnp.int32)
@@ -129,29 +235,30 @@ def extend(params, cfg: ModelConfig, cache: KVCache, starts: jax.Array, new_toke
                                                    starts + offset, ends, last_hidden, cfg=cfg,
                                                    attention=attention, hidden_layers=tuple(hidden_layers))
         hidden_parts.append(hidden)
-    state, first = _first_tokens(params, cfg, cache, last_hidden, ends, jnp.asarray(max_new_tokens), rng,
-                                 sampling)
-    if not hidden_layers:
-        return state, first
-    return state, first, jnp.concatenate(hidden_parts, axis=2)
+    out = _first_tokens(params, cfg, cache, last_hidden, ends, jnp.asarray(max_new_tokens), rng, sampling,
+                        return_logits=return_logits)
+    return out._replace(hidden=jnp.concatenate(hidden_parts, axis=2) if hidden_layers else None)
 
 
 def prefill(params, cfg: ModelConfig, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
             max_new_tokens: jax.Array, rng: jax.Array, sampling: SamplingParams, *, max_len: int,
             attention: str = "xla", cache_sharding=None, hidden_layers: tuple[int, ...] = (),
-            chunk: int = PREFILL_CHUNK):
+            chunk: int = PREFILL_CHUNK, return_logits: bool = False, validate: bool = True) -> Prefilled:
     """Run right-padded prompts [B, P] through the target and pick each first new token.
 
-    Returns the state and the first tokens (already counted against the budget),
-    plus the prompt's hidden states when ``hidden_layers`` is given (see ``extend``).
-    ``cache_sharding`` (a NamedSharding) lays the new cache out over a mesh.
+    Returns a ``Prefilled`` (state, first tokens, and the hidden states / last
+    position's logits when asked for; see ``extend``, which also describes
+    ``validate``). The state's ``eos_ids`` are the config's. ``cache_sharding``
+    (a NamedSharding) lays the new cache out over a mesh. The padded width must
+    fit the ``max_len`` cache slots, and each real prompt one slot more.
     """
     b = prompt_tokens.shape[0]
-    if prompt_tokens.shape[1] + 1 > max_len:
-        raise ValueError(f"prompt width {prompt_tokens.shape[1]} does not fit a cache of {max_len} slots")
+    if prompt_tokens.shape[1] > max_len:
+        raise ValueError(f"prompt width {prompt_tokens.shape[1]} (padded) does not fit a cache of {max_len} slots")
     cache = new_cache(cfg, b, max_len, params["embed"].dtype, cache_sharding)
     return extend(params, cfg, cache, jnp.zeros(b, jnp.int32), prompt_tokens, prompt_lengths, max_new_tokens,
-                  rng, sampling, attention=attention, hidden_layers=hidden_layers, chunk=chunk)
+                  rng, sampling, attention=attention, hidden_layers=hidden_layers, chunk=chunk,
+                  return_logits=return_logits, validate=validate)
 
 
 # ------------------------------------------------------------------ verify
@@ -174,11 +281,13 @@ def _verify_impl(params, state: DecodeState, tree: DraftTree, cfg: ModelConfig, 
     return state.replace(cache=out.cache), out.logits, out.hidden
 
 
+@_donates_state(position=1)
 @functools.partial(jax.jit, static_argnames=("cfg", "attention", "hidden_layers"), donate_argnums=(1,))
 def verify(params, state: DecodeState, tree: DraftTree, *, cfg: ModelConfig, attention: str = "xla",
            hidden_layers: tuple[int, ...] = ()) -> tuple[DecodeState, jax.Array, Optional[jax.Array]]:
     """One target pass over root + tree. Returns the state (cache written), logits [B, T+1, V]
-    and the requested hidden states (for model drafters)."""
+    and the requested hidden states (for model drafters). Donates ``state``: ``fork`` it to try
+    several trees."""
     return _verify_impl(params, state, tree, cfg, attention, hidden_layers)
 
 
@@ -196,54 +305,37 @@ def _greedy_path(tokens, parents, valid, anc, depth, logits):
     return best, bonus
 
 
-def _sampled_path_one(tokens, parents, valid, probs, q_dists, key):
-    """Lossless tree rejection sampling for one sequence (SpecInfer-style, recursive over siblings).
+def _sampled_walk(tokens, parents, valid, logits, lengths, keys, sampling: SamplingParams, done):
+    """Sampled rows: the deepest node whose whole path agrees with the target's draws, and the bonus.
 
-    At the current node with residual target distribution p, the next unvisited
-    child x is accepted with min(1, p(x)/q(x)) (q = point mass on x when the
-    drafter gives no q); on rejection p <- normalize((p - q)+) and the next
-    sibling is tried. When no child is left, the bonus token is drawn from p.
-    Every child is examined at most once, so N - 1 iterations suffice.
+    The target's token after a node at depth d is ``gumbel_argmax`` of its ``target_probs`` with
+    the noise of that position (``lengths + d + 1``, the row's key): greedy acceptance with this
+    draw in place of the argmax. The emitted tokens are then exactly what plain sampling with the
+    same per-position noise emits, whatever the tree (lossless, and independent of the tree size,
+    the drafter and the batch). Nodes on agreeing paths share their prefix, so one of them (the
+    first) stands for the depth; duplicate siblings keep every copy's subtree alive. The walk runs
+    one depth per iteration until every row has drawn its bonus; ``done`` rows (greedy, finished)
+    are skipped.
     """
-    n = tokens.shape[0]
-    index = jnp.arange(n)
+    b, n = tokens.shape
+    rows = jnp.arange(b)
+    child_slot = jnp.arange(n)[None, :] >= 1
 
-    def step(_, carry):
-        cur, p, ptr, done, best, key = carry
-        candidates = (index >= ptr) & (index >= 1) & (parents == cur) & valid
-        has_child = jnp.any(candidates) & ~done
-        child = jnp.argmax(candidates)
-        x = tokens[child]
-        key, sub = jax.random.split(key)
-        if q_dists is None:
-            q = jax.nn.one_hot(x, p.shape[0], dtype=p.dtype)
-        else:
-            q = q_dists[cur]
-        accept_prob = jnp.minimum(1.0, p[x] / jnp.maximum(q[x], 1e-30))
-        accepted = has_child & (jax.random.uniform(sub) < accept_prob)
-        residual = jnp.maximum(p - q, 0.0)
-        mass = residual.sum()
-        residual = jnp.where(mass > 1e-12, residual / jnp.maximum(mass, 1e-30), p)
-        p = jnp.where(accepted, probs[child], jnp.where(has_child, residual, p))
-        cur = jnp.where(accepted, child, cur)
-        best = jnp.where(accepted, child, best)
-        ptr = jnp.where(has_child, child + 1, ptr)
-        return cur, p, ptr, done | ~has_child, best, key
+    def body(carry):
+        d, alive, best, bonus, done = carry
+        node = jnp.argmax(alive, axis=1)  # the first node of this depth on an agreeing path
+        logp = jnp.log(target_probs(logits[rows, node], sampling))
+        draw = gumbel_argmax(position_keys(keys, lengths + d + 1), logp)
+        children = child_slot & valid & jnp.take_along_axis(alive, parents, axis=1) & (tokens == draw[:, None])
+        found = jnp.any(children, axis=1) & ~done
+        best = jnp.where(found, jnp.argmax(children, axis=1), best)
+        bonus = jnp.where(done | found, bonus, draw)
+        return d + 1, jnp.where(found[:, None], children, alive), best, bonus, done | ~found
 
-    init = (jnp.int32(0), probs[0], jnp.int32(1), jnp.bool_(False), jnp.int32(0), key)
-    _, p, _, _, best, key = lax.fori_loop(0, max(n - 1, 0), step, init)
-    bonus = jax.random.categorical(key, jnp.log(p)).astype(jnp.int32)
-    return best, bonus
-
-
-def _sampled_paths(tokens, parents, valid, logits, tree: DraftTree, sampling: SamplingParams, key):
-    """Per-row rejection sampling over the batch (point masses unless the tree carries q)."""
-    probs = target_probs(logits, sampling)
-    keys = jax.random.split(key, tokens.shape[0])
-    if tree.q_dists is None:
-        point_mass = lambda t, pa, v, pr, k: _sampled_path_one(t, pa, v, pr, None, k)
-        return jax.vmap(point_mass)(tokens, parents, valid, probs, keys)
-    return jax.vmap(_sampled_path_one)(tokens, parents, valid, probs, tree.q_dists.astype(jnp.float32), keys)
+    alive = jnp.zeros((b, n), bool).at[:, 0].set(True)
+    init = (jnp.int32(0), alive, jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32), done)
+    _, _, best, bonus, _ = lax.while_loop(lambda c: ~jnp.all(c[-1]), body, init)
+    return best.astype(jnp.int32), bonus
 
 
 def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -263,15 +355,33 @@ def _compact_cache(cache: KVCache, lengths: jax.Array, path: jax.Array) -> KVCac
                    write_rows(cache.v, read_rows(cache.v, sources), targets))
 
 
-def _accept_impl(state: DecodeState, tree: DraftTree, logits: jax.Array, eos_ids: tuple[int, ...]):
+def token_logprobs(logits: jax.Array, tokens: jax.Array, sampling: SamplingParams) -> jax.Array:
+    """float32[B, ...]: each token's log-probability under the distribution it was drawn from.
+
+    logits[B, ..., V] are the target's at the positions that emitted tokens[B, ...]. Greedy rows:
+    the log-softmax of the raw logits. Sampled rows: the log of ``target_probs`` (temperature,
+    top-k and top-p applied), so a token outside top-k/top-p would read -inf (none is emitted).
+    """
+    picked = lambda dist: jnp.take_along_axis(dist, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    raw = picked(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+
+    def with_sampled_rows():
+        greedy_row = (sampling.temperature <= 0).reshape((-1,) + (1,) * (tokens.ndim - 1))
+        return jnp.where(greedy_row, raw, jnp.log(picked(target_probs(logits, sampling))))
+
+    return lax.cond(sampling.any_sampled(), with_sampled_rows, lambda: raw)
+
+
+def _accept_impl(state: DecodeState, tree: DraftTree, logits: jax.Array, eos_ids: tuple[int, ...],
+                 logprobs: bool = False):
     tokens, parents, valid, anc, depth = tree_inputs(state, tree)
     b, n = tokens.shape
-    rng, key = jax.random.split(state.rng)
     greedy_best, greedy_bonus = _greedy_path(tokens, parents, valid, anc, depth, logits)
 
     def with_sampled_rows():
-        best, bonus = _sampled_paths(tokens, parents, valid, logits, tree, state.sampling, key)
         greedy_row = state.sampling.temperature <= 0
+        best, bonus = _sampled_walk(tokens, parents, valid, logits, state.lengths, row_keys(state.rng, b),
+                                    state.sampling, greedy_row | state.finished)
         return jnp.where(greedy_row, greedy_best, best), jnp.where(greedy_row, greedy_bonus, bonus)
 
     best, bonus = lax.cond(state.sampling.any_sampled(), with_sampled_rows, lambda: (greedy_best, greedy_bonus))
@@ -301,41 +411,58 @@ def _accept_impl(state: DecodeState, tree: DraftTree, logits: jax.Array, eos_ids
         last_tokens=jnp.where(state.finished, state.last_tokens, new_last),
         remaining=remaining,
         finished=state.finished | hit_eos | (remaining <= 0),
-        rng=rng,
     )
+    emitted_logprobs = None
+    if logprobs:  # emitted token k was drawn at path node k: gather those logits first ([B, N, V])
+        at_path = jnp.take_along_axis(logits, path[:, :, None], axis=1)
+        emitted_logprobs = jnp.where(jnp.arange(n)[None, :] < num[:, None],
+                                     token_logprobs(at_path, emitted, state.sampling), 0.0)
     return new_state, Accepted(tokens=emitted, num=num,
                                num_draft_accepted=jnp.where(state.finished, 0, jnp.minimum(n_draft, num)),
-                               path=path)
+                               path=path, logprobs=emitted_logprobs)
 
 
-@functools.partial(jax.jit, static_argnames=("eos_ids",), donate_argnums=(0,))
+@_donates_state(position=0)
+@functools.partial(jax.jit, static_argnames=("eos_ids", "logprobs"), donate_argnums=(0,))
 def accept(state: DecodeState, tree: DraftTree, logits: jax.Array, *,
-           eos_ids: tuple[int, ...] = ()) -> tuple[DecodeState, Accepted]:
+           eos_ids: Optional[tuple[int, ...]] = None, logprobs: bool = False) -> tuple[DecodeState, Accepted]:
     """Pick the accepted path and bonus token, compact the cache, update the state.
 
     Greedy rows: the deepest path on which every node is the target's argmax.
-    Sampled rows (``state.sampling``): lossless rejection sampling over the tree.
-    Emission stops after an EOS token or when the budget runs out; finished
-    sequences emit nothing.
+    Sampled rows (``state.sampling``): the deepest path on which every node is the target's draw
+    with its position's noise (``_sampled_walk``: plain sampling's output, whatever the tree).
+    Emission stops after an EOS token (``eos_ids``; None: the state's, which ``prefill`` took from
+    the model config) or when the budget runs out; finished sequences emit nothing. Donates
+    ``state``: ``fork`` it to try several trees. ``logprobs``: also ``Accepted.logprobs``
+    (``token_logprobs`` of the emitted tokens; a separate program, the default one is unchanged).
     """
-    return _accept_impl(state, tree, logits, eos_ids)
+    return _accept_impl(state, tree, logits, state.eos_ids if eos_ids is None else eos_ids, logprobs)
 
 
 # ------------------------------------------------------------------ fused step
 
 
 def step_impl(params, state: DecodeState, tree: DraftTree, *, cfg: ModelConfig, attention: str = "xla",
-              eos_ids: tuple[int, ...] = (), hidden_layers: tuple[int, ...] = ()
-              ) -> tuple[DecodeState, Accepted, StepAux]:
-    """verify + accept as one pure function (not jitted): for loops that jit their own step."""
+              eos_ids: Optional[tuple[int, ...]] = None, hidden_layers: tuple[int, ...] = (),
+              logprobs: bool = False) -> tuple[DecodeState, Accepted, StepAux]:
+    """verify + accept as one pure function (not jitted): for loops that jit their own step.
+    ``eos_ids`` None: the config's ``eos_token_ids``; ``logprobs`` as in ``accept``."""
     state, logits, hidden = _verify_impl(params, state, tree, cfg, attention, tuple(hidden_layers))
-    state, accepted = _accept_impl(state, tree, logits, eos_ids)
+    state, accepted = _accept_impl(state, tree, logits, cfg.eos_token_ids if eos_ids is None else eos_ids,
+                                   logprobs)
     return state, accepted, StepAux(logits=logits, hidden=hidden)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention", "eos_ids"), donate_argnums=(1,))
+@_donates_state(position=1)
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "eos_ids", "logprobs"), donate_argnums=(1,))
 def step(params, state: DecodeState, tree: DraftTree, *, cfg: ModelConfig, attention: str = "xla",
-         eos_ids: tuple[int, ...] = ()) -> tuple[DecodeState, Accepted]:
-    """One fused speculative step (verify + accept, one dispatch); logits never leave the device."""
-    state, accepted, _ = step_impl(params, state, tree, cfg=cfg, attention=attention, eos_ids=eos_ids)
+         eos_ids: Optional[tuple[int, ...]] = None, logprobs: bool = False) -> tuple[DecodeState, Accepted]:
+    """One fused speculative step (verify + accept, one dispatch); logits never leave the device.
+
+    Stops at ``eos_ids`` (None: the config's ``eos_token_ids``). Donates ``state``: the returned
+    state replaces it; ``fork(state)`` first to try several trees from one state. ``logprobs``: see
+    ``accept``.
+    """
+    state, accepted, _ = step_impl(params, state, tree, cfg=cfg, attention=attention, eos_ids=eos_ids,
+                                   logprobs=logprobs)
     return state, accepted

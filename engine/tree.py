@@ -35,9 +35,9 @@ class DraftTree:
         acceptance).
       q_dists: optional float32[B, T + 1, V], for drafters that *sample* their
         children: row 0 is the distribution the root's children were drawn
-        from, row i + 1 the one node i's children were drawn from. With it,
-        sampling acceptance uses min(1, p/q) and the (p - q)+ residual; without
-        it, drafts are treated as point masses (lossless for any drafter).
+        from, row i + 1 the one node i's children were drawn from. Routing
+        reads it; acceptance does not (it compares nodes with the target's own
+        draw at each position, lossless for any drafts: see ``steps.accept``).
     """
 
     tokens: jax.Array

@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 
 from specjax.models.config import ModelConfig
+from specjax.models.quant import dequantize
 from specjax.models.rope import apply_rope, inverse_frequencies
 from specjax.tpu_kernels.tree_attention import tree_attention
 
@@ -102,9 +103,10 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
-    """x @ w.T (+ b) for HF's [out, in] weight layout."""
-    y = jnp.einsum("...i,oi->...o", x, w)
+def linear(x: jax.Array, w, b: Optional[jax.Array] = None) -> jax.Array:
+    """x @ w.T (+ b) for HF's [out, in] weight layout; a ``QuantizedWeight`` is dequantized right
+    before the dot (inside the layer scan, so only one layer's weights are ever float)."""
+    y = jnp.einsum("...i,oi->...o", x, dequantize(w))
     return y if b is None else y + b
 
 
@@ -201,7 +203,7 @@ def forward_hidden(
 def lm_head(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """fp32 logits [..., V] of final-normed hidden states [..., H]."""
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("...h,vh->...v", x, head, preferred_element_type=jnp.float32)
+    return jnp.einsum("...h,vh->...v", x, dequantize(head), preferred_element_type=jnp.float32)
 
 
 def forward(

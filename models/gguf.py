@@ -5,8 +5,9 @@ template) and tensors, most of them in quantized blocks. Each tensor is
 dequantized to float32 through ``gguf.quants`` (the package maintained with
 llama.cpp, the same routine transformers' GGUF loader uses), then mapped to the
 specjax param pytree exactly as ``loading.load_params`` would from the
-equivalent Hugging Face checkpoint: one group at a time, with the same
-``place`` hook, so meshes work unchanged.
+equivalent Hugging Face checkpoint (the same ``loading.assemble_params``, with
+the same ``place`` hook, so meshes work unchanged). With ``quantize="native"``
+the blocks that map exactly stay quantized (``specjax.models.quant``).
 
 llama.cpp's converter permutes the rows of Llama's q/k projections (its rotary
 kernel pairs adjacent dims, Hugging Face's pairs the two halves); that is undone
@@ -18,7 +19,6 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -89,10 +89,7 @@ class GGUFFile:
         """Every ``tokenizer.*`` key, decoded (what the tokenizer builder reads)."""
         return {k: self.meta(k) for k in self.reader.fields if k.startswith("tokenizer.")}
 
-    def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """One tensor dequantized to float32 in Hugging Face's [out, in] layout, shape checked."""
-        from gguf import quants
-
+    def _checked(self, name: str, shape: tuple[int, ...]):
         t = self.tensors.get(name)
         if t is None:
             raise GGUFError(f"{self.path}: tensor {name!r} is missing")
@@ -103,6 +100,24 @@ class GGUFFile:
         stored = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
         if stored != shape:
             raise GGUFError(f"{self.path}: tensor {name!r} has shape {stored}, the metadata implies {shape}")
+        return t
+
+    def native_tensor(self, name: str, shape: tuple[int, ...]):
+        """One tensor as stored: a ``quant.QuantizedWeight`` of its blocks where they map exactly
+        (``quant.GGUF_NATIVE``), else dequantized to float32 like ``tensor``."""
+        from specjax.models.quant import GGUF_NATIVE, from_gguf_blocks
+
+        t = self._checked(name, shape)
+        if t.tensor_type.name not in GGUF_NATIVE or len(shape) != 2:
+            return self.tensor(name, shape)
+        return from_gguf_blocks(t.data, t.tensor_type.name, shape)
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """One tensor dequantized to float32 in Hugging Face's [out, in] layout, shape checked."""
+        from gguf import quants
+
+        t = self._checked(name, shape)
+        kind = t.tensor_type.name
         try:
             values = quants.dequantize(t.data, t.tensor_type)
         except (ValueError, NotImplementedError) as e:
@@ -199,37 +214,37 @@ def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def hf_tensor(g: GGUFFile, cfg: ModelConfig, path: tuple[str, ...], shape: tuple[int, ...],
-              layer: Optional[int] = None) -> np.ndarray:
-    """One parameter (one layer's slice for layer params) as Hugging Face float32 values."""
-    values = g.tensor(gguf_tensor_name(path, layer), shape)
-    if g.architecture == "llama" and path[-1] in ("wq", "bq"):
-        return unpermute_qk(values, cfg.num_heads)
-    if g.architecture == "llama" and path[-1] in ("wk", "bk"):
-        return unpermute_qk(values, cfg.num_kv_heads)
-    return values
+              layer: Optional[int] = None, native: bool = False):
+    """One parameter (one layer's slice for layer params) as Hugging Face float32 values, or with
+    ``native`` as its quantized blocks where they map exactly (a ``quant.QuantizedWeight``)."""
+    from specjax.models.quant import is_quantized, map_components
+
+    name = gguf_tensor_name(path, layer)
+    values = g.native_tensor(name, shape) if native else g.tensor(name, shape)
+    heads = {"wq": cfg.num_heads, "bq": cfg.num_heads, "wk": cfg.num_kv_heads, "bk": cfg.num_kv_heads}
+    if g.architecture != "llama" or path[-1] not in heads:
+        return values
+    unpermute = lambda a: unpermute_qk(a, heads[path[-1]])  # whole rows move: blocks stay intact
+    return map_components(unpermute, values) if is_quantized(values) else unpermute(values)
 
 
 def load_gguf_params(
     g: GGUFFile,
     cfg: ModelConfig,
     dtype=jnp.float32,
-    place: Optional[Callable[[tuple[str, ...], np.ndarray], jax.Array]] = None,
+    place: Optional[Callable[[tuple[str, ...], Any], Any]] = None,
+    quantize=None,
 ) -> Params:
-    """The param pytree of a GGUF file, built one group at a time like ``loading.load_params``."""
-    place = place or (lambda path, arr: jax.device_put(arr))
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    params: dict = {}
-    for key, value in param_shapes(cfg).items():
-        if key != "layers":
-            params[key] = place((key,), hf_tensor(g, cfg, (key,), value).astype(np_dtype))
-            continue
-        params["layers"] = {}
-        for name, shape in value.items():
-            out = np.empty(shape, np_dtype)
-            for layer in range(shape[0]):
-                out[layer] = hf_tensor(g, cfg, ("layers", name), shape[1:], layer)
-            params["layers"][name] = place(("layers", name), out)
-    return params
+    """The param pytree of a GGUF file, built like ``loading.load_params`` (``assemble_params``).
+
+    ``quantize="native"`` keeps the quantized blocks (``quant.GGUF_NATIVE``) instead of
+    dequantizing them; a ``quant.QuantSpec`` re-quantizes the dequantized weights by round to nearest.
+    """
+    from specjax.models.loading import assemble_params
+
+    native = quantize == "native"
+    read = lambda path, layer, shape: hf_tensor(g, cfg, path, shape, layer, native)
+    return assemble_params(cfg, read, dtype, place, None if native else quantize)
 
 
 def load_gguf_tokenizer(g: GGUFFile):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,13 @@ _TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.we
 
 @dataclasses.dataclass
 class Model:
-    """A loaded target or draft model: config, params and (optionally) its tokenizer."""
+    """A loaded target or draft model: config, params and (optionally) its tokenizer.
+
+    A pytree: the params are its leaves, everything else is static, so a ``Model`` passes through
+    ``jax.jit`` (a new config or tokenizer recompiles, new weights do not) and ``jax.tree_util``
+    (``tree_map(lambda x: x.astype(jnp.bfloat16), model)`` is a float model in bfloat16; a quantized
+    model's integer leaves must keep their dtype, so cast only its floating leaves).
+    """
 
     config: ModelConfig
     params: Params
@@ -48,6 +54,11 @@ class Model:
     chat_template: Optional[str] = None  # jinja source, as transformers renders it
     bos_token: Optional[str] = None  # the strings a chat template refers to as bos_token / eos_token
     eos_token: Optional[str] = None
+
+
+jax.tree_util.register_dataclass(
+    Model, data_fields=["params"],
+    meta_fields=[f.name for f in dataclasses.fields(Model) if f.name != "params"])
 
 
 def hf_tensor_name(path: tuple[str, ...], layer: Optional[int] = None) -> str:
@@ -102,40 +113,84 @@ def _lookup(tensors: dict[str, SafetensorsFile], name: str, shape: tuple[int, ..
     return arr
 
 
-def _assemble(tensors, path: tuple[str, ...], shape: tuple[int, ...], dtype) -> np.ndarray:
-    """One parameter as a host array in the target dtype, stacking layers if needed."""
+# read(path, layer, shape) -> one tensor (one layer's slice of layer params) on the host: a float
+# array, or a QuantizedWeight where the file stores blocks that map exactly (GGUF with quantize="native").
+TensorReader = Callable[[tuple[str, ...], Optional[int], tuple[int, ...]], Any]
+
+
+def safetensors_reader(model_dir: str) -> TensorReader:
+    """The ``read`` function of ``assemble_params`` for a Hugging Face directory's safetensors files."""
+    tensors = open_weight_files(model_dir)
+    return lambda path, layer, shape: _lookup(tensors, hf_tensor_name(path, layer), shape)
+
+
+def _read_group(read: TensorReader, path: tuple[str, ...], shape: tuple[int, ...], dtype) -> Any:
+    """One parameter on the host in ``dtype``, layers stacked: a float array, or a QuantizedWeight
+    when every layer came quantized (a group mixing both is dequantized, exactly, to float)."""
+    from specjax.models.quant import dequantize_np, is_quantized, stack
+
+    as_float = lambda x: dequantize_np(x) if is_quantized(x) else x
     if path[0] != "layers":
-        return _lookup(tensors, hf_tensor_name(path), shape).astype(dtype)
+        one = read(path, None, shape)
+        return dataclasses.replace(one, dtype=dtype) if is_quantized(one) else one.astype(dtype)
+    first = read(path, 0, shape[1:])
+    if is_quantized(first):
+        parts = [first] + [read(path, layer, shape[1:]) for layer in range(1, shape[0])]
+        if all(is_quantized(x) for x in parts):
+            return dataclasses.replace(stack(parts), dtype=dtype)
+        return np.stack([as_float(x) for x in parts]).astype(dtype)
     out = np.empty(shape, dtype)
-    for layer in range(shape[0]):
-        out[layer] = _lookup(tensors, hf_tensor_name(path, layer), shape[1:])
+    out[0] = first
+    for layer in range(1, shape[0]):
+        out[layer] = as_float(read(path, layer, shape[1:]))
     return out
+
+
+def assemble_params(
+    cfg: ModelConfig,
+    read: TensorReader,
+    dtype=jnp.bfloat16,
+    place: Optional[Callable[[tuple[str, ...], Any], Any]] = None,
+    quantize=None,
+) -> Params:
+    """The param pytree of ``cfg`` from ``read``, one parameter at a time.
+
+    Each parameter is assembled in one host buffer (stacking layers) and placed
+    before the next is built, so at most one is ever copied on the host.
+    ``place(path, host_value)`` puts one parameter on device(s); by default
+    ``jax.device_put``; sharded loading places each straight onto its shards.
+    ``quantize`` (a ``quant.QuantSpec``) quantizes each float matmul weight by
+    round to nearest on the host before it is placed.
+    """
+    from specjax.models.quant import QUANTIZABLE, is_quantized, quantize_rtn
+
+    place = place or (lambda path, value: jax.device_put(value))
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    def build(path, shape):
+        host = _read_group(read, path, shape, np_dtype)
+        if quantize is not None and path[-1] in QUANTIZABLE and not is_quantized(host):
+            host = quantize_rtn(host, quantize, np_dtype)
+        return place(path, host)
+
+    params: dict = {}
+    for key, value in param_shapes(cfg).items():
+        if key == "layers":
+            params["layers"] = {name: build(("layers", name), shp) for name, shp in value.items()}
+        else:
+            params[key] = build((key,), value)
+    return params
 
 
 def load_params(
     model_dir: str,
     cfg: ModelConfig,
     dtype=jnp.bfloat16,
-    place: Optional[Callable[[tuple[str, ...], np.ndarray], jax.Array]] = None,
+    place: Optional[Callable[[tuple[str, ...], Any], Any]] = None,
+    quantize=None,
 ) -> Params:
-    """Read the safetensors weights of ``model_dir`` into a param pytree.
-
-    ``place(path, host_array)`` puts one parameter on device(s); by default
-    ``jax.device_put``. Sharded loading passes a function that places each
-    parameter straight onto its shards.
-    """
-    place = place or (lambda path, arr: jax.device_put(arr))
-    tensors = open_weight_files(model_dir)
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    shapes = param_shapes(cfg)
-    params: dict = {}
-    for key, value in shapes.items():
-        if key == "layers":
-            params["layers"] = {name: place(("layers", name), _assemble(tensors, ("layers", name), shp, np_dtype))
-                                for name, shp in value.items()}
-        else:
-            params[key] = place((key,), _assemble(tensors, (key,), value, np_dtype))
-    return params
+    """Read the safetensors weights of ``model_dir`` into a param pytree (see ``assemble_params``)."""
+    return assemble_params(cfg, safetensors_reader(model_dir), dtype, place, quantize)
 
 
 def load_tokenizer(model_dir: str):
@@ -151,28 +206,64 @@ def load_tokenizer(model_dir: str):
         raise CheckpointError(f"{path}: cannot load tokenizer: {e}") from e
 
 
-def load_model(model_dir: str, dtype="auto", mesh=None) -> Model:
-    """Config, weights, tokenizer and chat template of a Hugging Face model directory or a ``.gguf`` file.
+def load_model(model_dir: Union[str, os.PathLike], dtype="auto", mesh=None, quantize=None) -> Model:
+    """Config, weights, tokenizer and chat template of a Hugging Face model directory, a ``.gguf``
+    file, a registry name (``specjax pull --list``; pulled on first use) or ``hf:Org/Repo``.
 
     ``dtype="auto"``: on a CPU the checkpoint's own dtype (so greedy output matches transformers
-    there; a GGUF file dequantizes to float32), bfloat16 on a TPU/GPU.
+    there; a GGUF file dequantizes to float32), bfloat16 on a TPU/GPU; else a floating dtype
+    (``"float32"``, ``jnp.bfloat16``, ...).
     With a ``mesh`` each tensor goes straight onto its shards (see ``specjax.models.sharding``).
+    ``quantize``: None (float), "int8" / "int4" (weight-only, round to nearest; or a
+    ``quant.QuantSpec`` for another int4 group size), or "native" for a GGUF file: its quantized
+    blocks kept as they are stored wherever they map exactly (``specjax.models.quant``).
     """
+    model_dir = os.path.expanduser(os.fspath(model_dir))
+    dtype = _checked_dtype(dtype)
     if not os.path.exists(model_dir):  # a registry name or hf:Org/Repo, pulled into the cache on first use
         from specjax.models.pull import resolve_model
 
         model_dir = resolve_model(model_dir)
     if model_dir.endswith(".gguf") or (os.path.isfile(model_dir) and _is_gguf(model_dir)):
-        return _load_gguf_model(model_dir, dtype, mesh)
+        return _load_gguf_model(model_dir, dtype, mesh, quantize)
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"model directory {model_dir!r} does not exist")
+    spec = _quant_spec(quantize, model_dir, gguf=False)
     cfg = read_config(model_dir)
     cfg = _with_generation_eos(model_dir, cfg)
     if dtype == "auto":
         dtype = resolve_auto_dtype(_checkpoint_dtype(model_dir))
     model_cfg, place = _placement(cfg, mesh)
-    return Model(config=model_cfg, params=load_params(model_dir, cfg, dtype, place),
+    return Model(config=model_cfg, params=load_params(model_dir, cfg, dtype, place, spec),
                  tokenizer=load_tokenizer(model_dir), path=model_dir, **read_chat_strings(model_dir))
+
+
+def _checked_dtype(dtype) -> Any:
+    """``dtype`` as load_model takes it: "auto", or a floating-point dtype (a name or a dtype)."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return dtype
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"dtype {dtype!r} is not a dtype: use 'auto', 'float32', 'bfloat16' or 'float16'") from e
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"dtype {dtype!r} is not a floating-point dtype: weights load as 'auto', 'float32', "
+                         "'bfloat16' or 'float16'")
+    return resolved
+
+
+def _quant_spec(quantize, path: str, gguf: bool):
+    """load_model's ``quantize`` as a ``QuantSpec`` (or "native" for a GGUF file, or None)."""
+    from specjax.models.quant import QuantSpec
+
+    if quantize is None or isinstance(quantize, QuantSpec):
+        return quantize
+    if quantize == "native":
+        if not gguf:
+            raise ValueError(f"{path}: quantize='native' keeps a GGUF file's quantized blocks; this is not a "
+                             "GGUF file (use 'int8' or 'int4')")
+        return quantize
+    return QuantSpec.parse(quantize)
 
 
 def resolve_auto_dtype(checkpoint_dtype) -> Any:
@@ -195,14 +286,14 @@ def _is_gguf(path: str) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _load_gguf_model(path: str, dtype, mesh) -> Model:
+def _load_gguf_model(path: str, dtype, mesh, quantize=None) -> Model:
     from specjax.models.gguf import GGUFFile, chat_strings, load_gguf_params, load_gguf_tokenizer, read_gguf_config
 
     g = GGUFFile(path)
     cfg = read_gguf_config(g)
     dtype = resolve_auto_dtype(jnp.float32) if dtype == "auto" else dtype
     model_cfg, place = _placement(cfg, mesh)
-    return Model(config=model_cfg, params=load_gguf_params(g, cfg, dtype, place),
+    return Model(config=model_cfg, params=load_gguf_params(g, cfg, dtype, place, _quant_spec(quantize, path, True)),
                  tokenizer=load_gguf_tokenizer(g), path=path, **chat_strings(g))
 
 

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, Params, param_shapes
+from specjax.models.quant import NIBBLE_BLOCK, QuantizedWeight, is_quantized, map_components
 
 DATA, MODEL = "data", "model"
 
@@ -110,9 +111,13 @@ def pad_param(name: str, array, cfg: ModelConfig, mesh: Mesh):
     unchanged = (layout.num_heads, layout.num_kv_heads) == (cfg.num_heads, cfg.num_kv_heads)
     if unchanged or name not in QUERY_HEAD_PARAMS + KV_HEAD_PARAMS:
         return array
+    if is_quantized(array):  # values, scales and mins padded alike: zero scales dequantize to zero
+        _check_whole_heads(name, array, cfg)
+        return map_components(lambda a: pad_param(name, a, cfg, mesh), array)
     xp = np if isinstance(array, np.ndarray) else jnp
     axis = MODEL_AXIS_DIM[name]
-    d, hkv, shape = cfg.head_dim, cfg.num_kv_heads, array.shape
+    heads = cfg.num_heads if name in QUERY_HEAD_PARAMS else cfg.num_kv_heads
+    d, hkv, shape = array.shape[axis] // heads, cfg.num_kv_heads, array.shape  # head_dim, or per head packed
     before, after = shape[:axis], shape[axis + 1:]
 
     def pad(x, ax, size):
@@ -130,6 +135,34 @@ def pad_param(name: str, array, cfg: ModelConfig, mesh: Mesh):
     x = xp.repeat(array.reshape(before + (hkv, d) + after), layout.repeat, axis=axis)
     x = pad(x, axis, layout.num_kv_heads)
     return x.reshape(before + (layout.num_kv_heads * d,) + after)
+
+
+def _check_whole_heads(name: str, w: QuantizedWeight, cfg: ModelConfig) -> None:
+    """A quantized ``wo`` is padded per head along its inputs: groups (and nibble blocks) must not straddle heads."""
+    if name != "wo":
+        return
+    d = cfg.head_dim
+    if d % w.group_size or (w.kind != "int8" and d % NIBBLE_BLOCK):
+        raise ValueError(f"quantized wo (group size {w.group_size}, {w.kind}) cannot be padded for the mesh: "
+                         f"its groups straddle heads of dim {d}; use a group size dividing {d}")
+
+
+def _quantized_spec(spec: P, w: QuantizedWeight, model_size: int) -> QuantizedWeight:
+    """The float weight's spec for values, scales and mins, where every shard holds whole groups (and
+    whole nibble blocks) along a split input dim; replicated otherwise."""
+    if spec and spec[-1] == MODEL:
+        inputs = w.shape[-1] // model_size
+        if inputs % w.group_size or (w.kind != "int8" and inputs % NIBBLE_BLOCK):
+            spec = P(*([None] * len(spec)))
+    return QuantizedWeight(spec, spec, None if w.mins is None else spec, w.kind, w.dtype)
+
+
+def with_quantized_specs(specs: dict, params: Params, model_size: int) -> dict:
+    """``specs`` (a tree of PartitionSpecs) with the quantized weights of ``params`` given one per component."""
+    one = lambda spec, value: _quantized_spec(spec, value, model_size) if is_quantized(value) else spec
+    out = {k: one(v, params[k]) for k, v in specs.items() if k != "layers"}
+    out["layers"] = {k: one(v, params["layers"][k]) for k, v in specs["layers"].items()}
+    return out
 
 
 def pad_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
@@ -174,9 +207,12 @@ def param_specs(cfg: ModelConfig, mesh: Mesh) -> dict:
     return specs
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh),
-                        is_leaf=lambda x: isinstance(x, P))
+def param_shardings(cfg: ModelConfig, mesh: Mesh, params: Optional[Params] = None) -> dict:
+    """NamedShardings like ``param_specs``; with ``params``, their quantized weights' components too."""
+    specs = param_specs(cfg, mesh)
+    if params is not None:
+        specs = with_quantized_specs(specs, params, _model_size(mesh))
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def cache_sharding(cfg: ModelConfig, mesh: Mesh, batch_size: int) -> NamedSharding:
@@ -188,7 +224,7 @@ def cache_sharding(cfg: ModelConfig, mesh: Mesh, batch_size: int) -> NamedShardi
 
 def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
     """Place params of `cfg` by the rule table (heads must already divide; see `shard_model`)."""
-    return jax.device_put(params, param_shardings(cfg, mesh))
+    return jax.device_put(params, param_shardings(cfg, mesh, params))
 
 
 def shard_model(params: Params, cfg: ModelConfig, mesh: Mesh) -> tuple[Params, ModelConfig]:
@@ -200,7 +236,9 @@ def shard_model(params: Params, cfg: ModelConfig, mesh: Mesh) -> tuple[Params, M
     mesh_cfg = mesh_config(cfg, mesh)
     if mesh_cfg == cfg:  # device_put moves nothing that is already in place
         return shard_params(params, cfg, mesh), cfg
-    padded = jax.jit(lambda p: pad_params(p, cfg, mesh), out_shardings=param_shardings(mesh_cfg, mesh))(params)
+    pad = lambda p: pad_params(p, cfg, mesh)
+    shardings = param_shardings(mesh_cfg, mesh, jax.eval_shape(pad, params))
+    padded = jax.jit(pad, out_shardings=shardings)(params)
     return padded, mesh_cfg
 
 
@@ -211,11 +249,15 @@ def mesh_placer(cfg: ModelConfig, mesh: Mesh):
     mesh_cfg = mesh_config(cfg, mesh)
     shardings = param_shardings(mesh_cfg, mesh)
 
-    def place(path: tuple[str, ...], array: np.ndarray) -> jax.Array:
+    def place(path: tuple[str, ...], array):
         sharding = shardings
         for key in path:
             sharding = sharding[key]
-        return jax.device_put(pad_param(path[-1], array, cfg, mesh) if path[0] == "layers" else array, sharding)
+        array = pad_param(path[-1], array, cfg, mesh) if path[0] == "layers" else array
+        if is_quantized(array):
+            spec = _quantized_spec(sharding.spec, array, _model_size(mesh))
+            sharding = jax.tree.map(lambda s: NamedSharding(mesh, s), spec, is_leaf=lambda x: isinstance(x, P))
+        return jax.device_put(array, sharding)
 
     return mesh_cfg, place
 

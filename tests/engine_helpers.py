@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.drafters.base import Proposal
+from specjax.engine.tree import DraftTree
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward, init_params
 from specjax.models.loading import Model
@@ -137,3 +139,31 @@ def chi_square_p(pairs: np.ndarray, expected: np.ndarray) -> float:
     if exp[-1] == 0:
         obs, exp = obs[:-1], exp[:-1]
     return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+@dataclasses.dataclass(eq=False)
+class WrongDrafter:
+    """A device drafter whose confident chains are never right (token ``never``)."""
+
+    never: int
+    capacity: int = 8
+    hidden_layers: tuple = ()
+    params: None = None
+
+    def init_state(self, batch_size, max_len):
+        return jnp.zeros(batch_size, jnp.int32)
+
+    def prefill(self, params, dstate, prompt_tokens, prompt_lengths, first_tokens, hidden):
+        return dstate
+
+    def propose(self, params, dstate, root_tokens, lengths, sampling, key, *, with_q=False):
+        b, t = root_tokens.shape[0], self.capacity
+        parents = jnp.broadcast_to(jnp.arange(-1, t - 1, dtype=jnp.int32), (b, t))
+        probs = jnp.broadcast_to(0.95 ** jnp.arange(1, t + 1, dtype=jnp.float32), (b, t))
+        return DraftTree(jnp.full((b, t), self.never, jnp.int32), parents, jnp.ones((b, t), bool), probs), dstate
+
+    def update(self, params, dstate, accepted, aux):
+        return dstate + accepted.num
+
+    def end_batch(self, dstate):
+        return None

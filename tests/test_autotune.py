@@ -192,7 +192,7 @@ def test_drafting_time_counts_against_speculation():
 # ------------------------------------------------------------------ the device loop's per-chunk policy
 
 
-def test_chunk_policy_measures_every_bucket_then_picks_the_fastest():
+def test_chunk_policy_grows_to_the_fastest_bucket():
     policy = ChunkPolicy(costs={}, buckets=(0, 1, 2, 4))
     measured = []
     for _ in range(4):

@@ -81,6 +81,6 @@ def test_a_cache_without_headroom_is_refused():
     """The engine refuses a cache bucket that cannot hold the last step's tree, instead of
     dropping its rows silently."""
     engine = Engine(MODEL, WrongSiblingsThenTruth({}, CAPACITY), draft_capacity=CAPACITY, attention="xla")
-    engine.cache_bucket = lambda width, new_tokens: width + new_tokens  # the mutation: no headroom
+    engine.cache_bucket = lambda prompt_len, new_tokens: prompt_len + new_tokens  # the mutation: no headroom
     with pytest.raises(ValueError, match="draft scratch"):
         engine.generate(_prompts(64, 1), max_new_tokens=64)

@@ -53,7 +53,7 @@ def test_stop_string_cuts_the_text_before_it():
 
     from specjax.engine.engine import Engine
     from specjax.models.loading import load_model
-    from specjax.models.toy_corpus import sql_prompts
+    from specjax.models.embedded.toy_corpus import sql_prompts
 
     model = load_model(embedded.default_model_dir(), dtype=jnp.float32)
     engine = Engine(model, None)

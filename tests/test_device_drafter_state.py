@@ -97,7 +97,7 @@ def prefill_and_first_tree(drafter, target):
     out = prefill(target.params, target.config, jnp.asarray(tokens), jnp.asarray(lengths), jnp.full(b, 8, jnp.int32),
                   jax.random.key(0), SamplingParams.make(b, 0.0, 0, 1.0), max_len=64,
                   hidden_layers=tuple(drafter.hidden_layers))
-    state, first, hidden = out[0], out[1], (out[2] if drafter.hidden_layers else None)
+    state, first, hidden = out.state, out.first_tokens, out.hidden
     dstate = jax.jit(drafter.prefill)(drafter.params, drafter.init_state(b, 64), jnp.asarray(tokens),
                                       jnp.asarray(lengths), first, hidden)
     tree, _ = jax.jit(lambda d: drafter.propose(drafter.params, d, first, state.lengths,

@@ -62,7 +62,7 @@ def test_dynamic_tree_equals_brute_force(k, depth, capacity):
     shape = TreeShape(capacity, k, depth)
     build = jax.jit(lambda t, r: build_dynamic_tree(bigram_expand(t), jnp.zeros(()), r, jnp.zeros((3, 1)),
                                                     jnp.zeros(3, jnp.int32), shape, jnp.zeros(3),
-                                                    jax.random.key(0))[0])
+                                                    jax.random.key(0), jnp.zeros(3, jnp.int32))[0])
     tree = build(table, root_logits)
     validate_tree(tree, V)
     logp = np.asarray(jax.nn.log_softmax(table, axis=-1), np.float64)
@@ -83,7 +83,7 @@ def test_sampled_rows_carry_the_q_their_children_came_from():
     k, depth, capacity = 3, 3, 12
     build = jax.jit(lambda t, r: build_dynamic_tree(
         bigram_expand(t), jnp.zeros(()), r, jnp.zeros((2, 1)), jnp.zeros(2, jnp.int32), TreeShape(capacity, k, depth),
-        jnp.asarray([0.0, 0.7]), jax.random.key(1), with_q=True)[0])
+        jnp.asarray([0.0, 0.7]), jax.random.key(1), jnp.zeros(2, jnp.int32), with_q=True)[0])
     tree = build(table, table[roots])
     validate_tree(tree, V)
     assert tree.q_dists.shape == (2, capacity + 1, V)

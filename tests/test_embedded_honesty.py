@@ -17,7 +17,7 @@ import pytest
 
 from specjax.drafters.suffix_history import load_history
 from specjax.models.embedded import default_model_dir, embedded_drafter_dir, embedded_suffix_history
-from specjax.models.toy_corpus import held_out_examples, sql_examples, sql_prompts
+from specjax.models.embedded.toy_corpus import held_out_examples, sql_examples, sql_prompts
 
 MODEL_DIR = default_model_dir()
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -54,7 +54,7 @@ def training(meta):
     """The shipped model's training examples, regenerated as benchmarks/train_tiny_sql.py does,
     checked against the corpus sha256 recorded in its training.json."""
     examples = sql_examples(meta["num_examples"], meta["seed"], split="train")
-    assert _corpus_sha256(examples) == meta["corpus_sha256"], "models/toy_corpus.py changed: rebuild the model"
+    assert _corpus_sha256(examples) == meta["corpus_sha256"], "models/embedded/toy_corpus.py changed: rebuild the model"
     return {ex.prompt for ex in examples}, {(ex.schema, ex.sql) for ex in examples}
 
 

@@ -1,6 +1,5 @@
 """--drafter suffix end to end: lossless, and the global index carries across requests."""
 
-import numpy as np
 import pytest
 
 from engine_helpers import tiny_model

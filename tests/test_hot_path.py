@@ -94,7 +94,7 @@ def test_compiles_are_bounded_by_the_buckets_used():
         prompts = [list(rng.integers(0, 64, prompt_len - i % 3)) for i in range(batch)]
         engine.generate(prompts, max_new_tokens=3, temperature=temperature, seed=prompt_len)
         rows, width = engine.batch_bucket(batch), engine.prompt_bucket(prompt_len)
-        max_len = engine.cache_bucket(width, 3)
+        max_len = engine.cache_bucket(prompt_len, 3)  # the longest real prompt's bucket
         steps_used.add((rows, max_len))
         chunks_used.add((rows, min(width, engine.prefill_chunk), max_len))
         heads_used.add((rows, max_len))
@@ -189,8 +189,8 @@ def test_measuring_step_costs_allocates_no_second_cache(monkeypatch):
 
     engine = Engine(MODEL, PromptLookupDrafter(), max_draft_capacity=4, attention="xla")
     prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 8, 9, 8]]
-    rows, width = engine.batch_bucket(len(prompts)), engine.prompt_bucket(7)
-    shape = (CFG.num_layers, rows, CFG.num_kv_heads, engine.cache_bucket(width, 8), CFG.head_dim)
+    rows = engine.batch_bucket(len(prompts))
+    shape = (CFG.num_layers, rows, CFG.num_kv_heads, engine.cache_bucket(7, 8), CFG.head_dim)
     seen = {True: [], False: []}  # cache-shaped live arrays at each step, measuring or not
     measuring = [False]
     real_step, real_measure = engine_module.step, Engine._measure_step_costs
@@ -216,7 +216,8 @@ def test_measuring_step_costs_allocates_no_second_cache(monkeypatch):
 def test_measuring_step_costs_leaves_the_live_state_unchanged():
     engine = Engine(MODEL, PromptLookupDrafter(), max_draft_capacity=4, attention="xla")
     prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 8, 9, 8]]
-    state, _ = engine._prefill(prompts, 16, 128, 8, SamplingParams.make(2, temperature=[0.0, 0.8]), seed=3)
+    state = engine._prefill(prompts, 16, 128, 8, SamplingParams.make(2, temperature=[0.0, 0.8]),
+                            seeds=np.array([3, 4])).state
     lengths = np.asarray(state.lengths)
 
     def snapshot(s):

@@ -295,10 +295,12 @@ def test_graft_sampling_keeps_the_distribution():
     assert chi_square_p(pairs, exact_pair_distribution(SMALL, PROMPT, 0.8)) > 1e-4
 
 
-def test_graft_forwarding_model_q_is_detected():
+def test_graft_forwarding_model_q_cannot_bias_the_output():
+    """Acceptance compares each node with the target's own draw at its position, never with q
+    (see "Seeds" in the README): a tree carrying a q its children were not drawn from is harmless."""
     control = ForwardsModelQ(AlwaysQ(near_draft(9)), PromptLookupDrafter(max_branches=2), capacity=4)
     pairs = sampled_pairs(control, 0.8, seed=2)
-    assert chi_square_p(pairs, exact_pair_distribution(SMALL, PROMPT, 0.8)) < 1e-6
+    assert chi_square_p(pairs, exact_pair_distribution(SMALL, PROMPT, 0.8)) > 1e-4
 
 
 @pytest.mark.parametrize("routing", ["merged", "confidence", "entropy"])
@@ -337,7 +339,7 @@ def test_graft_stops_and_reports_progress_like_the_host_engine():
     from specjax.drafters.factory import load_drafter
     from specjax.models.embedded import default_model_dir
     from specjax.models.loading import load_model
-    from specjax.models.toy_corpus import sql_prompts
+    from specjax.models.embedded.toy_corpus import sql_prompts
 
     class Bar:
         def __init__(self):

@@ -1,6 +1,5 @@
 """Greedy speculative output equals plain greedy output, token for token."""
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -5,11 +5,12 @@ generated tokens (the first ones produced by speculative steps) and compare the
 empirical distribution of many speculative samples with it.
 
 The drafts are built from the exact target tables, so they are often the
-target's likely tokens: acceptance, rejection, the residual and the bonus draw
-all matter, and a wrong rule biases the output instead of averaging out. Three
-plausible wrong tree samplers (copies of ``steps._sampled_path_one`` with one
-rule changed) and a drafter that lies about q are kept as negative controls
-that the same test must reject. ``Engine.generate`` is checked end to end with
+target's likely tokens: acceptance, rejection and the bonus draw all matter,
+and a wrong rule biases the output instead of averaging out. Three plausible
+wrong tree walks (copies of ``steps._sampled_walk`` with one rule about the
+per-position noise changed) are kept as negative controls that the same test
+must reject; a drafter that lies about q must not change the distribution.
+``Engine.generate`` is checked end to end with
 greedy and sampled prompts (different settings per prompt) in one batch.
 """
 
@@ -26,7 +27,7 @@ import specjax.engine.steps as steps
 from engine_helpers import tiny_model
 from specjax.drafters.base import Proposal
 from specjax.engine.engine import Engine
-from specjax.engine.sampling import SamplingParams, target_probs
+from specjax.engine.sampling import SamplingParams, gumbel_argmax, position_keys, target_probs
 from specjax.engine.steps import prefill, step
 from specjax.engine.tree import DraftTree
 from specjax.models.decoder import KVCache, causal_mask, forward
@@ -171,9 +172,10 @@ def sample_pairs(settings: dict, builder, seed: int, tables=None) -> np.ndarray:
     cfg = MODEL.config
     ctx = Context(tables if tables is not None else exact_tables(settings))
     tokens = jnp.asarray([PROMPT + [0] * (PROMPT_WIDTH - len(PROMPT))] * N, jnp.int32)
-    state, first = prefill(MODEL.params, cfg, tokens, jnp.full(N, len(PROMPT), jnp.int32),
-                           jnp.full(N, 3, jnp.int32), jax.random.key(seed), SamplingParams.make(N, **settings),
-                           max_len=MAX_LEN, attention="xla")
+    prefilled = prefill(MODEL.params, cfg, tokens, jnp.full(N, len(PROMPT), jnp.int32),
+                        jnp.full(N, 3, jnp.int32), jax.random.key(seed), SamplingParams.make(N, **settings),
+                        max_len=MAX_LEN, attention="xla")
+    state, first = prefilled.state, prefilled.first_tokens
     outputs = [[int(t)] for t in np.asarray(first)]
     rng = np.random.default_rng(seed)
     while min(len(o) for o in outputs) < 3:
@@ -257,61 +259,63 @@ def test_engine_generate_with_per_prompt_settings():
         assert chi_square_p(pairs[group == g], exact_pairs(exact_tables(groups[g]))) > REAL_CODE_P
 
 
-def test_a_drafter_lying_about_q_is_detected():
-    assert p_value(T1, uniform_claimed_q, seed=2) < CONTROL_P
+def test_a_drafter_lying_about_q_cannot_bias_the_output():
+    """Acceptance compares each node with the target's own draw at its position, never with q:
+    a q that misstates how the children were drawn changes nothing."""
+    assert p_value(T1, uniform_claimed_q, seed=2) > REAL_CODE_P
 
 
 # ---------------------------------------------------------------- negative controls
 #
-# Copies of steps._sampled_path_one, each with one rule broken:
-#   bonus_from_node: the bonus is drawn from the accepted node's full target distribution
-#     probs[best], not from the residual left after rejecting its children;
-#   no_residual: a rejected child leaves p unchanged;
-#   unnormalized: the residual (p - q)+ is not renormalized.
+# Copies of steps._sampled_walk, each with one rule broken:
+#   same_noise: every position draws with the same noise (the position is not folded in);
+#   depth_not_position: the noise is the depth within the step's tree, not the position in the
+#     sequence (so consecutive steps reuse it);
+#   bonus_next_noise: the bonus token is drawn with the next position's noise, which the next
+#     step's draw at that position reuses.
 
-def wrong_path_sampler(variant: str):
-    def sampled_path_one(tokens, parents, valid, probs, q_dists, key):
-        n = tokens.shape[0]
-        index = jnp.arange(n)
+def wrong_walk(variant: str):
+    def sampled_walk(tokens, parents, valid, logits, lengths, keys, sampling, done):
+        b, n = tokens.shape
+        rows = jnp.arange(b)
+        child_slot = jnp.arange(n)[None, :] >= 1
 
-        def body(_, carry):
-            cur, p, ptr, done, best, key = carry
-            candidates = (index >= ptr) & (index >= 1) & (parents == cur) & valid
-            has_child = jnp.any(candidates) & ~done
-            child = jnp.argmax(candidates)
-            x = tokens[child]
-            key, sub = jax.random.split(key)
-            q = jax.nn.one_hot(x, p.shape[0], dtype=p.dtype) if q_dists is None else q_dists[cur]
-            accept_prob = jnp.minimum(1.0, p[x] / jnp.maximum(q[x], 1e-30))
-            accepted = has_child & (jax.random.uniform(sub) < accept_prob)
-            residual = jnp.maximum(p - q, 0.0)
-            mass = residual.sum()
-            if variant != "unnormalized":
-                residual = jnp.where(mass > 1e-12, residual / jnp.maximum(mass, 1e-30), p)
-            if variant == "no_residual":
-                residual = p
-            p = jnp.where(accepted, probs[child], jnp.where(has_child, residual, p))
-            cur = jnp.where(accepted, child, cur)
-            best = jnp.where(accepted, child, best)
-            ptr = jnp.where(has_child, child + 1, ptr)
-            return cur, p, ptr, done | ~has_child, best, key
+        def position(d):
+            if variant == "same_noise":
+                return jnp.zeros_like(lengths)
+            if variant == "depth_not_position":
+                return jnp.zeros_like(lengths) + d
+            return lengths + d + 1
 
-        init = (jnp.int32(0), probs[0], jnp.int32(1), jnp.bool_(False), jnp.int32(0), key)
-        _, p, _, _, best, key = lax.fori_loop(0, max(n - 1, 0), body, init)
-        if variant == "bonus_from_node":
-            p = probs[best]
-        return best, jax.random.categorical(key, jnp.log(p)).astype(jnp.int32)
+        def body(carry):
+            d, alive, best, bonus, done = carry
+            node = jnp.argmax(alive, axis=1)
+            logp = jnp.log(target_probs(logits[rows, node], sampling))
+            draw = gumbel_argmax(position_keys(keys, position(d)), logp)
+            children = child_slot & valid & jnp.take_along_axis(alive, parents, axis=1) & (tokens == draw[:, None])
+            found = jnp.any(children, axis=1) & ~done
+            best = jnp.where(found, jnp.argmax(children, axis=1), best)
+            bonus_draw = draw
+            if variant == "bonus_next_noise":
+                bonus_draw = gumbel_argmax(position_keys(keys, position(d) + 1), logp)
+            bonus = jnp.where(done | found, bonus, bonus_draw)
+            return d + 1, jnp.where(found[:, None], children, alive), best, bonus, done | ~found
 
-    return sampled_path_one
+        alive = jnp.zeros((b, n), bool).at[:, 0].set(True)
+        init = (jnp.int32(0), alive, jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32), done)
+        _, _, best, bonus, _ = lax.while_loop(lambda c: ~jnp.all(c[-1]), body, init)
+        return best.astype(jnp.int32), bonus
+
+    return sampled_walk
 
 
 @pytest.fixture
-def patched_sampler(monkeypatch):
-    """Swap the engine's tree sampler for a wrong copy. Only the jitted ``step`` is evicted
+def patched_walk(monkeypatch):
+    """Swap the engine's tree walk for a wrong copy. Only the jitted ``step`` is evicted
     (retraced around the copy, and again around the real one afterwards): prefill stays
     compiled. A copy that failed to take effect would pass the chi-square: loud, not silent."""
     def install(variant):
-        monkeypatch.setattr(steps, "_sampled_path_one", wrong_path_sampler(variant))
+        monkeypatch.setattr(steps, "_sampled_walk", wrong_walk(variant))
         step.clear_cache()
 
     yield install
@@ -319,25 +323,25 @@ def patched_sampler(monkeypatch):
     step.clear_cache()
 
 
-@pytest.mark.parametrize("variant", ["bonus_from_node", "no_residual", "unnormalized"])
-def test_wrong_tree_samplers_are_detected(patched_sampler, variant):
-    patched_sampler(variant)
-    assert p_value(T1, likely_siblings, seed=0) < CONTROL_P
+@pytest.mark.parametrize("variant, builder", [("same_noise", likely_siblings),
+                                              ("depth_not_position", fixed_siblings),
+                                              ("bonus_next_noise", fixed_siblings)])
+def test_wrong_tree_walks_are_detected(patched_walk, variant, builder):
+    patched_walk(variant)
+    assert p_value(T1, builder, seed=0) < CONTROL_P
 
 
 def test_the_control_copy_is_faithful():
-    """With no rule broken the copy draws exactly what the engine's sampler draws (point-mass
-    drafts, as the controls use), so each control differs from the real code by its one rule.
-    Update the copy when steps._sampled_path_one changes."""
+    """With no rule broken the copy draws exactly what the engine's walk draws, so each control
+    differs from the real code by its one rule. Update the copy when steps._sampled_walk changes."""
     rng = np.random.default_rng(0)
     rows, n = 64, 7
-    args = (jnp.asarray(rng.integers(0, V, (rows, n)), jnp.int32),
-            jnp.asarray(np.broadcast_to([0, 0, 0, 0, 1, 1, 4], (rows, n)), jnp.int32),
-            jnp.asarray(rng.random((rows, n)) < 0.9),
-            jnp.asarray(rng.dirichlet(np.ones(V) * 0.5, (rows, n)), jnp.float32),
-            jax.random.split(jax.random.key(0), rows))
-    run = lambda sampler: jax.jit(jax.vmap(lambda t, pa, v, pr, k: sampler(t, pa, v, pr, None, k)))(*args)
-    real, copy = run(steps._sampled_path_one), run(wrong_path_sampler("none"))
+    parents = np.broadcast_to([0, 0, 0, 0, 1, 1, 4], (rows, n))
+    args = (jnp.asarray(rng.integers(0, V, (rows, n)), jnp.int32), jnp.asarray(parents, jnp.int32),
+            jnp.asarray(rng.random((rows, n)) < 0.9), jnp.asarray(rng.normal(0, 1.5, (rows, n, V)), jnp.float32),
+            jnp.asarray(rng.integers(3, 40, rows), jnp.int32), jax.random.split(jax.random.key(0), rows),
+            SamplingParams.make(rows, 1.0), jnp.zeros(rows, bool))
+    real, copy = (jax.jit(walk)(*args) for walk in (steps._sampled_walk, wrong_walk("none")))
     np.testing.assert_array_equal(real[0], copy[0])
     np.testing.assert_array_equal(real[1], copy[1])
     assert len(np.unique(np.asarray(real[0]))) > 1  # paths of different lengths were accepted

@@ -1,6 +1,5 @@
 """Two lanes in ping-pong: host drafting for one half of a batch overlaps the other half's device step."""
 
-import numpy as np
 import pytest
 
 from engine_helpers import tiny_model

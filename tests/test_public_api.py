@@ -1,4 +1,4 @@
-"""``from specjax import Engine, load_model, load_drafter``: the public API, what the CLI uses."""
+"""``from specjax import Engine, load_model, load_drafter, SpecConfig``: the public API, what the CLI uses."""
 
 import subprocess
 import sys
@@ -20,10 +20,12 @@ def test_public_names_are_the_library_objects():
     import specjax
     from specjax.drafters.factory import load_drafter
     from specjax.engine.engine import Engine
+    from specjax.engine.spec_config import SpecConfig
     from specjax.models.loading import load_model
 
-    assert (specjax.Engine, specjax.load_model, specjax.load_drafter) == (Engine, load_model, load_drafter)
-    assert {"Engine", "load_model", "load_drafter", "enable_compilation_cache"} <= set(dir(specjax))
+    assert (specjax.Engine, specjax.load_model, specjax.load_drafter, specjax.SpecConfig) == (
+        Engine, load_model, load_drafter, SpecConfig)
+    assert {"Engine", "load_model", "load_drafter", "SpecConfig", "enable_compilation_cache"} <= set(dir(specjax))
     with pytest.raises(AttributeError, match="no attribute 'Engin'"):
         specjax.Engin  # noqa: B018
 
@@ -35,7 +37,7 @@ def test_python_users_get_what_the_cli_gets():
     from specjax.drafters.suffix_index import SuffixDecodingDrafter
     from specjax.engine.plain import greedy_generate
     from specjax.models.embedded import default_model_dir, embedded_suffix_history
-    from specjax.models.toy_corpus import sql_prompts
+    from specjax.models.embedded.toy_corpus import sql_prompts
 
     model = load_model(default_model_dir(), dtype=jnp.float32)
     drafter = load_drafter("auto", model)

@@ -226,8 +226,8 @@ def test_sharded_logits_match_and_greedy_accept_does_not_gather_vocab():
     tree = DraftTree(jnp.ones((4, 3), jnp.int32), jnp.asarray([[-1, 0, 0]] * 4, jnp.int32), jnp.ones((4, 3), bool))
 
     def run(p, sharding, attention):
-        state, _ = prefill(p, cfg, tokens, lengths, jnp.full(4, 9, jnp.int32), jax.random.key(0),
-                           SamplingParams.make(4), max_len=32, cache_sharding=sharding, attention=attention)
+        state = prefill(p, cfg, tokens, lengths, jnp.full(4, 9, jnp.int32), jax.random.key(0),
+                        SamplingParams.make(4), max_len=32, cache_sharding=sharding, attention=attention).state
         return verify(p, state, tree, cfg=cfg, attention=attention)
 
     state, logits, _ = run(params, cache_sharding(cfg, mesh, 4), sharded_tree_attention(mesh, "xla"))

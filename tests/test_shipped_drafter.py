@@ -9,7 +9,7 @@ from specjax.engine.engine import Engine
 from specjax.engine.plain import greedy_generate
 from specjax.models.embedded import default_model_dir, embedded_drafter_dir
 from specjax.models.loading import load_model
-from specjax.models.toy_corpus import sql_prompts
+from specjax.models.embedded.toy_corpus import sql_prompts
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,7 @@ def test_history_builder_leaves_out_demo_questions_and_answers():
         "build_suffix_history", os.path.join(HERE, "..", "benchmarks", "build_suffix_history.py"))
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    from specjax.models.toy_corpus import sql_examples
+    from specjax.models.embedded.toy_corpus import sql_examples
 
     demo = build.demo_examples()
     questions = build.candidate_questions(800, seed=1, demo=demo)

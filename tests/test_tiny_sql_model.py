@@ -18,7 +18,7 @@ import pytest
 from specjax.models.decoder import KVCache, causal_mask, forward
 from specjax.models.embedded import default_model_dir
 from specjax.models.loading import load_model
-from specjax.models.toy_corpus import SCHEMAS, sql_examples, sql_prompts
+from specjax.models.embedded.toy_corpus import SCHEMAS, sql_examples, sql_prompts
 
 MODEL_DIR = default_model_dir()
 
@@ -114,4 +114,4 @@ def test_training_corpus_is_the_one_the_model_was_trained_on():
         meta = json.load(f)
     examples = sql_examples(meta["num_examples"], meta["seed"], split="train")
     digest = hashlib.sha256("\n\n".join(ex.text for ex in examples).encode()).hexdigest()
-    assert digest == meta["corpus_sha256"], "models/toy_corpus.py changed: rebuild the embedded model"
+    assert digest == meta["corpus_sha256"], "models/embedded/toy_corpus.py changed: rebuild the embedded model"

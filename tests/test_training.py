@@ -1,4 +1,4 @@
-"""Training plumbing (models/training.py) and drafter training (drafters/training.py)."""
+"""Training plumbing (models/training.py) and drafter training (drafters/training/)."""
 
 from __future__ import annotations
 
@@ -140,13 +140,21 @@ def test_export_llama_loads_back_as_the_same_model(tmp_path):
     assert ModelConfig.from_hf(llama_hf_config(scaled)).rope == scaled.rope
 
 
-# ------------------------------------------------------------------ drafters/training.py
+# ------------------------------------------------------------------ drafters/training/
 
 from engine_helpers import tiny_model  # noqa: E402
 
-from specjax.drafters import training as dt  # noqa: E402
+from specjax.drafters.training import (TrainOptions, load_init_params, read_prompts_jsonl,  # noqa: E402
+                                       train_drafter)
+from specjax.drafters.training.export import init_eagle3  # noqa: E402
+from specjax.drafters.training.loop import prompt_batch, target_tokens_of_step  # noqa: E402
+from specjax.drafters.training.losses import (accepted_depths, opd_weights, own_chain_teacher,  # noqa: E402
+                                              replay_weights, visited_roots)
+from specjax.drafters.training.rollouts import (rollout_jit, ttt_alignment, unroll_head,  # noqa: E402
+                                                unroll_own_chain)
 from specjax.engine.sampling import SamplingParams  # noqa: E402
-from specjax.drafters.eagle3 import Eagle3Drafter, default_hidden_layers, fuse_features, load_eagle3  # noqa: E402
+from specjax.drafters.eagle3 import (Eagle3Drafter, default_hidden_layers, draft_logits, fuse_features,  # noqa: E402
+                                     load_eagle3)
 from specjax.models.decoder import KVCache, causal_mask, forward_hidden, lm_head  # noqa: E402
 
 K = 3  # unroll depth in these tests
@@ -163,8 +171,8 @@ def _prompts(n=8, seed=0):
 
 
 def _greedy_rows(target, seq_len=24):
-    tokens, plen = dt.prompt_batch(_prompts(), 0, 4, seq_len)
-    tokens, valid = dt.rollout_jit(target.params, target.config, jnp.asarray(tokens), jnp.asarray(plen),
+    tokens, plen = prompt_batch(_prompts(), 0, 4, seq_len)
+    tokens, valid = rollout_jit(target.params, target.config, jnp.asarray(tokens), jnp.asarray(plen),
                                    jax.random.key(0), temperature=0.0)
     return np.asarray(tokens), np.asarray(valid), plen
 
@@ -185,7 +193,7 @@ def _target_outputs(target, tokens, valid, hidden_layers=()):
 
 
 def test_ttt_alignment_hand_checked():
-    pos, valid = dt.ttt_alignment(jnp.asarray([5]), 6, 3)
+    pos, valid = ttt_alignment(jnp.asarray([5]), 6, 3)
     assert np.asarray(pos[:, 0]).tolist() == [[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7], [3, 4, 5, 6, 7, 8]]
     assert np.asarray(valid[:, 0]).astype(int).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0],
                                                            [1, 1, 0, 0, 0, 0]]
@@ -200,7 +208,7 @@ def test_ttt_teacher_verifies_the_drafted_token(target):
     s = tokens.shape[1]
 
     def agrees(pos_of):
-        pos, ok = dt.ttt_alignment(jnp.asarray(valid), s, K)
+        pos, ok = ttt_alignment(jnp.asarray(valid), s, K)
         pos, ok = np.asarray(pos_of(pos)), np.asarray(ok)
         checked = 0
         for i in range(K):
@@ -220,7 +228,7 @@ def test_ttt_teacher_verifies_the_drafted_token(target):
 
 def _head_for(target, seed=0):
     layers = default_hidden_layers(target.config.num_layers)
-    cfg, params, frozen = dt.init_eagle3(target, layers, jax.random.key(seed))
+    cfg, params, frozen = init_eagle3(target, layers, jax.random.key(seed))
     params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(seed + 1), x.shape), params)
     return cfg, {**params, **frozen}, layers
 
@@ -246,10 +254,10 @@ def test_unroll_equals_the_drafters_own_chain(target):
     fused = fuse_features(params, hidden)
 
     def chain_of(outs):
-        probs = jax.nn.softmax(dt.draft_logits(cfg, params, outs[:, 0, p - 1]), axis=-1)
+        probs = jax.nn.softmax(draft_logits(cfg, params, outs[:, 0, p - 1]), axis=-1)
         return np.asarray(jnp.argmax(probs, -1)).tolist(), np.cumprod(np.asarray(jnp.max(probs, -1)))
 
-    unroll = jax.jit(dt.unroll_head, static_argnums=(0, 4))
+    unroll = jax.jit(unroll_head, static_argnums=(0, 4))
     toks, cum = chain_of(unroll(cfg, params, fused, jnp.asarray(seq), K))
     assert toks == chain
     np.testing.assert_allclose(cum, np.asarray(tree.draft_probs[0]), rtol=1e-4)
@@ -268,11 +276,11 @@ def test_unroll_equals_the_drafters_own_chain(target):
     # the chain, chain p - 1 still proposes the drafter's chain, with the outputs of the
     # teacher-forced unroll on the row that does; the teacher-forced unroll of that other row
     # computes other states (negative control).
-    own_outs, _ = jax.jit(dt.unroll_own_chain, static_argnums=(0, 4))(cfg, params, fused, jnp.asarray(seq), K)
+    own_outs, _ = jax.jit(unroll_own_chain, static_argnums=(0, 4))(cfg, params, fused, jnp.asarray(seq), K)
     other = np.concatenate([prompt, [root], [(t + 7) % 60 + 2 for t in chain]]).astype(np.int32)[None]
     _, hidden = _target_outputs(target, other, np.asarray([other.shape[1]]), layers)
     fused_other = fuse_features(params, hidden)
-    own_other, drafts = jax.jit(dt.unroll_own_chain, static_argnums=(0, 4))(cfg, params, fused_other,
+    own_other, drafts = jax.jit(unroll_own_chain, static_argnums=(0, 4))(cfg, params, fused_other,
                                                                             jnp.asarray(other), K)
     assert np.asarray(drafts[:, 0, p - 1]).tolist() == chain
     forced = np.asarray(unroll(cfg, params, fused, jnp.asarray(seq), K)[:, 0, p - 1])
@@ -289,11 +297,11 @@ def test_opd_weights_hand_made():
     for j, a in {0: 3, 1: 2, 2: 1, 3: 3, 4: 0, 5: 3, 6: 1}.items():
         match[:a, 0, j] = True
     valid = np.ones((3, 1, 8), bool)
-    acc = np.asarray(dt.accepted_depths(jnp.asarray(match), jnp.asarray(valid)))[0]
+    acc = np.asarray(accepted_depths(jnp.asarray(match), jnp.asarray(valid)))[0]
     assert acc.tolist() == [3, 2, 1, 3, 0, 3, 1, 0]
-    visited = np.asarray(dt.visited_roots(jnp.asarray(acc[None]), jnp.asarray([1])))[0]
+    visited = np.asarray(visited_roots(jnp.asarray(acc[None]), jnp.asarray([1])))[0]
     assert np.flatnonzero(visited).tolist() == [1, 4, 5]
-    w = np.asarray(dt.opd_weights(jnp.asarray(match), jnp.asarray(valid), jnp.asarray([1]), 1.0))[:, 0]
+    w = np.asarray(opd_weights(jnp.asarray(match), jnp.asarray(valid), jnp.asarray([1]), 1.0))[:, 0]
     expected = np.ones((3, 8))
     expected[:, 1] = [2, 2, 3]  # accepted depths 0, 1; rejected depth 2
     expected[:, 4] = [3, 1, 1]  # rejected at depth 0
@@ -304,7 +312,7 @@ def test_opd_weights_hand_made():
     wrong_next = np.asarray(jax.lax.scan(lambda n, c: (jnp.where(n == c[0], c[0] + c[1], n), n == c[0]),
                                          jnp.int32(1), (jnp.arange(8), jnp.asarray(acc)))[1])
     assert np.flatnonzero(wrong_next).tolist() != [1, 4, 5]
-    wrong_start = np.asarray(dt.visited_roots(jnp.asarray(acc[None]), jnp.asarray([0])))[0]
+    wrong_start = np.asarray(visited_roots(jnp.asarray(acc[None]), jnp.asarray([0])))[0]
     assert np.flatnonzero(wrong_start).tolist() != [1, 4, 5]
 
 
@@ -317,13 +325,13 @@ def test_replay_weights_keep_the_visited_chains_past_their_rejection():
         match[:a, 0, j] = True
     valid = np.ones((3, 1, 8), bool)
     valid[1:, 0, 5] = False  # chain 5 runs off the row's end after depth 0
-    w = np.asarray(dt.replay_weights(jnp.asarray(match), jnp.asarray(valid), jnp.asarray([1]), 0.5))[:, 0]
+    w = np.asarray(replay_weights(jnp.asarray(match), jnp.asarray(valid), jnp.asarray([1]), 0.5))[:, 0]
     expected = np.zeros((3, 8))
     expected[:, 1] = expected[:, 4] = [1, 0.5, 0.25]
     expected[:, 5] = [1, 0, 0]  # now accepts 1 draft (its only valid depth): the next root is 7
     expected[:, 7] = [1, 0.5, 0.25]
     np.testing.assert_array_equal(w, expected)
-    acc = np.asarray(dt.accepted_depths(jnp.asarray(match), jnp.asarray(valid)))[0]
+    acc = np.asarray(accepted_depths(jnp.asarray(match), jnp.asarray(valid)))[0]
     cut_at_rejection = expected * (np.arange(3)[:, None] <= acc[None])
     assert not np.array_equal(w, cut_at_rejection)
     every_chain = (0.5 ** np.arange(3))[:, None] * valid[:, 0]
@@ -338,7 +346,7 @@ def test_own_chain_teacher_is_the_target_on_the_drafted_text(target):
     rng = np.random.default_rng(0)
     drafts = rng.integers(1, 64, size=(K, *tokens.shape)).astype(np.int32)
     teacher, _ = _target_outputs(target, tokens, valid)
-    fn = jax.jit(dt.own_chain_teacher, static_argnames=("tcfg", "k"))
+    fn = jax.jit(own_chain_teacher, static_argnames=("tcfg", "k"))
     got = np.asarray(fn(target.params, target.config, jnp.asarray(tokens), jnp.asarray(drafts),
                         jnp.asarray(teacher), k=K))
     assert got.shape == (K, *tokens.shape, 64)
@@ -364,8 +372,8 @@ def test_own_chain_teacher_is_the_target_on_the_drafted_text(target):
 def test_target_tokens_of_a_step():
     """Generating the rows and the teacher pass each cost the rows' valid tokens; an sft pool row
     already generated costs only the teacher pass; opd adds the drafts it had verified."""
-    assert dt.target_tokens_of_step(np.asarray([5, 7]), 3, first_use=True) == 2 * 12 + 3
-    assert dt.target_tokens_of_step(np.asarray([5, 7]), 0, first_use=False) == 12
+    assert target_tokens_of_step(np.asarray([5, 7]), 3, first_use=True) == 2 * 12 + 3
+    assert target_tokens_of_step(np.asarray([5, 7]), 0, first_use=False) == 12
 
 
 def _lossless(target, drafter):
@@ -379,9 +387,9 @@ def _lossless(target, drafter):
 
 
 def test_eagle3_trains_resumes_exactly_and_loads_losslessly(target, tmp_path):
-    opts = dt.TrainOptions(batch_size=4, seq_len=24, lr=1e-2, ttt_steps=K, save_every=4, keep=3, prompt_weight=1.0)
+    opts = TrainOptions(batch_size=4, seq_len=24, lr=1e-2, ttt_steps=K, save_every=4, keep=3, prompt_weight=1.0)
     out = str(tmp_path / "straight")
-    res = dt.train_drafter(target, "eagle3", "opd", 12, out, prompts=_prompts(), options=opts, progress=False)
+    res = train_drafter(target, "eagle3", "opd", 12, out, prompts=_prompts(), options=opts, progress=False)
     loss = res.history["loss"]
     assert np.mean(loss[-3:]) < np.mean(loss[:3])
     assert res.plot_path is None or os.path.getsize(res.plot_path) > 0
@@ -393,13 +401,13 @@ def test_eagle3_trains_resumes_exactly_and_loads_losslessly(target, tmp_path):
     shutil.copytree(os.path.join(out, "checkpoints"), os.path.join(other, "checkpoints"))
     shutil.copy(os.path.join(out, "history.json"), other)
     shutil.rmtree(os.path.join(other, "checkpoints", "12"))
-    again = dt.train_drafter(target, "eagle3", "opd", 12, other, prompts=_prompts(), options=opts, resume=True,
+    again = train_drafter(target, "eagle3", "opd", 12, other, prompts=_prompts(), options=opts, resume=True,
                              progress=False)
     assert again.history["step"] == list(range(1, 13))
     assert again.history["target_tokens"] == res.history["target_tokens"]
     assert np.all(np.diff([0] + res.history["target_tokens"]) > 0)
     with pytest.raises(FileExistsError, match="resume"):
-        dt.train_drafter(target, "eagle3", "opd", 12, other, prompts=_prompts(), options=opts, progress=False)
+        train_drafter(target, "eagle3", "opd", 12, other, prompts=_prompts(), options=opts, progress=False)
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(again.params)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -412,8 +420,8 @@ def test_draft_model_trains_and_loads_losslessly(target, tmp_path):
     from specjax.drafters.draft_model import DraftModelDrafter
     from specjax.models.loading import load_model
 
-    opts = dt.TrainOptions(batch_size=4, seq_len=24, lr=1e-2, ttt_steps=K, save_every=100, prompt_weight=1.0)
-    res = dt.train_drafter(target, "draft-model", "sft", 10, str(tmp_path / "dm"), prompts=_prompts(),
+    opts = TrainOptions(batch_size=4, seq_len=24, lr=1e-2, ttt_steps=K, save_every=100, prompt_weight=1.0)
+    res = train_drafter(target, "draft-model", "sft", 10, str(tmp_path / "dm"), prompts=_prompts(),
                            options=opts, progress=False)
     assert np.mean(res.history["loss"][-3:]) < np.mean(res.history["loss"][:3])
     draft = load_model(str(tmp_path / "dm"), dtype=jnp.float32)
@@ -423,27 +431,27 @@ def test_draft_model_trains_and_loads_losslessly(target, tmp_path):
 def test_fine_tuning_starts_from_the_given_drafter(target, tmp_path):
     """``init_params`` (``--init DIR``) replaces the random initialization: a run started from a trained
     head begins at that head's loss, not at a fresh head's; drafters of another shape are refused."""
-    opts = dt.TrainOptions(batch_size=4, seq_len=24, lr=1e-2, ttt_steps=K, save_every=100, prompt_weight=1.0)
-    trained = dt.train_drafter(target, "eagle3", "sft", 12, str(tmp_path / "a"), prompts=_prompts(), options=opts,
+    opts = TrainOptions(batch_size=4, seq_len=24, lr=1e-2, ttt_steps=K, save_every=100, prompt_weight=1.0)
+    trained = train_drafter(target, "eagle3", "sft", 12, str(tmp_path / "a"), prompts=_prompts(), options=opts,
                                progress=False)
-    init = dt.load_init_params("eagle3", str(tmp_path / "a"), target)
-    tuned = dt.train_drafter(target, "eagle3", "online", 1, str(tmp_path / "b"), prompts=_prompts(), options=opts,
+    init = load_init_params("eagle3", str(tmp_path / "a"), target)
+    tuned = train_drafter(target, "eagle3", "online", 1, str(tmp_path / "b"), prompts=_prompts(), options=opts,
                              progress=False, init_params=init)
     fresh_first, trained_last = trained.history["loss"][0], np.mean(trained.history["loss"][-3:])
     assert abs(tuned.history["loss"][0] - trained_last) < 0.25 * (fresh_first - trained_last)
     # Negative control: the same run without init_params starts where a fresh head does.
-    cold = dt.train_drafter(target, "eagle3", "online", 1, str(tmp_path / "c"), prompts=_prompts(), options=opts,
+    cold = train_drafter(target, "eagle3", "online", 1, str(tmp_path / "c"), prompts=_prompts(), options=opts,
                             progress=False)
     assert abs(cold.history["loss"][0] - fresh_first) < 0.25 * (fresh_first - trained_last)
 
-    small = dt.train_drafter(target, "draft-model", "sft", 1, str(tmp_path / "d"), prompts=_prompts(),
+    small = train_drafter(target, "draft-model", "sft", 1, str(tmp_path / "d"), prompts=_prompts(),
                              options=dataclasses.replace(opts, draft_hidden=16), progress=False)
     with pytest.raises(ValueError, match="initial drafter params"):
-        dt.train_drafter(target, "eagle3", "sft", 1, str(tmp_path / "e"), prompts=_prompts(), options=opts,
+        train_drafter(target, "eagle3", "sft", 1, str(tmp_path / "e"), prompts=_prompts(), options=opts,
                          progress=False, init_params=small.params)
     with pytest.raises(ValueError, match="shape"):
-        dt.train_drafter(target, "draft-model", "sft", 1, str(tmp_path / "f"), prompts=_prompts(), options=opts,
-                         progress=False, init_params=dt.load_init_params("draft-model", str(tmp_path / "d"), target))
+        train_drafter(target, "draft-model", "sft", 1, str(tmp_path / "f"), prompts=_prompts(), options=opts,
+                         progress=False, init_params=load_init_params("draft-model", str(tmp_path / "d"), target))
 
 
 def test_cli_init_fine_tunes_the_given_drafter(target, tmp_path):
@@ -472,12 +480,12 @@ def test_cli_init_fine_tunes_the_given_drafter(target, tmp_path):
 
 def test_bad_arguments_are_named(target, tmp_path):
     with pytest.raises(ValueError, match="kind"):
-        dt.train_drafter(target, "medusa", "sft", 1, str(tmp_path))
+        train_drafter(target, "medusa", "sft", 1, str(tmp_path))
     with pytest.raises(ValueError, match="method"):
-        dt.train_drafter(target, "eagle3", "ppo", 1, str(tmp_path))
+        train_drafter(target, "eagle3", "ppo", 1, str(tmp_path))
     with pytest.raises(ValueError, match="outside the vocab"):
-        dt.train_drafter(target, "eagle3", "sft", 1, str(tmp_path), prompts=[[1, 99]])
+        train_drafter(target, "eagle3", "sft", 1, str(tmp_path), prompts=[[1, 99]])
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match="prompt"):
-        dt.read_prompts_jsonl(str(bad))
+        read_prompts_jsonl(str(bad))

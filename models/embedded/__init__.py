@@ -1,8 +1,10 @@
-"""The checkpoints shipped inside the package (see assets/README.md).
+"""The checkpoints shipped inside the package (``models/assets/``, see its README.md).
 
 ``tiny-sql`` (the default model: a tiny Llama text-to-SQL demo) and ``stdlib-code``
 (a small Llama code model trained on Python's standard library, a real target
-for drafter benchmarks).
+for drafter benchmarks). ``toy_corpus`` is the tiny-sql model's synthetic corpus
+and its demo prompts; the build scripts are ``benchmarks/train_tiny_sql.py`` and
+``benchmarks/build_suffix_history.py``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ EMBEDDED_DRAFTER = "tiny-sql-drafter"
 EMBEDDED_EAGLE3 = "tiny-sql-eagle3"
 CODE_MODEL = "stdlib-code"
 _BUILD_SCRIPTS = {EMBEDDED_MODEL: "train_tiny_sql.py", CODE_MODEL: "train_code_model.py"}
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
 def _asset_dir(name: str) -> str:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", name)
+    path = os.path.join(_ASSETS, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(
             f"the embedded model is missing from {path} (was the package installed without its data "
@@ -39,7 +42,7 @@ def code_model_dir() -> str:
 
 
 def _shipped_drafter(name: str) -> Optional[str]:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", name)
+    path = os.path.join(_ASSETS, name)
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
