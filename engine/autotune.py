@@ -24,7 +24,11 @@ smallest unmeasured one (the *frontier*) at the cost of the largest measured
 size below it (a lower bound: a bigger tree never costs less). Sizes above
 the frontier wait until it is measured, so the choice grows one size at a
 time (a few steps to reach a large tree), and sizes that never look worth
-trying never compile.
+trying never compile. ``ChunkPolicy`` also waits for evidence: it opens the
+frontier only once the largest tree it ran paid in tokens actually accepted,
+not merely in the drafter's calibrated claims (both the frontier's cost and the
+claims are optimistic, and one program compile per size is too dear to spend
+on a drafter that has not yet been right).
 """
 
 from __future__ import annotations
@@ -215,14 +219,17 @@ class ChunkPolicy:
     probabilities, from the last speculative chunk), and ``calibration`` is
     accepted / claimed at the chunks' T. A chunk goes to the T maximizing
     expected tokens per second, speculating only for a clear win
-    (``min_gain``). After a plain choice it runs plain chunks, then probes the
-    smallest tree to refresh the claims; each probe that still finds plain
+    (``min_gain``); the frontier competes only once the largest measured tree
+    has paid in accepted tokens (``observed``), so how far a drafter that is
+    never right grows does not depend on timing noise. After a plain choice it
+    runs plain chunks, then probes the smallest tree to refresh the claims; each probe that still finds plain
     best doubles the wait (up to ``max_probe_every`` chunks).
     """
 
     costs: dict[int, float]
     buckets: tuple[int, ...]
     claimed: dict[int, float] = dataclasses.field(default_factory=dict)
+    observed: dict[int, float] = dataclasses.field(default_factory=dict)  # accepted per row-step, last chunk at T
     calibration: float = 1.0
     smoothing: float = 0.3
     min_gain: float = 1.05
@@ -261,12 +268,21 @@ class ChunkPolicy:
         """The bucket with the most expected tokens per second (per active row: the batch's rows
         step together, so row counts cancel), among the measured ones and the frontier."""
         costs = _costs_to_frontier(self.costs, self.buckets)  # a bigger tree never costs less
+        if self.unmeasured() and not self._frontier_earned(costs):
+            costs.pop(max(costs))
         best_t, best_rate = 0, self.min_gain / costs[0]
         for t in list(costs)[1:]:
             rate = (1.0 + self.calibration * self.claimed.get(t, 0.0)) / costs[t]
             if rate > best_rate:
                 best_t, best_rate = t, rate
         return best_t
+
+    def _frontier_earned(self, costs: dict[int, float]) -> bool:
+        """Whether the largest measured tree beat a plain step by ``min_gain`` in measured tokens."""
+        top = max((t for t in costs if t in self.costs and t > 0), default=None)
+        if top is None:
+            return False
+        return (1.0 + self.observed.get(top, 0.0)) / costs[top] > self.min_gain / costs[0]
 
     def record(self, capacity: int, seconds: float, steps: int, row_steps: int, claimed: Sequence[float],
                accepted: int) -> None:
@@ -286,6 +302,7 @@ class ChunkPolicy:
         if capacity == 0 or row_steps <= 0:
             return
         self.claimed = {t: float(c) / row_steps for t, c in zip(self.buckets, claimed)}
+        self.observed[capacity] = accepted / row_steps
         predicted = self.claimed.get(capacity, 0.0) * row_steps
         if predicted > 0:  # weighted as ``steps`` of the host policy's per-step updates
             a = 1 - (1 - self.smoothing) ** steps

@@ -61,6 +61,31 @@ def test_the_chunk_policy_measures_plain_and_the_smallest_tree_then_grows():
     assert 4 not in policy.costs and 8 not in policy.costs
 
 
+def test_the_chunk_policy_opens_a_bigger_tree_only_after_accepted_tokens():
+    """Flat costs (a GPU's small trees) and confident claims: calibration alone would still let
+    the claims through size after size (each 4-step chunk of nothing leaves a quarter of them)."""
+    claims = [0.0] + [8 * sum(0.95 ** k for k in range(1, t + 1)) for t in (1, 2, 4, 8)]
+
+    def run(accepted_at_one: int) -> list[int]:
+        policy = ChunkPolicy(costs={}, buckets=(0, 1, 2, 4, 8))
+        chosen = []
+        for _ in range(6):
+            t = policy.choose()
+            chosen.append(t)
+            policy.record(t, 4.0, steps=4, row_steps=8, claimed=claims, accepted=accepted_at_one * (t > 0))
+        return chosen
+
+    assert set(run(accepted_at_one=0)) == {0, 1}
+    assert set(run(accepted_at_one=4)) == {0, 1, 2, 4, 8}  # half a token per row-step: grows
+    # Control: without the evidence rule (claims and calibration only), the wrong drafter grows too.
+    policy = ChunkPolicy(costs={}, buckets=(0, 1, 2, 4, 8))
+    policy._frontier_earned = lambda costs: True
+    for _ in range(6):
+        t = policy.choose()
+        policy.record(t, 4.0, steps=4, row_steps=8, claimed=claims, accepted=0)
+    assert 2 in policy.costs
+
+
 def test_the_first_generate_of_the_main_job_compiles_only_the_sizes_it_uses():
     """The README's main job offline (the embedded model, its default drafter: the suffix index warm
     from the shipped history, auto tree size), batch 16. Each tree size's step is one program."""
@@ -105,5 +130,6 @@ def test_the_device_loop_compiles_only_the_sizes_it_runs():
     (policy,) = engine._chunk_policies.values()
     ran = {t for t, _ in policy.history}
     assert device_loop.run_steps._cache_size() == len(ran)
-    assert 8 not in ran and {0, 1} <= ran  # claims discounted at once: the largest tree never compiled
+    # T=1 accepted nothing, so no bigger tree is tried, whatever the timings: those never compiled.
+    assert ran == {0, 1}
     assert [r.token_ids for r in results] == expected
