@@ -97,14 +97,27 @@ class KeyedByConfig:
     state_fields: tuple[str, ...] = ()
 
     def config_key(self) -> tuple:
-        return (type(self),) + tuple((f.name, _static_value(f.name, getattr(self, f.name)))
-                                     for f in dataclasses.fields(self) if f.name not in self.state_fields)
+        """Computed once (every jitted call hashes its static drafter: a large tree template is
+        tens of thousands of values) and again after a config field is assigned."""
+        cached = self.__dict__.get("_config_key")
+        if cached is None:
+            key = (type(self),) + tuple((f.name, _static_value(f.name, getattr(self, f.name)))
+                                        for f in dataclasses.fields(self) if f.name not in self.state_fields)
+            cached = (key, hash(key))
+            object.__setattr__(self, "_config_key", cached)
+        return cached[0]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self.state_fields:
+            self.__dict__.pop("_config_key", None)
+        super().__setattr__(name, value)
 
     def __eq__(self, other) -> bool:
-        return type(other) is type(self) and self.config_key() == other.config_key()
+        return type(other) is type(self) and (other is self or self.config_key() == other.config_key())
 
     def __hash__(self) -> int:
-        return hash(self.config_key())
+        self.config_key()
+        return self.__dict__["_config_key"][1]
 
 
 def _static_value(name: str, value: Any) -> Any:

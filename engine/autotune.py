@@ -34,6 +34,7 @@ on a drafter that has not yet been right).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import numpy as np
@@ -223,7 +224,9 @@ class ChunkPolicy:
     has paid in accepted tokens (``observed``), so how far a drafter that is
     never right grows does not depend on timing noise. After a plain choice it
     runs plain chunks, then probes the smallest tree to refresh the claims; each probe that still finds plain
-    best doubles the wait (up to ``max_probe_every`` chunks).
+    best doubles the wait (up to ``max_probe_every`` chunks), and the wait is never so short
+    that probes would cost more than ``probe_share`` of the plain chunks' time (a drafter whose
+    smallest tree costs ten plain steps, like a deep draft-model tree, is probed rarely).
     """
 
     costs: dict[int, float]
@@ -235,9 +238,9 @@ class ChunkPolicy:
     min_gain: float = 1.05
     probe_every: int = 2  # plain chunks after a plain choice before the next probe ...
     max_probe_every: int = 16  # ... doubling after each probe that still finds plain best, up to this
+    probe_share: float = 0.05  # ... or more: probes' extra time at most this share of the plain chunks'
     max_cost_jump: float = 2.0  # one chunk's step time counts as at most this many times the estimate
     history: list = dataclasses.field(default_factory=list)  # (T, fused steps) per chunk, in order
-    probing: bool = False  # the last choice is a probe (the loop runs it as a short chunk)
     _plain_left: int = 0
     _probe_next: bool = False
 
@@ -246,7 +249,6 @@ class ChunkPolicy:
 
     def choose(self) -> int:
         """T for the next chunk (0 = plain steps)."""
-        self.probing = False
         first = [t for t in self.buckets[:2] if t not in self.costs]
         if first:
             return first[0]
@@ -254,15 +256,21 @@ class ChunkPolicy:
             self._plain_left -= 1
             return 0
         if self._probe_next:
-            self._probe_next, self.probing = False, True
+            self._probe_next = False
             return self.buckets[1]
         best = self.best_bucket()
         if best == 0:
-            self._plain_left, self._probe_next = self.probe_every - 1, True
+            self._plain_left, self._probe_next = max(self.probe_every, self._affordable_wait()) - 1, True
             self.probe_every = min(2 * self.probe_every, self.max_probe_every)
         else:
             self.probe_every = ChunkPolicy.probe_every
         return best
+
+    def _affordable_wait(self) -> int:
+        """Plain chunks per probe for the probes' extra time to stay within ``probe_share`` of theirs
+        (a probe runs as many fused steps as a plain chunk)."""
+        extra = self.costs[self.buckets[1]] - self.costs[0]
+        return math.ceil(extra / (self.probe_share * self.costs[0]))
 
     def best_bucket(self) -> int:
         """The bucket with the most expected tokens per second (per active row: the batch's rows

@@ -20,8 +20,9 @@ draft model's cache) stays valid across switches; a drafter with ``catch_up``
 (the draft model) skips it in plain steps and is fed their tokens in one pass
 when the next speculative chunk starts. The programs share one loop state, so
 switching compiles nothing once each bucket has run; a bucket compiles when the
-policy first picks it (plain steps and the smallest tree first, larger trees as
-the claims say they would pay), so sizes never tried are never compiled.
+policy first picks it (plain steps and the smallest tree first, larger trees
+once the largest one run has paid and the claims say a bigger one would), so
+sizes never tried are never compiled.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from specjax.models.config import ModelConfig
 from specjax.models.sharding import cache_sharding
 
 DEFAULT_STEPS_PER_SYNC = 8
-MEASURE_STEPS = 4  # steps of a chunk that times a bucket for the first time, or probes one
 
 
 @jax.tree_util.register_dataclass
@@ -234,10 +234,17 @@ def chunk_policy(engine, drafter: DeviceDrafter, rows: int, max_len: int, with_q
     policies = engine.__dict__.setdefault("_chunk_policies", {})
     key = (drafter, rows, max_len, with_q, max_capacity)
     if key not in policies:
-        top = drafter.capacity if max_capacity is None else max(1, min(max_capacity, drafter.capacity))
-        buckets = (0, drafter.capacity) if with_q else capacity_buckets(top)  # sampled trees keep their size
-        policies[key] = ChunkPolicy(costs={}, buckets=buckets)
+        policies[key] = ChunkPolicy(costs={}, buckets=chunk_buckets(drafter, with_q, max_capacity))
     return policies[key]
+
+
+def chunk_buckets(drafter: DeviceDrafter, with_q: bool, max_capacity: Optional[int]) -> tuple[int, ...]:
+    """The auto size's tree sizes: buckets up to ``max_capacity`` (default: the drafter's capacity);
+    a sampled tree (with q) keeps its whole size."""
+    if with_q:
+        return (0, drafter.capacity)
+    top = drafter.capacity if max_capacity is None else max(1, min(max_capacity, drafter.capacity))
+    return capacity_buckets(top)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,21 +301,37 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
     cfg, params = engine.target.config, engine.target.params
     t0 = time.perf_counter()
     n_req = len(prompts)
-    batch = prepare_device_batch(engine, prompts, max_new_tokens, sampling, drafter.capacity,
+    with_q = bool(np.any(np.asarray(sampling["temperature"]) > 0))
+    # The target's cache holds the verified tree only: the largest bucket, not the drafter's whole
+    # proposal (a smaller cache bucket is cheaper attention on every step).
+    verified = chunk_buckets(drafter, with_q, max_capacity)[-1] if auto else drafter.capacity
+    batch = prepare_device_batch(engine, prompts, max_new_tokens, sampling, verified,
                                  tuple(drafter.hidden_layers), seeds, return_logits=logprobs)
     rows, state, first = batch.rows, batch.state, batch.first
-    with_q = bool(np.any(np.asarray(batch.sampling.temperature) > 0))
-    dstate = drafter.init_state(rows, batch.max_len)
-    dstate = _drafter_prefill(drafter.params, dstate, jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), first,
-                              batch.hidden, drafter=drafter)
-    buffer = jnp.zeros((rows, max_new_tokens), jnp.int32).at[:, 0].set(first)
     policy = chunk_policy(engine, drafter, rows, batch.max_len, with_q, max_capacity) if auto else None
     buckets = policy.buckets if policy is not None else ()
+
+    def feed_prompt(loop: LoopState, capacity: int) -> LoopState:
+        """The drafter reads the prompt. Under the auto size a catch-up drafter (the draft model:
+        plain steps leave it alone) reads it only before the batch's first speculative chunk, so a
+        batch that runs plain throughout never pays for its prefill."""
+        nonlocal prompt_unread
+        if not prompt_unread or (capacity == 0 and lazy_prompt):
+            return loop
+        prompt_unread = False
+        dstate = _drafter_prefill(drafter.params, loop.dstate, jnp.asarray(batch.tokens), jnp.asarray(batch.lengths),
+                                  first, batch.hidden, drafter=drafter)
+        return dataclasses.replace(loop, dstate=jax.block_until_ready(dstate))  # not in the next chunk's timing
+
+    prompt_unread, lazy_prompt = True, policy is not None and hasattr(drafter, "catch_up")
+    dstate = drafter.init_state(rows, batch.max_len)
+    buffer = jnp.zeros((rows, max_new_tokens), jnp.int32).at[:, 0].set(first)
     loop = LoopState(state, dstate, buffer, jnp.ones(rows, jnp.int32), jnp.ones(rows, jnp.int32),
                      jnp.zeros(rows, jnp.int32),
                      jnp.zeros(len(buckets), jnp.float32), jnp.int32(0), jnp.int32(0), jnp.ones(rows, jnp.int32),
                      jnp.zeros((rows, max_new_tokens, 2), jnp.int32),
                      None if not logprobs else jnp.zeros((rows, max_new_tokens)).at[:, 0].set(batch.first_logprobs))
+    loop = feed_prompt(loop, 0)
     chunks, fused_steps = [], 0  # chunks: (T, seconds, fused steps, passes per row after it), for the traces
     reported = n_req
     report_progress(progress, n_req)
@@ -327,7 +350,7 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
             chunks.append((drafter.capacity, time.perf_counter() - c0, int(n_steps) - fused_steps, passes))
             fused_steps = int(n_steps)
         else:
-            loop, (buf, out_len, finished), chunk = _timed_chunk(run, loop, policy, steps_per_sync)
+            loop, (buf, out_len, finished), chunk = _timed_chunk(run, loop, policy, steps_per_sync, feed_prompt)
             chunks.append(chunk)
         outputs = [buf[i, : out_len[i]].tolist() for i in range(n_req)]
         total = int(out_len[:n_req].sum())
@@ -365,16 +388,17 @@ def chunk_traces(chunks: list, step_log: np.ndarray, row: int) -> list[TraceStep
     return trace
 
 
-def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int):
+def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int, feed_prompt):
     """One chunk at the policy's T, timed and folded into the policy. A bucket still unmeasured
-    is compiled first and runs a short chunk (``MEASURE_STEPS``); so does a probe, which is
-    expected not to pay. Returns the loop, (tokens, lengths, finished) and the chunk's record
-    (T, seconds, fused steps, passes per row) for the traces."""
+    is compiled first, outside the timing. Every chunk runs ``steps`` fused steps, probes and
+    first measurements too: a chunk's fixed cost (dispatch, sync) then weighs alike on every
+    bucket's cost per step, and the policy spaces probes by what they cost. Returns the loop,
+    (tokens, lengths, finished) and the chunk's record (T, seconds, fused steps, passes per row)
+    for the traces. ``feed_prompt(loop, T)``: the drafter's prefill if a chunk at T needs it now."""
     capacity = policy.choose()
+    loop = feed_prompt(loop, capacity)
     if capacity in policy.unmeasured():  # compiled on first use (a zero-step call), outside the timing
         loop = run(loop, jnp.int32(0), capacity=capacity)
-    if capacity in policy.unmeasured() or policy.probing:
-        steps = min(steps, MEASURE_STEPS)
     before = jax.device_get((loop.claimed, loop.row_steps, loop.steps, loop.accepted))
     t0 = time.perf_counter()
     loop = run(loop, jnp.int32(steps), capacity=capacity)

@@ -212,7 +212,8 @@ def test_chunk_policy_grows_to_the_fastest_bucket():
 
 
 def test_chunk_policy_probes_less_often_while_plain_stays_best():
-    policy = ChunkPolicy(costs={0: 1.0, 1: 1.5, 2: 2.0}, buckets=(0, 1, 2), claimed={1: 0.1, 2: 0.2})
+    # A probe costing 2% more than a plain chunk: cheap, so the doubling schedule alone spaces them.
+    policy = ChunkPolicy(costs={0: 1.0, 1: 1.02, 2: 2.0}, buckets=(0, 1, 2), claimed={1: 0.03, 2: 0.06})
     choices = []
     for _ in range(24):
         t = policy.choose()
@@ -221,6 +222,27 @@ def test_chunk_policy_probes_less_often_while_plain_stays_best():
     probes = [i for i, t in enumerate(choices) if t > 0]
     assert probes == [2, 7, 16]  # waits of 2, 4, 8 chunks: a drafter that never pays runs plain steps
     assert policy.calibration < 0.01  # eight steps of nothing per probe: calibrated down at once
+
+
+@pytest.mark.parametrize("probe_cost", [4.0, 10.0])
+def test_chunk_probes_cost_at_most_their_share_of_plain_time(probe_cost):
+    """A smallest tree costing several plain steps (a deep draft-model tree on a CPU) that never
+    pays: over a long run, the probes' extra time stays within ``probe_share`` of the plain time."""
+
+    def extra_share(policy) -> float:
+        plain = extra = 0.0
+        for _ in range(400):
+            t = policy.choose()
+            cost = probe_cost if t else 1.0
+            plain, extra = plain + 8.0, extra + 8.0 * (cost - 1.0)
+            policy.record(t, 8.0 * cost, 8, 8 * (t > 0), [0.0, 0.8, 1.6], accepted=0)
+        return extra / plain
+
+    budgeted = ChunkPolicy(costs={0: 1.0, 1: probe_cost, 2: 2 * probe_cost}, buckets=(0, 1, 2))
+    assert extra_share(budgeted) <= budgeted.probe_share * 1.1
+    # Control: the doubling schedule alone (up to 16 chunks) spends more than that on probes.
+    doubling = ChunkPolicy(costs={0: 1.0, 1: probe_cost, 2: 2 * probe_cost}, buckets=(0, 1, 2), probe_share=1e9)
+    assert extra_share(doubling) > budgeted.probe_share * 1.1
 
 
 def test_chunk_calibration_counts_a_chunk_as_its_steps():

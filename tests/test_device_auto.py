@@ -44,7 +44,7 @@ def test_a_drafter_that_is_always_wrong_stays_lossless_and_rarely_speculates():
     second = engine.generate(PROMPTS, 64)
     assert [r.token_ids for r in first] == [r.token_ids for r in second] == expected
     assert speculative_share(policy.history[measured:]) < 0.35
-    assert policy.calibration < 0.05
+    assert policy.calibration < 0.1  # a chunk of 8 steps accepting nothing leaves 0.7 ** 8 of the claims
 
 
 def test_switching_buckets_compiles_nothing_new():
@@ -61,6 +61,26 @@ def test_switching_buckets_compiles_nothing_new():
     # ... compiling only buckets that had never run (lazily, on first use)
     assert device_loop.run_steps._cache_size() - compiled <= len(used - ran)
     assert [r.token_ids for r in results] == greedy_generate(TARGET, PROMPTS[::-1], 48)
+
+
+def test_a_draft_model_reads_the_prompt_only_when_a_batch_speculates(monkeypatch):
+    """Plain chunks leave a catch-up drafter alone, so under the auto size its prefill waits for the
+    batch's first speculative chunk: a batch that runs plain throughout never pays for it."""
+    prefills = []
+    real_prefill = device_loop._drafter_prefill
+    monkeypatch.setattr(device_loop, "_drafter_prefill", lambda *a, **k: prefills.append(1) or real_prefill(*a, **k))
+    engine = Engine(TARGET, DraftModelDrafter(TARGET, V, capacity=2), max_draft_capacity=2, attention="xla")
+    engine.generate(PROMPTS, 16)  # measures plain steps and T=1: one prefill, before the T=1 chunk
+    assert len(prefills) == 1
+    (policy,) = engine._chunk_policies.values()
+    policy._plain_left = 10 ** 6  # plain chunks only from now on
+    results = engine.generate(PROMPTS, 24)
+    assert len(prefills) == 1 and all(t == 0 for t, _ in policy.history[-3:])
+    assert [r.token_ids for r in results] == greedy_generate(TARGET, PROMPTS, 24)
+    # Control: the fixed tree size speculates from the first step, so it reads the prompt at once.
+    fixed = Engine(TARGET, DraftModelDrafter(TARGET, V, capacity=2), draft_capacity=2, attention="xla")
+    fixed.generate(PROMPTS, 8)
+    assert len(prefills) == 2
 
 
 RECYCLING = TokenRecyclingDrafter(V, capacity=24)  # one instance: its compiled programs serve two tests

@@ -93,6 +93,10 @@ def test_keys_ignore_learned_state_and_host_parts_but_not_settings():
     recycling.table = jnp.zeros((64, 8), jnp.int32)  # what end_batch keeps between batches
     assert hash(recycling) == key and recycling == TokenRecyclingDrafter(64, capacity=8)
     assert recycling != TokenRecyclingDrafter(64, capacity=9)
+    recycling.capacity = 9  # the key is cached (each jitted call hashes it), but not past a new setting
+    assert hash(recycling) != key and recycling == TokenRecyclingDrafter(64, capacity=9)
+    recycling.capacity = 8
+    assert hash(recycling) == key
     assert TokenRecyclingDrafter(64, capacity=8, paths=[[0], [0, 0]]) != TokenRecyclingDrafter(64, capacity=8)
 
     heads = lambda seed: (_eagle3(seed), DraftModelDrafter(tiny_model(seed), 64, capacity=4, topk=2, depth=2))
