@@ -59,7 +59,7 @@ def chosen_sizes(engine: Engine, collected: list) -> list[int]:
 def measure(model, prompts, name: str, batch: int, args) -> dict:
     options = drafter_options(args.model, args.max_capacity)
     engine = Engine(model, load_drafter(name, model, **options), max_draft_capacity=args.max_capacity,
-                    max_batch_size=batch)
+                    max_batch_size=batch, lazy_compile=False)  # no timed run compiles a size the warm-up missed
     plain = Engine(model, None, max_batch_size=batch)
     collected: list = []
     if not engine.on_device:  # keep the host policies (one per batch) to read their choices
