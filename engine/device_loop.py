@@ -75,9 +75,9 @@ def keep_best(tree: DraftTree, capacity: int) -> tuple[DraftTree, jax.Array]:
 
     A node's path probability never exceeds its parent's and ties go to the lower
     slot (the parent), so the kept nodes include every kept node's parent; kept in
-    slot order, parents still precede children. Only for point-mass drafts (no
-    ``q_dists``): sampled trees keep their whole size (a rule from the former
-    rejection sampling; today's acceptance would allow cutting them too).
+    slot order, parents still precede children. Sampled trees are cut alike: acceptance
+    walks any tree with the target's own draws (``steps._sampled_walk``), and a sampled
+    node's probability is its path's under q, so the most probable nodes are kept.
     """
     b = tree.tokens.shape[0]
     probs = tree.valid.astype(jnp.float32) if tree.draft_probs is None else tree.draft_probs
@@ -122,10 +122,8 @@ def device_step(params, dparams, loop: LoopState, *, drafter: DeviceDrafter, cfg
         if buckets:
             claimed = claimed + claims_by_size(tree, active, buckets)
             row_steps = row_steps + jnp.sum(active, dtype=jnp.int32)
-        if capacity < drafter.capacity:
-            if tree.q_dists is not None:
-                raise ValueError("a sampled tree (with q) keeps its whole size")
-            tree, kept = keep_best(tree, capacity)
+        if capacity < drafter.capacity:  # q is not read by acceptance: any cut of a sampled tree stays lossless
+            tree, kept = keep_best(dataclasses.replace(tree, q_dists=None), capacity)
             if hasattr(drafter, "restrict"):  # a drafter pairing its own nodes with the verifier's outputs
                 dstate = drafter.restrict(dstate, kept, tree.valid)
     with_logprobs = loop.out_logprobs is not None  # the loop state's structure: a separate program
@@ -234,15 +232,12 @@ def chunk_policy(engine, drafter: DeviceDrafter, rows: int, max_len: int, with_q
     policies = engine.__dict__.setdefault("_chunk_policies", {})
     key = (drafter, rows, max_len, with_q, max_capacity)
     if key not in policies:
-        policies[key] = ChunkPolicy(costs={}, buckets=chunk_buckets(drafter, with_q, max_capacity))
+        policies[key] = ChunkPolicy(costs={}, buckets=chunk_buckets(drafter, max_capacity))
     return policies[key]
 
 
-def chunk_buckets(drafter: DeviceDrafter, with_q: bool, max_capacity: Optional[int]) -> tuple[int, ...]:
-    """The auto size's tree sizes: buckets up to ``max_capacity`` (default: the drafter's capacity);
-    a sampled tree (with q) keeps its whole size."""
-    if with_q:
-        return (0, drafter.capacity)
+def chunk_buckets(drafter: DeviceDrafter, max_capacity: Optional[int]) -> tuple[int, ...]:
+    """The auto size's tree sizes: buckets up to ``max_capacity`` (default: the drafter's capacity)."""
     top = drafter.capacity if max_capacity is None else max(1, min(max_capacity, drafter.capacity))
     return capacity_buckets(top)
 
@@ -304,7 +299,7 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
     with_q = bool(np.any(np.asarray(sampling["temperature"]) > 0))
     # The target's cache holds the verified tree only: the largest bucket, not the drafter's whole
     # proposal (a smaller cache bucket is cheaper attention on every step).
-    verified = chunk_buckets(drafter, with_q, max_capacity)[-1] if auto else drafter.capacity
+    verified = chunk_buckets(drafter, max_capacity)[-1] if auto else drafter.capacity
     batch = prepare_device_batch(engine, prompts, max_new_tokens, sampling, verified,
                                  tuple(drafter.hidden_layers), seeds, return_logits=logprobs)
     rows, state, first = batch.rows, batch.state, batch.first
