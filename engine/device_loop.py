@@ -101,6 +101,32 @@ def claims_by_size(tree: DraftTree, active: jax.Array, buckets: tuple[int, ...])
     return jnp.sum(jnp.where(active[:, None], cum[:, sizes], 0.0), axis=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class NoDrafter:
+    """The device loop's stand-in for no drafter: every step plain, nothing to feed. Plain
+    decoding fused into on-device chunks skips the host loop's per-step dispatch and sync (the
+    ``Engine`` without a drafter runs this way unless it streams per step or keeps a session)."""
+
+    capacity: int = 0
+    hidden_layers: tuple = ()
+    params: None = None
+
+    def init_state(self, batch_size: int, max_len: int) -> None:
+        return None
+
+    def prefill(self, params, dstate, prompt_tokens, prompt_lengths, first_tokens, hidden) -> None:
+        return None
+
+    def propose(self, params, dstate, root_tokens, lengths, sampling, key, *, with_q: bool = False):
+        raise AssertionError("NoDrafter has capacity 0: the loop never asks it for a tree")
+
+    def update(self, params, dstate, accepted, aux) -> None:
+        return None
+
+    def end_batch(self, dstate) -> None:
+        return None
+
+
 def _plain_tree(rows: int) -> DraftTree:
     return DraftTree(jnp.zeros((rows, 0), jnp.int32), jnp.full((rows, 0), -1, jnp.int32), jnp.zeros((rows, 0), bool))
 

@@ -338,7 +338,9 @@ class Engine:
         strings end a request once its decoded text contains one (``text`` is
         cut before it). ``progress`` is an optional tqdm-like object whose
         ``update(n)`` is called with the number of new tokens. With a ``session``
-        (see ``Engine.session``), one prompt at a time continues that conversation.
+        (see ``Engine.session``), one prompt at a time continues that conversation. Without a
+        drafter, plain steps run fused in the on-device loop (``device_loop.NoDrafter``: no
+        per-step dispatch), except with a session or ``on_tokens``, which step in the host loop.
 
         ``seed``: prompt i samples with seed ``seed + i``, or ``seed[i]`` for a sequence. Each token is
         drawn with the noise of its request's seed and its position, so a request and seed give the
@@ -379,15 +381,16 @@ class Engine:
             return _stream_whole(on_tokens, self.drafter.generate_hybrid(
                 self, encoded, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                 stop=stop, progress=progress))
-        if self.on_device:  # draft -> verify -> accept -> drafter update, N steps per host sync
+        fused_plain = self.drafter is None and session is None and on_tokens is None
+        if self.on_device or fused_plain:  # draft -> verify -> accept -> drafter update, N steps per host sync
             if session is not None:
                 raise ValueError("sessions run with host drafters (or none); this engine has a device drafter")
-            from specjax.engine.device_loop import generate_on_device
+            from specjax.engine.device_loop import NoDrafter, generate_on_device
 
             return _stream_whole(on_tokens, generate_on_device(
                 self, encoded, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                 stop=stop, progress=progress, auto=self.device_auto, max_capacity=self.max_draft_capacity,
-                logprobs=logprobs))
+                logprobs=logprobs, drafter=NoDrafter() if fused_plain else None))
         sampling = _per_prompt(SamplingParams.make(len(encoded), temperature, top_k, top_p))
         results: list[GenerationResult] = []
         for start in range(0, len(encoded), self.max_batch_size):

@@ -201,3 +201,26 @@ def test_device_loop_on_a_mesh():
     drafter = DraftModelDrafter(tiny_model(1, vocab=64), 64, capacity=8, topk=2, depth=3)
     results = Engine(model, drafter, mesh=mesh).generate(PROMPTS, 16)
     assert [r.token_ids for r in results] == greedy_generate(model, PROMPTS, 16)
+
+
+def test_an_engine_without_a_drafter_decodes_in_fused_chunks(monkeypatch):
+    """Plain decoding at its fastest (the baseline every speedup is measured against): the steps
+    run fused in the on-device loop, with plain decoding's tokens greedy and sampled; a session or
+    per-step streaming still steps in the host loop."""
+    from specjax.engine import device_loop
+    from specjax.engine.plain import generate_plain
+
+    target = tiny_model(2)
+    prompts = [[5, 17, 33, 8], [9, 42, 61, 7, 7, 3, 30, 11], [3]]
+    loops = []
+    real = device_loop.generate_on_device
+    monkeypatch.setattr(device_loop, "generate_on_device", lambda *a, **k: loops.append(k["drafter"]) or real(*a, **k))
+    engine = Engine(target, None, attention="xla")
+    assert [r.token_ids for r in engine.generate(prompts, 20)] == greedy_generate(target, prompts, 20)
+    sampled = engine.generate(prompts, 20, temperature=1.2, top_p=0.95, seed=3)
+    assert [r.token_ids for r in sampled] == generate_plain(target, prompts, 20, temperature=1.2, top_p=0.95, seed=3)
+    assert len(loops) == 2 and all(isinstance(d, device_loop.NoDrafter) for d in loops)
+    streamed = []
+    engine.generate(prompts, 20, on_tokens=lambda i, ids: streamed.append((i, list(ids))))
+    assert len(loops) == 2  # the host loop: one call per step and request, not one per request
+    assert len(streamed) > len(prompts)
