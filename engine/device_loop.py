@@ -353,6 +353,7 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
                      jnp.zeros((rows, max_new_tokens, 2), jnp.int32),
                      None if not logprobs else jnp.zeros((rows, max_new_tokens)).at[:, 0].set(batch.first_logprobs))
     loop = feed_prompt(loop, 0)
+    counters = jax.device_get(_counters(loop)) if policy is not None else None
     chunks, fused_steps = [], 0  # chunks: (T, seconds, fused steps, passes per row after it), for the traces
     reported = n_req
     report_progress(progress, n_req)
@@ -371,7 +372,8 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
             chunks.append((drafter.capacity, time.perf_counter() - c0, int(n_steps) - fused_steps, passes))
             fused_steps = int(n_steps)
         else:
-            loop, (buf, out_len, finished), chunk = _timed_chunk(run, loop, policy, steps_per_sync, feed_prompt)
+            loop, (buf, out_len, finished), chunk, counters = _timed_chunk(run, loop, policy, steps_per_sync,
+                                                                           feed_prompt, counters)
             chunks.append(chunk)
         outputs = [buf[i, : out_len[i]].tolist() for i in range(n_req)]
         total = int(out_len[:n_req].sum())
@@ -409,24 +411,28 @@ def chunk_traces(chunks: list, step_log: np.ndarray, row: int) -> list[TraceStep
     return trace
 
 
-def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int, feed_prompt):
+def _counters(loop: LoopState) -> tuple:
+    """What the policy reads after a chunk: claims, row-steps, fused steps, accepted, passes."""
+    return loop.claimed, loop.row_steps, loop.steps, loop.accepted, loop.passes
+
+
+def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int, feed_prompt, before: tuple):
     """One chunk at the policy's T, timed and folded into the policy. A bucket still unmeasured
     is compiled first, outside the timing. Every chunk runs ``steps`` fused steps, probes and
     first measurements too: a chunk's fixed cost (dispatch, sync) then weighs alike on every
     bucket's cost per step, and the policy spaces probes by what they cost. Returns the loop,
     (tokens, lengths, finished) and the chunk's record (T, seconds, fused steps, passes per row)
-    for the traces. ``feed_prompt(loop, T)``: the drafter's prefill if a chunk at T needs it now."""
+    for the traces, and the counters after it (``before``: those of the chunk's start; one host sync
+    per chunk). ``feed_prompt(loop, T)``: the drafter's prefill if a chunk at T needs it now."""
     capacity = policy.choose()
     loop = feed_prompt(loop, capacity)
     if capacity in policy.unmeasured():  # compiled on first use (a zero-step call), outside the timing
         loop = run(loop, jnp.int32(0), capacity=capacity)
-    before = jax.device_get((loop.claimed, loop.row_steps, loop.steps, loop.accepted))
     t0 = time.perf_counter()
     loop = run(loop, jnp.int32(steps), capacity=capacity)
-    out = jax.device_get((loop.out_tokens, loop.out_len, loop.state.finished))
+    out, after = jax.device_get(((loop.out_tokens, loop.out_len, loop.state.finished), _counters(loop)))
     seconds = time.perf_counter() - t0
-    claimed, row_steps, n_steps, accepted, passes = jax.device_get(
-        (loop.claimed, loop.row_steps, loop.steps, loop.accepted, loop.passes))
+    claimed, row_steps, n_steps, accepted, passes = after
     policy.record(capacity, seconds, int(n_steps - before[2]), int(row_steps - before[1]), claimed - before[0],
                   int((accepted - before[3]).sum()))
-    return loop, out, (capacity, seconds, int(n_steps - before[2]), passes)
+    return loop, out, (capacity, seconds, int(n_steps - before[2]), passes), after
