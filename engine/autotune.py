@@ -223,10 +223,12 @@ class ChunkPolicy:
     (``min_gain``); the frontier competes only once the largest measured tree
     has paid in accepted tokens (``observed``), so how far a drafter that is
     never right grows does not depend on timing noise. After a plain choice it
-    runs plain chunks, then probes the smallest tree to refresh the claims; each probe that still finds plain
-    best doubles the wait (up to ``max_probe_every`` chunks), and the wait is never so short
-    that probes would cost more than ``probe_share`` of the plain chunks' time (a drafter whose
-    smallest tree costs ten plain steps, like a deep draft-model tree, is probed rarely).
+    runs plain chunks, then probes the smallest tree to refresh the claims;
+    each probe that still finds plain best doubles the wait (up to
+    ``max_probe_every`` chunks), and the wait is never so short that probes
+    would cost more than ``probe_share`` of the plain chunks' time (a drafter
+    whose smallest tree costs ten plain steps, like a deep draft-model tree,
+    is probed rarely).
     """
 
     costs: dict[int, float]

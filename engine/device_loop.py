@@ -331,6 +331,7 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
     rows, state, first = batch.rows, batch.state, batch.first
     policy = chunk_policy(engine, drafter, rows, batch.max_len, with_q, max_capacity) if auto else None
     buckets = policy.buckets if policy is not None else ()
+    prompt_unread, lazy_prompt = True, policy is not None and hasattr(drafter, "catch_up")
 
     def feed_prompt(loop: LoopState, capacity: int) -> LoopState:
         """The drafter reads the prompt. Under the auto size a catch-up drafter (the draft model:
@@ -344,7 +345,6 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
                                   first, batch.hidden, drafter=drafter)
         return dataclasses.replace(loop, dstate=jax.block_until_ready(dstate))  # not in the next chunk's timing
 
-    prompt_unread, lazy_prompt = True, policy is not None and hasattr(drafter, "catch_up")
     dstate = drafter.init_state(rows, batch.max_len)
     buffer = jnp.zeros((rows, max_new_tokens), jnp.int32).at[:, 0].set(first)
     loop = LoopState(state, dstate, buffer, jnp.ones(rows, jnp.int32), jnp.ones(rows, jnp.int32),

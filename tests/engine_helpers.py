@@ -167,3 +167,20 @@ class WrongDrafter:
 
     def end_batch(self, dstate):
         return None
+
+
+def grow_chunk_policies_to_every_size(monkeypatch) -> None:
+    """Make each new device-loop chunk policy grow to every tree size: claims look great and are
+    taken without waiting for accepted tokens (for tests that need every bucket to run)."""
+    from specjax.engine import device_loop
+
+    real_policy = device_loop.chunk_policy
+
+    def every_size(*args):
+        policy = real_policy(*args)
+        if not policy.history:
+            policy.calibration = 50.0
+            policy._frontier_earned = lambda costs: True
+        return policy
+
+    monkeypatch.setattr(device_loop, "chunk_policy", every_size)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_helpers import WrongDrafter, tiny_model
+from engine_helpers import WrongDrafter, grow_chunk_policies_to_every_size, tiny_model
 from specjax.drafters.draft_model import DraftModelDrafter
 from specjax.drafters.token_recycling import TokenRecyclingDrafter
 from specjax.engine import device_loop
@@ -93,19 +93,10 @@ DRAFTERS = {
 
 @pytest.mark.parametrize("name", sorted(DRAFTERS))
 def test_auto_size_is_lossless_across_switches(name, monkeypatch):
-    """Every bucket runs on the live batch (0 = plain chunks included; claims made to look great
-    and taken without waiting for accepted tokens, so the lazy policy grows to every size), so the drafter's state crosses each switch; the
-    tokens equal plain greedy decoding."""
-    real_policy = device_loop.chunk_policy
-
-    def optimistic_policy(*args):
-        policy = real_policy(*args)
-        if not policy.history:
-            policy.calibration = 50.0
-            policy._frontier_earned = lambda costs: True
-        return policy
-
-    monkeypatch.setattr(device_loop, "chunk_policy", optimistic_policy)
+    """Every bucket runs on the live batch (0 = plain chunks included; the lazy policy made to grow
+    to every size), so the drafter's state crosses each switch; the tokens equal plain greedy
+    decoding."""
+    grow_chunk_policies_to_every_size(monkeypatch)
     engine = Engine(TARGET, DRAFTERS[name](), max_draft_capacity=2, attention="xla")
     results = device_loop.generate_on_device(engine, PROMPTS, NEW_TOKENS, steps_per_sync=2, auto=True,
                                              max_capacity=2)

@@ -66,8 +66,10 @@ def test_the_chunk_policy_opens_a_bigger_tree_only_after_accepted_tokens():
     the claims through size after size (each 4-step chunk of nothing leaves a quarter of them)."""
     claims = [0.0] + [8 * sum(0.95 ** k for k in range(1, t + 1)) for t in (1, 2, 4, 8)]
 
-    def run(accepted_at_one: int) -> list[int]:
+    def run(accepted_at_one: int, evidence: bool = True) -> list[int]:
         policy = ChunkPolicy(costs={}, buckets=(0, 1, 2, 4, 8))
+        if not evidence:  # claims and calibration only
+            policy._frontier_earned = lambda costs: True
         chosen = []
         for _ in range(6):
             t = policy.choose()
@@ -77,13 +79,8 @@ def test_the_chunk_policy_opens_a_bigger_tree_only_after_accepted_tokens():
 
     assert set(run(accepted_at_one=0)) == {0, 1}
     assert set(run(accepted_at_one=4)) == {0, 1, 2, 4, 8}  # half a token per row-step: grows
-    # Control: without the evidence rule (claims and calibration only), the wrong drafter grows too.
-    policy = ChunkPolicy(costs={}, buckets=(0, 1, 2, 4, 8))
-    policy._frontier_earned = lambda costs: True
-    for _ in range(6):
-        t = policy.choose()
-        policy.record(t, 4.0, steps=4, row_steps=8, claimed=claims, accepted=0)
-    assert 2 in policy.costs
+    # Control: without the evidence rule, the wrong drafter grows too.
+    assert 2 in run(accepted_at_one=0, evidence=False)
 
 
 def test_the_first_generate_of_the_main_job_compiles_only_the_sizes_it_uses():

@@ -13,11 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_helpers import OracleTreeDrafter, near_copy, tiny_model
+from engine_helpers import OracleTreeDrafter, grow_chunk_policies_to_every_size, near_copy, tiny_model
 from specjax.drafters import device
 from specjax.drafters.draft_model import DraftModelDrafter
 from specjax.drafters.token_recycling import TokenRecyclingDrafter
-from specjax.engine import device_loop
 from specjax.engine.engine import Engine
 from specjax.engine.plain import generate_plain
 from specjax.engine.sampling import gumbel_argmax, position_keys, request_keys, request_seeds
@@ -76,16 +75,7 @@ def test_device_drafters_sample_what_plain_sampling_samples(name):
 def test_sampled_trees_cut_to_every_size_sample_what_plain_sampling_samples(monkeypatch):
     """The auto size cuts a sampled draft-model tree (q dropped, its most probable nodes kept) to
     each smaller bucket: the tokens are still plain sampling's."""
-    real_policy = device_loop.chunk_policy
-
-    def every_size(*args):
-        policy = real_policy(*args)
-        if not policy.history:
-            policy.calibration = 50.0
-            policy._frontier_earned = lambda costs: True
-        return policy
-
-    monkeypatch.setattr(device_loop, "chunk_policy", every_size)
+    grow_chunk_policies_to_every_size(monkeypatch)
     drafter = DraftModelDrafter(near_copy(MODEL, 0.05, seed=3), VOCAB, capacity=4, topk=2, depth=2)
     engine = Engine(MODEL, drafter, draft_capacity="auto", max_draft_capacity=4, attention="xla")
     assert alone_batched_and_again(engine) == [plain([PROMPT], SEED)[0]] * 3
