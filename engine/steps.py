@@ -162,9 +162,10 @@ def new_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype, cache_shar
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention", "hidden_layers"), donate_argnums=(1,))
 def prefill_chunk(params, cache: KVCache, tokens: jax.Array, starts: jax.Array, ends: jax.Array,
-                  last_hidden: jax.Array, *, cfg: ModelConfig, attention: str = "xla",
-                  hidden_layers: tuple[int, ...] = ()):
-    """Feed tokens[B, C] at cache slots [starts[b], starts[b] + C), causally.
+                  last_hidden: jax.Array, input_embeds: Optional[jax.Array] = None, *, cfg: ModelConfig,
+                  attention: str = "xla", hidden_layers: tuple[int, ...] = ()):
+    """Feed tokens[B, C] at cache slots [starts[b], starts[b] + C), causally (or their
+    ``input_embeds`` [B, C, H] in place of the token embeddings, see ``extend``).
 
     Only positions below ``ends[b]`` are real (the rest is padding: computed,
     written past the sequence's length, never read). ``last_hidden[b]`` takes
@@ -176,7 +177,7 @@ def prefill_chunk(params, cache: KVCache, tokens: jax.Array, starts: jax.Array, 
     real = positions < ends[:, None]
     mask = jnp.tril(jnp.ones((c, c), bool))[None] & real[:, None, :] & real[:, :, None]
     x, cache, hidden = forward_hidden(params, cfg, tokens, positions, cache, starts, mask, attention=attention,
-                                      hidden_layers=hidden_layers)
+                                      hidden_layers=hidden_layers, input_embeds=input_embeds)
     offset = ends - 1 - starts
     here = (offset >= 0) & (offset < c)
     picked = jnp.take_along_axis(x, jnp.clip(offset, 0, c - 1)[:, None, None], axis=1)[:, 0]
@@ -201,7 +202,8 @@ def _first_tokens(params, cfg: ModelConfig, cache: KVCache, last_hidden, lengths
 def extend(params, cfg: ModelConfig, cache: KVCache, starts: jax.Array, new_tokens: jax.Array,
            new_lengths: jax.Array, max_new_tokens: jax.Array, rng: jax.Array, sampling: SamplingParams, *,
            attention: str = "xla", hidden_layers: tuple[int, ...] = (), chunk: int = PREFILL_CHUNK,
-           return_logits: bool = False, validate: bool = True) -> Prefilled:
+           return_logits: bool = False, validate: bool = True,
+           input_embeds: Optional[jax.Array] = None) -> Prefilled:
     """Prefill new_tokens[B, P] (right-padded, new_lengths[b] real) after starts[b] cached tokens.
 
     The general prefill: ``prefill`` is ``extend`` from an empty cache, and a
@@ -218,8 +220,16 @@ def extend(params, cfg: ModelConfig, cache: KVCache, starts: jax.Array, new_toke
     ids in the vocab, lengths, positions within ``max_position_embeddings`` and
     the cache); traced inputs are never read. Callers that checked already
     pass False to skip reading the arrays back.
+
+    ``input_embeds`` [B, P, H], when given, is fed instead of the tokens' embeddings (a
+    vision-language prompt's, with image features at its image tokens:
+    ``specjax.models.llava.prompt_embeddings``); ``new_tokens`` still give the width and are
+    checked, and the cache and every later step are as for a text prompt.
     """
     b, p = new_tokens.shape
+    if input_embeds is not None and input_embeds.shape != (b, p, cfg.hidden_size):
+        raise ValueError(f"input_embeds have shape {list(input_embeds.shape)}; the prompt needs [{b}, {p}, "
+                         f"{cfg.hidden_size}] (batch, width, hidden size)")
     if p > chunk and p % chunk:
         raise ValueError(f"prompt width {p} exceeds the prefill chunk {chunk} and is not a multiple of it")
     refuse_donated(cache, "extend()")
@@ -231,8 +241,9 @@ def extend(params, cfg: ModelConfig, cache: KVCache, starts: jax.Array, new_toke
     last_hidden = jnp.zeros((b, cfg.hidden_size), params["embed"].dtype)
     hidden_parts = []
     for offset in range(0, p, width):
+        embeds = None if input_embeds is None else input_embeds[:, offset: offset + width]
         cache, last_hidden, hidden = prefill_chunk(params, cache, new_tokens[:, offset: offset + width],
-                                                   starts + offset, ends, last_hidden, cfg=cfg,
+                                                   starts + offset, ends, last_hidden, embeds, cfg=cfg,
                                                    attention=attention, hidden_layers=tuple(hidden_layers))
         hidden_parts.append(hidden)
     out = _first_tokens(params, cfg, cache, last_hidden, ends, jnp.asarray(max_new_tokens), rng, sampling,
@@ -243,13 +254,15 @@ def extend(params, cfg: ModelConfig, cache: KVCache, starts: jax.Array, new_toke
 def prefill(params, cfg: ModelConfig, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
             max_new_tokens: jax.Array, rng: jax.Array, sampling: SamplingParams, *, max_len: int,
             attention: str = "xla", cache_sharding=None, hidden_layers: tuple[int, ...] = (),
-            chunk: int = PREFILL_CHUNK, return_logits: bool = False, validate: bool = True) -> Prefilled:
+            chunk: int = PREFILL_CHUNK, return_logits: bool = False, validate: bool = True,
+            input_embeds: Optional[jax.Array] = None) -> Prefilled:
     """Run right-padded prompts [B, P] through the target and pick each first new token.
 
     Returns a ``Prefilled`` (state, first tokens, and the hidden states / last
     position's logits when asked for; see ``extend``, which also describes
-    ``validate``). The state's ``eos_ids`` are the config's. ``cache_sharding``
-    (a NamedSharding) lays the new cache out over a mesh. The padded width must
+    ``validate`` and ``input_embeds``, a vision-language prompt's embeddings).
+    The state's ``eos_ids`` are the config's. ``cache_sharding`` (a
+    NamedSharding) lays the new cache out over a mesh. The padded width must
     fit the ``max_len`` cache slots, and each real prompt one slot more.
     """
     b = prompt_tokens.shape[0]
@@ -258,7 +271,7 @@ def prefill(params, cfg: ModelConfig, prompt_tokens: jax.Array, prompt_lengths: 
     cache = new_cache(cfg, b, max_len, params["embed"].dtype, cache_sharding)
     return extend(params, cfg, cache, jnp.zeros(b, jnp.int32), prompt_tokens, prompt_lengths, max_new_tokens,
                   rng, sampling, attention=attention, hidden_layers=hidden_layers, chunk=chunk,
-                  return_logits=return_logits, validate=validate)
+                  return_logits=return_logits, validate=validate, input_embeds=input_embeds)
 
 
 # ------------------------------------------------------------------ verify

@@ -173,14 +173,17 @@ def forward_hidden(
     *,
     attention: str = "xla",
     hidden_layers: Sequence[int] = (),
+    input_embeds: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, KVCache, Optional[jax.Array]]:
     """The decoder up to the final norm: (normed hidden [B, T, H], cache, hidden states).
 
     Callers that need logits for a few positions only (prefill) apply ``lm_head``
-    to those, instead of materializing [B, T, V].
+    to those, instead of materializing [B, T, V]. ``input_embeds`` [B, T, H], when
+    given, replaces the token embeddings (a vision-language prefill puts image
+    features at its image tokens, ``specjax.models.llava``); ``tokens`` still set T.
     """
     inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)
-    x = params["embed"][tokens]
+    x = params["embed"][tokens] if input_embeds is None else input_embeds
     lengths = cache_lengths.astype(jnp.int32)
     wanted = np.asarray(hidden_layers, np.int32)
     # Only the requested layers are kept (a running [n, B, T, H] buffer), never all L of them.
@@ -217,6 +220,7 @@ def forward(
     *,
     attention: str = "xla",
     hidden_layers: Sequence[int] = (),
+    input_embeds: Optional[jax.Array] = None,
 ) -> ForwardOutput:
     """Run T new tokens per sequence against the cache.
 
@@ -228,11 +232,12 @@ def forward(
       attention: "xla" (jnp reference), "pallas" or "auto" (see specjax.tpu_kernels).
       hidden_layers: indices of layers whose *output* hidden states to return
         (0 = embeddings, i = after layer i), for model drafters.
+      input_embeds: [B, T, H] embeddings used instead of the tokens' (see ``forward_hidden``).
     Returns logits (fp32) for every new token, the cache with their K/V written,
     and the requested hidden states.
     """
     x, cache, hidden = forward_hidden(params, cfg, tokens, positions, cache, cache_lengths, tree_mask,
-                                      attention=attention, hidden_layers=hidden_layers)
+                                      attention=attention, hidden_layers=hidden_layers, input_embeds=input_embeds)
     return ForwardOutput(logits=lm_head(params, cfg, x), cache=cache, hidden=hidden)
 
 
