@@ -36,6 +36,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
@@ -71,6 +72,31 @@ def check_shapes(q, k_pages, v_pages, page_tables, cached_lens, cu_q_lens, new_k
     for name, x in (("new_k", new_k), ("new_v", new_v)):
         if x.shape != (total_rows, hkv, d):
             raise ValueError(f"{name} must be [Q, Hkv, D] = {(total_rows, hkv, d)}, got shape {x.shape}")
+
+
+def check_values(page_tables, cached_lens, cu_q_lens, parents, page_size: int, max_q_len: Optional[int]) -> None:
+    """Raise ValueError on concrete index operands the kernels would read wrongly; skipped when traced.
+
+    The kernels clamp every index, so bad values give wrong numbers rather than
+    a crash: cu_q_lens must start at 0 and never fall, every row's parent must
+    be -1 or an earlier row of its sequence, the cached lengths must fit the
+    page tables, and no sequence may have more rows than max_q_len.
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in (page_tables, cached_lens, cu_q_lens, parents)):
+        return
+    cu, cached, parents = np.asarray(cu_q_lens), np.asarray(cached_lens), np.asarray(parents)
+    if cu[0] != 0 or np.any(np.diff(cu) < 0) or cu[-1] > parents.shape[0]:
+        raise ValueError(f"cu_q_lens must rise from 0 to at most Q={parents.shape[0]}, got {cu.tolist()}")
+    if np.any(cached < 0) or np.any(cached > page_tables.shape[1] * page_size):
+        raise ValueError(f"cached_lens must lie in [0, max_pages * page_size = {page_tables.shape[1] * page_size}], "
+                         f"got {cached.tolist()}")
+    if max_q_len is not None and np.any(np.diff(cu) > max_q_len):
+        raise ValueError(f"a sequence has {int(np.diff(cu).max())} rows, more than max_q_len={max_q_len}")
+    rel = np.arange(cu[-1]) - np.repeat(cu[:-1], np.diff(cu))
+    bad = np.flatnonzero((parents[: cu[-1]] < -1) | (parents[: cu[-1]] >= rel))
+    if bad.size:
+        raise ValueError(f"parents[{bad[0]}] = {parents[bad[0]]} must be -1 or an earlier row of its sequence "
+                         f"(row {rel[bad[0]]} of it)")
 
 
 def ancestor_matrix(parents: jax.Array, cu_q_lens: jax.Array) -> jax.Array:
@@ -170,6 +196,7 @@ def ragged_tree_attention(
     block_sizes: tpu {block_q}; gpu {block_q, num_warps, num_stages}.
     """
     check_shapes(q, k_pages, v_pages, page_tables, cached_lens, cu_q_lens, new_k, new_v, parents)
+    check_values(page_tables, cached_lens, cu_q_lens, parents, k_pages.shape[2], max_q_len)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     operands = (q, k_pages, v_pages, page_tables, cached_lens, cu_q_lens, new_k, new_v, parents)
     platform = jax.default_backend()

@@ -188,6 +188,36 @@ def test_dispatcher_rejects_bad_options(kwargs, message):
         rta.ragged_tree_attention(*make_inputs(CASES[2]), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "index, bad, message",
+    [
+        (5, [0, 6, 5], "cu_q_lens must rise from 0"),
+        (4, [0, 65], r"cached_lens must lie in \[0, max_pages \* page_size = 64\]"),
+        (8, [-1, 0, 2] + [0] * 36, r"parents\[2\] = 2 must be -1 or an earlier row"),
+        (8, [-1] * 6 + [-2] + [0] * 32, r"parents\[6\] = -2 must be -1 or an earlier row of its sequence \(row 0"),
+    ],
+)
+def test_dispatcher_rejects_bad_indices(index, bad, message):
+    args = list(make_inputs(CASES[2]))
+    args[index] = jnp.asarray(bad, jnp.int32)
+    with pytest.raises(ValueError, match=message):
+        rta.ragged_tree_attention(*args, impl="xla")
+
+
+def test_dispatcher_rejects_rows_past_max_q_len():
+    with pytest.raises(ValueError, match="a sequence has 33 rows, more than max_q_len=32"):
+        rta.ragged_tree_attention(*make_inputs(CASES[2]), impl="xla", max_q_len=32)
+
+
+def test_kernel_two_mask_words_per_key_block():
+    """block_q = 64: each key block's bits span two words, and a 70-row tree has two key blocks."""
+    args = make_inputs(Case("two_key_blocks", [Seq(20, 70), Seq(5, 3)], q_heads=2, kv_heads=1), seed=2)
+    expected = np.asarray(rta.ragged_tree_attention_ref(*args))
+    for backend in ("tpu", "gpu"):
+        out = rta.ragged_tree_attention(*args, impl="pallas", backend=backend, block_q=64)
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5, err_msg=backend)
+
+
 def test_dispatcher_rejects_bad_shapes():
     args = list(make_inputs(CASES[2]))
     args[8] = args[8][:-1]
