@@ -175,6 +175,19 @@ def test_kernel_bf16_with_row_bound(backend):
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_kernel_reads_stacked_pools_layer(backend):
+    """Pools stacked over 3 layers with different values, read at a traced layer: a kernel that
+    ignored `layer` (or read a neighbour) fails for every layer but one."""
+    q, k_pages, v_pages, *rest = make_inputs(MIXED, seed=4)
+    k_stack, v_stack = (jnp.stack([x * (i + 1) - i for i in range(3)]) for x in (k_pages, v_pages))
+    attend = jax.jit(functools.partial(rta.ragged_tree_attention, impl="pallas", backend=backend))
+    for layer in (2, 1):
+        out = attend(q, k_stack, v_stack, *rest, layer=jnp.int32(layer))
+        expected = rta.ragged_tree_attention_ref(q, k_stack[layer], v_stack[layer], *rest)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -223,3 +236,5 @@ def test_dispatcher_rejects_bad_shapes():
     args[8] = args[8][:-1]
     with pytest.raises(ValueError, match=r"parents must be int\[39\]"):
         rta.ragged_tree_attention(*args, impl="xla")
+    with pytest.raises(ValueError, match=r"with `layer`, k_pages and v_pages must be the stacked"):
+        rta.ragged_tree_attention(*make_inputs(CASES[2]), impl="xla", layer=jnp.int32(0))

@@ -8,7 +8,9 @@ Layout (shared by the reference and both kernels):
                             [cu_q_lens[s], cu_q_lens[s+1]); rows past cu_q_lens[S]
                             are padding (zero output)
   k_pages:     [P, Hkv, page_size, D] one layer's page pool (head-major in a page:
-                            see ragged_tree_attention_tpu for why)
+                            see ragged_tree_attention_tpu for why); or the stack
+                            [L, P, Hkv, page_size, D] with `layer` (a traced int32
+                            scalar) naming the layer read in place, as tree_attention
   v_pages:     like k_pages
   page_tables: int32[S, max_pages] sequence s's cached slot t lives in page
                             page_tables[s, t // page_size] at t % page_size; entries
@@ -50,8 +52,15 @@ KERNELS = {"tpu": ragged_tree_attention_tpu, "gpu": ragged_tree_attention_gpu}
 KERNEL_OPTIONS = {"tpu": frozenset({"block_q"}), "gpu": frozenset({"block_q", "num_warps", "num_stages"})}
 
 
-def check_shapes(q, k_pages, v_pages, page_tables, cached_lens, cu_q_lens, new_k, new_v, parents) -> None:
+def check_shapes(q, k_pages, v_pages, page_tables, cached_lens, cu_q_lens, new_k, new_v, parents, layer=None) -> None:
     """Raise ValueError naming the first operand whose shape or dtype breaks the layout."""
+    if layer is not None:
+        if k_pages.ndim != 5 or v_pages.shape != k_pages.shape:
+            raise ValueError(f"with `layer`, k_pages and v_pages must be the stacked [L, P, Hkv, page_size, D], "
+                             f"got shapes {k_pages.shape} and {v_pages.shape}")
+        if jnp.shape(layer) != () or not jnp.issubdtype(jnp.asarray(layer).dtype, jnp.integer):
+            raise ValueError(f"layer must be an integer scalar, got {layer!r}")
+        k_pages = v_pages = jax.ShapeDtypeStruct(k_pages.shape[1:], k_pages.dtype)
     if q.ndim != 3:
         raise ValueError(f"q must be packed [Q, Hq, D], got shape {q.shape}")
     total_rows, hq, d = q.shape
@@ -120,15 +129,19 @@ def ancestor_matrix(parents: jax.Array, cu_q_lens: jax.Array) -> jax.Array:
 
 
 def ragged_tree_attention_ref(q, k_pages, v_pages, page_tables, cached_lens, cu_q_lens, new_k, new_v, parents,
-                              *, sm_scale: Optional[float] = None) -> jax.Array:
+                              *, layer: Optional[jax.Array] = None, sm_scale: Optional[float] = None) -> jax.Array:
     """Plain-jnp reference in fp32, dense and clear rather than fast.
 
     Each sequence's cached prefix is gathered from its pages into a contiguous
     [S, Hkv, max_pages * page_size, D] view; every row scores its sequence's
     whole view plus all packed rows, masked to its prefix and its ancestors,
-    in one softmax.
+    in one softmax.  With `layer`, that layer of the stacked pools (clamped, as
+    lax.dynamic_index_in_dim does).
     """
-    check_shapes(q, k_pages, v_pages, page_tables, cached_lens, cu_q_lens, new_k, new_v, parents)
+    check_shapes(q, k_pages, v_pages, page_tables, cached_lens, cu_q_lens, new_k, new_v, parents, layer)
+    if layer is not None:
+        k_pages = lax.dynamic_index_in_dim(k_pages, layer, keepdims=False)
+        v_pages = lax.dynamic_index_in_dim(v_pages, layer, keepdims=False)
     total_rows, hq, d = q.shape
     num_pages, hkv, page_size, _ = k_pages.shape
     num_seqs, max_pages = page_tables.shape
@@ -182,6 +195,7 @@ def ragged_tree_attention(
     *,
     impl: str = "auto",
     backend: Optional[str] = None,
+    layer: Optional[jax.Array] = None,
     sm_scale: Optional[float] = None,
     max_q_len: Optional[int] = None,
     interpret: bool = False,
@@ -191,22 +205,23 @@ def ragged_tree_attention(
 
     impl: "xla" the reference; "pallas" the kernel of `backend` (default: the
     platform's, Mosaic on CPU, interpreted off its platform); "auto" TPU ->
-    Mosaic, GPU -> Triton, else the reference.  max_q_len: static bound on
+    Mosaic, GPU -> Triton, else the reference.  layer: with stacked pools
+    [L, P, Hkv, page_size, D], the layer to read (traced int32).  max_q_len: static bound on
     rows per sequence (the kernels' key-block count; default all Q rows).
     block_sizes: tpu {block_q}; gpu {block_q, num_warps, num_stages}.
     """
-    check_shapes(q, k_pages, v_pages, page_tables, cached_lens, cu_q_lens, new_k, new_v, parents)
-    check_values(page_tables, cached_lens, cu_q_lens, parents, k_pages.shape[2], max_q_len)
+    check_shapes(q, k_pages, v_pages, page_tables, cached_lens, cu_q_lens, new_k, new_v, parents, layer)
+    check_values(page_tables, cached_lens, cu_q_lens, parents, k_pages.shape[-2], max_q_len)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     operands = (q, k_pages, v_pages, page_tables, cached_lens, cu_q_lens, new_k, new_v, parents)
     platform = jax.default_backend()
     kernel_backend = _kernel_backend(impl, backend, platform)
     if kernel_backend is None:
-        return ragged_tree_attention_ref(*operands, sm_scale=scale)
+        return ragged_tree_attention_ref(*operands, layer=layer, sm_scale=scale)
     unknown = set(block_sizes) - KERNEL_OPTIONS[kernel_backend]
     if unknown:
         raise ValueError(f"unknown block-size options {sorted(unknown)} for the {kernel_backend} kernel; "
                          f"expected some of {sorted(KERNEL_OPTIONS[kernel_backend])}")
     if interpret or kernel_backend != platform:
         block_sizes["interpret"] = pltpu.InterpretParams() if kernel_backend == "tpu" else True
-    return KERNELS[kernel_backend](*operands, sm_scale=scale, max_q_len=max_q_len, **block_sizes)
+    return KERNELS[kernel_backend](*operands, layer, sm_scale=scale, max_q_len=max_q_len, **block_sizes)

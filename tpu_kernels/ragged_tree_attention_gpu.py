@@ -7,9 +7,10 @@ one page of keys per loop step, then over its new key blocks up to its own
 (later blocks hold no ancestors) under the bit-packed ancestor mask; one online
 softmax throughout.
 
-The page pool [num_pages, Hkv, page_size, D] is read in place: each program's
-block spans every page of its head and the loop loads page_table[seq, p]'s
-page by a dynamic index.  Per-block scalars (cached length, block index, first
+The page pool [num_pages, Hkv, page_size, D], or the model's stacked
+[L, num_pages, Hkv, page_size, D] read at the `layer` operand, is read in
+place: each program's block spans every page (of every layer) of its head and
+the loop loads page_table[seq, p]'s page by a dynamic index.  Per-block scalars (cached length, block index, first
 key block) and the block's page-table row come in as small gathered operands,
 since Triton index maps cannot read scalars.  Triton needs power-of-two tiles,
 at least 16 wide for a matmul: page_size, block_q and D must be powers of two
@@ -39,6 +40,7 @@ def _ragged_kernel(
     index_ref,
     first_ref,
     page_row_ref,
+    layer_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -50,15 +52,15 @@ def _ragged_kernel(
     page_size: int,
     sm_scale: float,
 ):
-    context, index, first = context_ref[0], index_ref[0], first_ref[0]
+    context, index, first, layer = context_ref[0], index_ref[0], first_ref[0], layer_ref[0]
     q = q_ref[...]
     rows, d = q.shape
 
     def prefix_page(p, carry):
         page = page_row_ref[p]
         live = p * page_size + jnp.arange(page_size) < context
-        k = plgpu.load(k_ref.at[page, :, :])
-        v = jnp.where(live[:, None], plgpu.load(v_ref.at[page, :, :]), 0.0)  # stale slots may be NaN
+        k = plgpu.load(k_ref.at[layer, page, :, :])
+        v = jnp.where(live[:, None], plgpu.load(v_ref.at[layer, page, :, :]), 0.0)  # stale slots may be NaN
         scores = common.scores_of(q, k, sm_scale)
         return common.online_softmax_update(*carry, scores, jnp.broadcast_to(live[None, :], scores.shape), v)
 
@@ -90,6 +92,7 @@ def ragged_tree_attention_gpu(
     new_k: jax.Array,
     new_v: jax.Array,
     parents: jax.Array,
+    layer: jax.Array | None = None,
     *,
     sm_scale: float,
     block_q: int = DEFAULT_BLOCK_Q,
@@ -104,8 +107,9 @@ def ragged_tree_attention_gpu(
     multiple of 32: one mask word per 32 keys); max_q_len: a static bound on
     rows per sequence (default: all rows).
     """
+    k_pages, v_pages, layer = common.stacked_cache(k_pages, v_pages, layer)
     total_rows, hq, d = q.shape
-    num_pages, hkv, page_size, _ = k_pages.shape
+    num_layers, num_pages, hkv, page_size, _ = k_pages.shape
     max_pages = page_tables.shape[1]
     for name, size in (("head_dim", d), ("page_size", page_size), ("block_q", block_q)):
         if size & (size - 1) or size < MIN_DOT_DIM:
@@ -129,7 +133,7 @@ def ragged_tree_attention_gpu(
 
     scalar = pl.BlockSpec((1,), lambda blk, h: (blk,))
     per_block = lambda blk, h: (blk, h, 0, 0)
-    pool_spec = pl.BlockSpec((num_pages, None, page_size, d), lambda blk, h: (0, h, 0, 0))
+    pool_spec = pl.BlockSpec((num_layers, num_pages, None, page_size, d), lambda blk, h: (0, 0, h, 0, 0))
     new_spec = pl.BlockSpec((num_blocks, None, block_q, d), lambda blk, h: (0, h, 0, 0))
     out = pl.pallas_call(
         functools.partial(_ragged_kernel, page_size=page_size, sm_scale=sm_scale),
@@ -139,6 +143,7 @@ def ragged_tree_attention_gpu(
             scalar,
             scalar,
             pl.BlockSpec((None, page_rows.shape[1]), lambda blk, h: (blk, 0)),
+            pl.BlockSpec((1,), lambda blk, h: (0,)),
             pl.BlockSpec((None, None, rows_padded, d), per_block),
             pool_spec,
             pool_spec,
@@ -151,5 +156,5 @@ def ragged_tree_attention_gpu(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ragged_tree_attention_gpu",
-    )(plan.context, plan.index, first, page_rows, qb, k_pages, v_pages, kb, vb, masks)
+    )(plan.context, plan.index, first, page_rows, layer, qb, k_pages, v_pages, kb, vb, masks)
     return ragged.scatter_outputs(out[:, :, :rows], plan, cu_q_lens)

@@ -17,7 +17,9 @@ in VMEM while the steps stream keys through an online softmax in VMEM scratch:
 Pages are [num_pages, Hkv, page_size, D]: one (page, head) block is a dense
 page_size x D tile (D on the lanes), a single contiguous DMA; the token-major
 [num_pages, page_size, Hkv, D] would make it Hkv strided rows of D.  Keep
-page_size a multiple of 8 (sublanes); 128 or more keeps the DMAs long.
+page_size a multiple of 8 (sublanes); 128 or more keeps the DMAs long.  The
+pools may be the model's stacked [L, num_pages, Hkv, page_size, D]: the layer
+is one more scalar-prefetch operand, so no layer is ever sliced out (copied).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def _ragged_kernel(
     index_ref,
     context_ref,
     page_table_ref,
+    layer_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -88,10 +91,11 @@ def _ragged_kernel(
         o_ref[...] = common.normalize(acc_scratch[...], l_scratch[...]).astype(o_ref.dtype)
 
 
-def _page_index_map(blk, h, step, seq_ref, index_ref, context_ref, page_table_ref, *, page_size, max_pages):
+def _page_index_map(blk, h, step, seq_ref, index_ref, context_ref, page_table_ref, layer_ref, *, page_size,
+                    max_pages):
     last_live = jnp.maximum(pl.cdiv(context_ref[blk], page_size) - 1, 0)
     page = jnp.minimum(jnp.minimum(step, max_pages - 1), last_live)
-    return page_table_ref[seq_ref[blk] * max_pages + page], h, 0, 0
+    return layer_ref[0], page_table_ref[seq_ref[blk] * max_pages + page], h, 0, 0
 
 
 def _new_key_block(blk, step, index_ref, *, max_pages, num_blocks):
@@ -111,6 +115,7 @@ def ragged_tree_attention_tpu(
     new_k: jax.Array,
     new_v: jax.Array,
     parents: jax.Array,
+    layer: jax.Array | None = None,
     *,
     sm_scale: float,
     block_q: int = DEFAULT_BLOCK_Q,
@@ -123,8 +128,9 @@ def ragged_tree_attention_tpu(
     of 32 (one mask word per 32 keys).  max_q_len: a static bound on rows per
     sequence (default: all rows), which sets the key-block steps.
     """
+    k_pages, v_pages, layer = common.stacked_cache(k_pages, v_pages, layer)
     total_rows, hq, d = q.shape
-    num_pages, hkv, page_size, _ = k_pages.shape
+    num_pages, hkv, page_size, _ = k_pages.shape[1:]
     num_seqs, max_pages = page_tables.shape
     group = hq // hkv
     num_key_blocks = ragged.num_key_blocks(max_q_len or total_rows, block_q)
@@ -142,7 +148,7 @@ def ragged_tree_attention_tpu(
     rows = block_q * group
     per_block = lambda blk, h, step, *prefetch: (blk, h, 0, 0)
     page_map = functools.partial(_page_index_map, page_size=page_size, max_pages=max_pages)
-    page_spec = pl.BlockSpec((None, None, page_size, d), page_map)
+    page_spec = pl.BlockSpec((None, None, None, page_size, d), page_map)
     key_block = functools.partial(_new_key_block, max_pages=max_pages, num_blocks=num_blocks)
     new_spec = pl.BlockSpec((None, None, block_q, d),
                             lambda blk, h, step, seq, index, *rest: (key_block(blk, step, index), h, 0, 0))
@@ -151,7 +157,7 @@ def ragged_tree_attention_tpu(
         lambda blk, h, step, *prefetch: (blk, jnp.clip(step - max_pages, 0, num_key_blocks - 1), 0, 0),
     )
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4,
+        num_scalar_prefetch=5,
         grid=(num_blocks, hkv, max_pages + num_key_blocks),
         in_specs=[pl.BlockSpec((None, None, rows, d), per_block), page_spec, page_spec, new_spec, new_spec,
                   mask_spec],
@@ -170,5 +176,5 @@ def ragged_tree_attention_tpu(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="ragged_tree_attention_tpu",
-    )(plan.seq, plan.index, plan.context, table, qb, k_pages, v_pages, kb, vb, masks)
+    )(plan.seq, plan.index, plan.context, table, layer, qb, k_pages, v_pages, kb, vb, masks)
     return ragged.scatter_outputs(out, plan, cu_q_lens)
