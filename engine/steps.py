@@ -223,7 +223,7 @@ def extend(params, cfg: ModelConfig, cache: KVCache, starts: jax.Array, new_toke
 
     ``input_embeds`` [B, P, H], when given, is fed instead of the tokens' embeddings (a
     vision-language prompt's, with image features at its image tokens:
-    ``specjax.models.llava.prompt_embeddings``); ``new_tokens`` still give the width and are
+    ``specjax.models.multimodal.prompt_embeddings``); ``new_tokens`` still give the width and are
     checked, and the cache and every later step are as for a text prompt.
     """
     b, p = new_tokens.shape

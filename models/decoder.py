@@ -180,7 +180,7 @@ def forward_hidden(
     Callers that need logits for a few positions only (prefill) apply ``lm_head``
     to those, instead of materializing [B, T, V]. ``input_embeds`` [B, T, H], when
     given, replaces the token embeddings (a vision-language prefill puts image
-    features at its image tokens, ``specjax.models.llava``); ``tokens`` still set T.
+    features at its image tokens, ``specjax.models.multimodal``); ``tokens`` still set T.
     """
     inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)
     x = params["embed"][tokens] if input_embeds is None else input_embeds

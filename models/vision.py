@@ -1,12 +1,15 @@
-"""ViT vision towers (CLIP and SigLIP) as pure functions over a stacked param pytree.
+"""ViT vision towers (CLIP, SigLIP, Idefics3 / SmolVLM) as pure functions over a stacked param pytree.
 
 The towers of LLaVA-style models: non-overlapping patches through one linear map
 (the conv of kernel = stride = patch size), learned absolute positions, then
 pre-norm encoder layers (LayerNorm, bidirectional multi-head attention, a two-layer
 MLP). CLIP prepends a class token and LayerNorms the embeddings ("pre_layrnorm");
 SigLIP has neither, a bias on the patch embedding, and tanh-approximated GELU.
-The final ``post_layernorm`` is never read by LLaVA (it takes ``hidden_states[k]``,
-the un-normed output of layer k), so it is not a parameter here.
+LLaVA never reads the final ``post_layernorm`` (it takes ``hidden_states[k]``, the
+un-normed output of layer k), so CLIP and SigLIP towers hold none; Idefics3 and
+SmolVLM, SigLIP towers whose last layer is read through it, do (``post_norm``).
+Their variable-resolution position buckets reduce to plain positions for a full
+``image_size`` tile, the only input taken here.
 
 Parameters keep Hugging Face's [out, in] layout, stacked over layers so the encoder
 is one ``lax.scan``, as the decoder is. A tower may hold fewer layers than its
@@ -37,7 +40,11 @@ _DEFAULTS = {
     "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                 num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
                                 hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "idefics3_vision": dict(hidden_size=1152, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
+                            num_channels=3, image_size=224, patch_size=32, hidden_act="gelu_pytorch_tanh",
+                            layer_norm_eps=1e-6),
 }
+_DEFAULTS["smolvlm_vision"] = _DEFAULTS["idefics3_vision"]
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -60,7 +67,7 @@ def activation(name: str):
 class VisionConfig:
     """Static description of a ViT tower (hashable: a jit static argument)."""
 
-    model_type: str  # "clip_vision_model" or "siglip_vision_model"
+    model_type: str  # "clip_vision_model", "siglip_vision_model", "idefics3_vision" or "smolvlm_vision"
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -84,6 +91,11 @@ class VisionConfig:
     def class_token(self) -> bool:
         """CLIP prepends a learned class token (and LayerNorms the embeddings); SigLIP does neither."""
         return self.model_type == "clip_vision_model"
+
+    @property
+    def post_norm(self) -> bool:
+        """Idefics3 / SmolVLM read the last layer through the tower's final LayerNorm."""
+        return self.model_type in ("idefics3_vision", "smolvlm_vision")
 
     @property
     def num_patches(self) -> int:
@@ -116,6 +128,8 @@ def param_shapes(cfg: VisionConfig, num_layers: int) -> dict:
         shapes.update(class_embed=(H,), pre_norm=(H,), pre_norm_bias=(H,))
     else:
         shapes["patch_bias"] = (H,)
+    if cfg.post_norm:
+        shapes.update(post_norm=(H,), post_norm_bias=(H,))
     shapes["layers"] = {
         "ln1": (L, H), "ln1_bias": (L, H), "wq": (L, H, H), "bq": (L, H), "wk": (L, H, H), "bk": (L, H),
         "wv": (L, H, H), "bv": (L, H), "wo": (L, H, H), "bo": (L, H), "ln2": (L, H), "ln2_bias": (L, H),
@@ -137,6 +151,7 @@ _TOP_NAMES = {
     "patch_embed": "embeddings.patch_embedding.weight", "patch_bias": "embeddings.patch_embedding.bias",
     "pos_embed": "embeddings.position_embedding.weight", "class_embed": "embeddings.class_embedding",
     "pre_norm": "pre_layrnorm.weight", "pre_norm_bias": "pre_layrnorm.bias",
+    "post_norm": "post_layernorm.weight", "post_norm_bias": "post_layernorm.bias",
 }
 
 
@@ -199,3 +214,10 @@ def hidden_states(params: Params, cfg: VisionConfig, pixel_values: jax.Array) ->
     x = embed_patches(params, cfg, pixel_values)
     _, outputs = lax.scan(lambda x, lp: (encoder_layer(cfg, lp, x),) * 2, x, params["layers"])
     return jnp.concatenate([x[None], outputs], axis=0)
+
+
+def last_hidden_state(params: Params, cfg: VisionConfig, pixel_values: jax.Array) -> jax.Array:
+    """[B, num_positions, H]: the last layer's output through the final LayerNorm (towers with ``post_norm``)."""
+    x, _ = lax.scan(lambda x, lp: (encoder_layer(cfg, lp, x), None), embed_patches(params, cfg, pixel_values),
+                    params["layers"])
+    return layer_norm(x, params["post_norm"], params["post_norm_bias"], cfg.layer_norm_eps)

@@ -1,15 +1,17 @@
-"""The LLaVA vision-language path against transformers on random weights (issue 21).
+"""The vision-language layouts against transformers on random weights (issue 21).
 
-Image preprocessing equals transformers' PIL-backend processors bit for bit; the vision
-tower's hidden states, the projector's output, the merged prompt embeddings and the logits
-match ``LlavaForConditionalGeneration`` (a CLIP tower on a Llama decoder, and a SigLIP tower
-with two concatenated feature layers and the class-free "full" strategy on a Qwen2 decoder);
-greedy decoding after an image prefill equals transformers' ``generate``, with and without
-drafts. Negative controls: the wrong feature layer, and dropping the wrong token, must fail.
+Image preprocessing equals transformers' PIL-backend processors bit for bit. LLaVA: the
+vision tower's hidden states, the projector's output, the merged prompt embeddings and the
+logits match ``LlavaForConditionalGeneration`` (a CLIP tower on a Llama decoder, and a SigLIP
+tower with two concatenated feature layers and the "full" strategy on a Qwen2 decoder).
+SmolVLM (the Idefics3 layout): the post-normed tower, the pixel-shuffle connector, the merged
+embeddings and the logits match ``SmolVLMForConditionalGeneration``. For both, greedy
+decoding after an image prefill equals transformers' ``generate``, with and without drafts.
+Negative controls: the wrong feature layer, keeping the class token, and folding patches
+without pixel shuffle's permutes must each fail the comparison.
 """
 
 import dataclasses
-import json
 import os
 import shutil
 
@@ -26,7 +28,7 @@ from specjax.drafters.prompt_lookup import PromptLookupDrafter
 from specjax.engine.sampling import SamplingParams
 from specjax.engine.steps import prefill, step
 from specjax.engine.tree import DraftTree
-from specjax.models import decoder, llava, vision
+from specjax.models import decoder, idefics3, llava, multimodal, vision
 from specjax.models.image_processing import ImageProcessorConfig, preprocess
 from specjax.models.safetensors_io import CheckpointError
 
@@ -87,7 +89,7 @@ def prompt(model, seed: int, n_images: int, text_len: int = 6) -> list[int]:
     """Text tokens (never the image token) with each image's run of image tokens inside."""
     words = np.random.default_rng(seed).integers(3, IMAGE_TOKEN, text_len).tolist()
     ids = words[:2] + [IMAGE_TOKEN] * n_images + words[2:]
-    return llava.expand_image_tokens(ids, model.config)
+    return multimodal.expand_image_tokens(ids, model.config)
 
 
 def hf_vision_hidden(hf, px):
@@ -164,7 +166,8 @@ def test_wrong_feature_selection_fails_the_comparison(tmp_path):
 def _merged_embeddings_hf(hf, ids, px):
     """What transformers feeds its language model: the input_embeds argument, caught by a hook."""
     caught = {}
-    hook = hf.model.language_model.register_forward_pre_hook(
+    decoder_module = hf.model.language_model if hasattr(hf.model, "language_model") else hf.model.text_model
+    hook = decoder_module.register_forward_pre_hook(
         lambda module, args, kwargs: caught.update(embeds=kwargs["inputs_embeds"].numpy()), with_kwargs=True)
     try:
         with torch.no_grad():
@@ -183,7 +186,7 @@ def test_merged_embeddings_and_logits_match_transformers(pair):
     width = ids.shape[1]
     lengths = np.full(2, width)
     expected_embeds, expected_logits = _merged_embeddings_hf(hf, ids, px)
-    embeds = llava.prompt_embeddings(model.params, model.config, ids, lengths, px)
+    embeds = multimodal.prompt_embeddings(model.params, model.config, ids, lengths, px)
     np.testing.assert_allclose(np.asarray(embeds), expected_embeds, atol=1e-5, rtol=1e-5)
     cfg = model.config.text
     out = decoder.forward(model.params["text"], cfg, jnp.asarray(ids), jnp.broadcast_to(jnp.arange(width), (2, width)),
@@ -201,13 +204,13 @@ def test_image_token_count_must_match_the_images(pair):
     ids = np.array([prompt(model, 5, 1)])
     lengths = np.array([ids.shape[1]])
     with pytest.raises(ValueError, match=rf"{n} image tokens .* but 2 image\(s\) give {2 * n} features"):
-        llava.prompt_embeddings(model.params, cfg, ids, lengths, pixels(5, 2))
+        multimodal.prompt_embeddings(model.params, cfg, ids, lengths, pixels(5, 2))
     with pytest.raises(ValueError, match=rf"{n} image tokens .* but 0 image\(s\)"):
-        llava.prompt_embeddings(model.params, cfg, ids, lengths, None)
+        multimodal.prompt_embeddings(model.params, cfg, ids, lengths, None)
     # The right total, but row 0 holds a partial run: an image would straddle the rows.
     rows = np.array([[3, 3] + [IMAGE_TOKEN] * 5 + [4] * (2 * n - 5), [3, 3] + [IMAGE_TOKEN] * (2 * n - 5) + [4] * 5])
     with pytest.raises(ValueError, match="row 0 holds 5 image tokens, not a multiple"):
-        llava.prompt_embeddings(model.params, cfg, rows, np.full(2, rows.shape[1]), pixels(5, 2))
+        multimodal.prompt_embeddings(model.params, cfg, rows, np.full(2, rows.shape[1]), pixels(5, 2))
     with pytest.raises(ValueError, match="pixel_values have shape"):
         llava.image_features(model.params, cfg, jnp.zeros((1, 3, 20, 20)))
 
@@ -270,7 +273,7 @@ def generate_with_images(model, prompts, px, max_new_tokens: int, drafter=None, 
     width = max(len(p) for p in prompts)
     ids = np.array([p + [0] * (width - len(p)) for p in prompts], np.int32)
     lengths = np.array([len(p) for p in prompts], np.int32)
-    embeds = llava.prompt_embeddings(model.params, model.config, ids, lengths, px)
+    embeds = multimodal.prompt_embeddings(model.params, model.config, ids, lengths, px)
     budget = np.full(len(prompts), max_new_tokens, np.int32)
     pre = prefill(text.params, cfg, ids, lengths, budget, jax.random.key(0), SamplingParams.make(len(prompts)),
                   max_len=64, input_embeds=embeds)
@@ -312,3 +315,74 @@ def test_image_prefill_greedy_equals_transformers_generate_and_speculation_is_lo
             out = hf.generate(input_ids=torch.tensor([ids]), pixel_values=torch.tensor(image), do_sample=False,
                               max_new_tokens=n, eos_token_id=None, pad_token_id=0)
         assert ours == out[0, len(ids):].tolist()
+
+
+# ------------------------------------------------------------------ the second layout: SmolVLM (Idefics3)
+
+SMOL_VISION = dict(model_type="smolvlm_vision", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, image_size=40, patch_size=10)
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """A transformers SmolVLM (4 x 4 patches per tile, pixel shuffle 2: 4 image tokens) with random weights."""
+    config = transformers.SmolVLMConfig(vision_config=SMOL_VISION, text_config=dict(model_type="llama", **TEXT),
+                                        image_token_id=IMAGE_TOKEN, scale_factor=2)
+    torch.manual_seed(5)
+    hf = transformers.SmolVLMForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name and name.endswith("weight") else p.normal_(0.0, 0.1)
+    directory = str(tmp_path_factory.mktemp("smolvlm"))
+    hf.save_pretrained(directory, safe_serialization=True)
+    return hf, multimodal.load_vlm(directory, dtype=jnp.float32)
+
+
+def smol_tiles(seed: int, n: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 3, 40, 40)).astype(np.float32)
+
+
+def test_smolvlm_tower_connector_embeddings_and_logits_match_transformers(smol):
+    """Row 0 holds one tile, row 1 two; transformers takes them as [rows, max tiles, ...] with an all-zero
+    padding tile, which it drops."""
+    hf, model = smol
+    cfg = model.config
+    assert isinstance(cfg, idefics3.Idefics3Config) and cfg.tokens_per_image == 4
+    tiles = smol_tiles(0, 3)
+    with torch.no_grad():
+        tower = hf.model.vision_model(torch.tensor(tiles)).last_hidden_state.numpy()
+        connected = hf.model.connector(torch.tensor(tower)).numpy()
+    ours_tower = np.asarray(vision.last_hidden_state(model.params["vision"], cfg.vision, jnp.asarray(tiles)))
+    np.testing.assert_allclose(ours_tower, tower, atol=1e-5, rtol=1e-5)
+    ours = np.asarray(idefics3.image_features(model.params, cfg, jnp.asarray(tiles)))
+    np.testing.assert_allclose(ours, connected, atol=1e-5, rtol=1e-5)
+    # Negative control: folding the patches without pixel shuffle's permutes must be caught.
+    folded = jnp.asarray(ours_tower).reshape(3, cfg.tokens_per_image, -1)
+    unshuffled = np.asarray(decoder.linear(folded, model.params["connector"]["proj"]))
+    assert not np.allclose(unshuffled, connected, atol=1e-3)
+
+    n = cfg.tokens_per_image
+    ids = np.array([prompt(model, 6, 1, text_len=4 + n), prompt(model, 7, 2, text_len=4)])
+    batched = np.zeros((2, 2, 3, 40, 40), np.float32)
+    batched[0, 0], batched[1] = tiles[0], tiles[1:]
+    expected_embeds, expected_logits = _merged_embeddings_hf(hf, ids, batched)
+    embeds = multimodal.prompt_embeddings(model.params, cfg, ids, np.full(2, ids.shape[1]), tiles)
+    np.testing.assert_allclose(np.asarray(embeds), expected_embeds, atol=1e-5, rtol=1e-5)
+    width, text = ids.shape[1], cfg.text
+    out = decoder.forward(model.params["text"], text, jnp.asarray(ids), jnp.broadcast_to(jnp.arange(width), (2, width)),
+                          decoder.KVCache.zeros(text, 2, width), jnp.zeros(2, jnp.int32),
+                          decoder.causal_mask(2, width), input_embeds=embeds)
+    np.testing.assert_allclose(np.asarray(out.logits), expected_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_smolvlm_greedy_equals_transformers_generate_and_speculation_is_lossless(smol):
+    hf, model = smol
+    prompts = [prompt(model, 13, 2, text_len=5)]
+    tiles = smol_tiles(1, 2)
+    plain, _ = generate_with_images(model, prompts, tiles, 20)
+    speculative, accepted = generate_with_images(model, prompts, tiles, 20, PromptLookupDrafter())
+    assert speculative == plain and accepted > 0
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(prompts), pixel_values=torch.tensor(tiles[None]), do_sample=False,
+                          max_new_tokens=20, eos_token_id=None, pad_token_id=0)
+    assert plain[0] == out[0, len(prompts[0]):].tolist()
