@@ -188,6 +188,26 @@ def test_kernel_reads_stacked_pools_layer(backend):
         np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def tpu_lowering_on_cpu(monkeypatch):
+    """Lowering a Mosaic kernel asks the device for its TPU generation; on CPU, answer v5e."""
+    tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
+    if not hasattr(tpu_info, "registry"):
+        pytest.skip("this jax has no TPU info registry")
+    monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
+                        lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend, platform", [("tpu", "tpu"), ("gpu", "cuda")])
+def test_kernels_lower_for_their_hardware(backend, platform, dtype, tpu_lowering_on_cpu):
+    """Interpret mode runs any jnp; the real lowerings (Mosaic MLIR, Triton IR) reject more, such as a ref
+    view indexed twice in Triton, and need no accelerator to try."""
+    args = [x.astype(dtype) if x.dtype == jnp.float32 else x for x in make_inputs(MIXED)]
+    kernel = functools.partial(rta.KERNELS[backend], sm_scale=0.25)
+    jax.jit(kernel).trace(*args).lower(lowering_platforms=(platform,))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -65,9 +65,9 @@ def _ragged_kernel(
         return common.online_softmax_update(*carry, scores, jnp.broadcast_to(live[None, :], scores.shape), v)
 
     def new_key_block(j, carry):
-        scores = common.scores_of(q, new_k_ref.at[first + j, :, :][...], sm_scale)
-        valid = common.unpack_mask_words(mask_ref.at[j], scores.shape[1])
-        return common.online_softmax_update(*carry, scores, valid, new_v_ref.at[first + j, :, :][...])
+        scores = common.scores_of(q, new_k_ref[first + j, :, :], sm_scale)
+        return common.online_softmax_update(*carry, scores, _key_block_mask(mask_ref, j, scores.shape[1]),
+                                            new_v_ref[first + j, :, :])
 
     carry = (
         jnp.full((rows, 1), common.MASK_VALUE, jnp.float32),
@@ -77,6 +77,17 @@ def _ragged_kernel(
     carry = lax.fori_loop(0, pl.cdiv(context, page_size), prefix_page, carry)
     m, l, acc = lax.fori_loop(0, index + 1, new_key_block, carry)
     o_ref[...] = common.normalize(acc, l).astype(o_ref.dtype)
+
+
+def _key_block_mask(mask_ref, key_block, num_cols: int) -> jax.Array:
+    """common.unpack_mask_words for key block `key_block` of a [KB, R, W] ref, one indexer per load
+    (Triton lowers a single indexer, not a ref view indexed again)."""
+    rows = mask_ref.shape[1]
+    cols = lax.broadcasted_iota(jnp.int32, (rows, num_cols), 1)
+    word = jnp.zeros((rows, num_cols), jnp.int32)
+    for w in range(mask_ref.shape[2]):
+        word = jnp.where(cols // common.BITS_PER_WORD == w, mask_ref[key_block, :, pl.ds(w, 1)], word)
+    return (lax.shift_right_logical(word, cols % common.BITS_PER_WORD) & 1) == 1
 
 
 @functools.partial(
