@@ -188,6 +188,19 @@ def test_kernel_reads_stacked_pools_layer(backend):
         np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_kernel_takes_mask_words_built_once(backend):
+    """Words built once per step (for a row bound of 40, so fewer words than Q rows would give) serve
+    every layer's call; wrong words change the output, so they are read."""
+    args = make_inputs(MIXED, seed=5)
+    words = rta.tree_mask_words(args[8], args[5], max_q_len=40)
+    assert words.shape == (args[0].shape[0], 2)
+    attend = functools.partial(rta.ragged_tree_attention, *args, impl="pallas", backend=backend, max_q_len=40)
+    expected = np.asarray(rta.ragged_tree_attention_ref(*args))
+    np.testing.assert_allclose(np.asarray(attend(mask_words=words)), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(attend(mask_words=words | 1)), expected, atol=1e-3)
+
+
 @pytest.fixture
 def tpu_lowering_on_cpu(monkeypatch):
     """Lowering a Mosaic kernel asks the device for its TPU generation; on CPU, answer v5e."""

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ._tree_common import BITS_PER_WORD
+from ._tree_common import BITS_PER_WORD, pad_axis
 
 
 class BlockPlan(NamedTuple):
@@ -110,6 +110,11 @@ def ancestor_words(parents: jax.Array, cu_q_lens: jax.Array, num_words: int) -> 
         words = words | jnp.where(has[:, None], words[target], jnp.uint32(0))
         up = jnp.where(has, up[target], -1)
     return lax.bitcast_convert_type(words, jnp.int32)
+
+
+def fit_words(words: jax.Array, num_words: int) -> jax.Array:
+    """Ancestor words [Q, W'] cut or zero-padded to the kernel's W words (bits past a sequence are zero)."""
+    return words[:, :num_words] if words.shape[1] >= num_words else pad_axis(words, 1, num_words)
 
 
 def mask_blocks(words: jax.Array, plan: BlockPlan, block_q: int, group: int) -> jax.Array:

@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
 from . import _ragged_common as ragged
-from ._tree_common import MASK_VALUE
+from ._tree_common import BITS_PER_WORD, MASK_VALUE
 from .ragged_tree_attention_gpu import ragged_tree_attention_gpu
 from .ragged_tree_attention_tpu import ragged_tree_attention_tpu
 
@@ -106,6 +106,13 @@ def check_values(page_tables, cached_lens, cu_q_lens, parents, page_size: int, m
     if bad.size:
         raise ValueError(f"parents[{bad[0]}] = {parents[bad[0]]} must be -1 or an earlier row of its sequence "
                          f"(row {rel[bad[0]]} of it)")
+
+
+def tree_mask_words(parents: jax.Array, cu_q_lens: jax.Array, max_q_len: Optional[int] = None) -> jax.Array:
+    """int32[Q, cdiv(max_q_len, 32)]: the kernels' ancestor bit words (bit j of row i: row j of i's
+    sequence is i or an ancestor).  Build them once per step and pass them as `mask_words` to every
+    layer's call, so the parents are expanded once, not per layer."""
+    return ragged.ancestor_words(parents, cu_q_lens, -(-(max_q_len or parents.shape[0]) // BITS_PER_WORD))
 
 
 def ancestor_matrix(parents: jax.Array, cu_q_lens: jax.Array) -> jax.Array:
@@ -196,6 +203,7 @@ def ragged_tree_attention(
     impl: str = "auto",
     backend: Optional[str] = None,
     layer: Optional[jax.Array] = None,
+    mask_words: Optional[jax.Array] = None,
     sm_scale: Optional[float] = None,
     max_q_len: Optional[int] = None,
     interpret: bool = False,
@@ -206,7 +214,10 @@ def ragged_tree_attention(
     impl: "xla" the reference; "pallas" the kernel of `backend` (default: the
     platform's, Mosaic on CPU, interpreted off its platform); "auto" TPU ->
     Mosaic, GPU -> Triton, else the reference.  layer: with stacked pools
-    [L, P, Hkv, page_size, D], the layer to read (traced int32).  max_q_len: static bound on
+    [L, P, Hkv, page_size, D], the layer to read (traced int32).  mask_words:
+    tree_mask_words(parents, cu_q_lens, max_q_len) built once per step for all
+    layers (the kernels build them from `parents` otherwise; the reference
+    always reads `parents`).  max_q_len: static bound on
     rows per sequence (the kernels' key-block count; default all Q rows).
     block_sizes: tpu {block_q}; gpu {block_q, num_warps, num_stages}.
     """
@@ -224,4 +235,5 @@ def ragged_tree_attention(
                          f"expected some of {sorted(KERNEL_OPTIONS[kernel_backend])}")
     if interpret or kernel_backend != platform:
         block_sizes["interpret"] = pltpu.InterpretParams() if kernel_backend == "tpu" else True
-    return KERNELS[kernel_backend](*operands, layer, sm_scale=scale, max_q_len=max_q_len, **block_sizes)
+    return KERNELS[kernel_backend](*operands, layer, mask_words, sm_scale=scale, max_q_len=max_q_len,
+                                   **block_sizes)

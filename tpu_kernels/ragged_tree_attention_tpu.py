@@ -116,6 +116,7 @@ def ragged_tree_attention_tpu(
     new_v: jax.Array,
     parents: jax.Array,
     layer: jax.Array | None = None,
+    mask_words: jax.Array | None = None,
     *,
     sm_scale: float,
     block_q: int = DEFAULT_BLOCK_Q,
@@ -126,7 +127,9 @@ def ragged_tree_attention_tpu(
 
     block_q: packed rows per query block and new keys per key block, a multiple
     of 32 (one mask word per 32 keys).  max_q_len: a static bound on rows per
-    sequence (default: all rows), which sets the key-block steps.
+    sequence (default: all rows), which sets the key-block steps.  mask_words:
+    the step's ragged_tree_attention.tree_mask_words, built once for every
+    layer (default: built here from `parents`).
     """
     k_pages, v_pages, layer = common.stacked_cache(k_pages, v_pages, layer)
     total_rows, hq, d = q.shape
@@ -138,7 +141,9 @@ def ragged_tree_attention_tpu(
 
     plan = ragged.block_plan(cu_q_lens, cached_lens, total_rows, block_q)
     num_blocks = plan.seq.shape[0]
-    words = ragged.ancestor_words(parents, cu_q_lens, num_key_blocks * block_q // common.BITS_PER_WORD)
+    num_words = num_key_blocks * block_q // common.BITS_PER_WORD
+    words = ragged.ancestor_words(parents, cu_q_lens, num_words) if mask_words is None else mask_words
+    words = ragged.fit_words(words, num_words)
     masks = ragged.mask_blocks(words, plan, block_q, group)
     qb = ragged.group_query_blocks(q.astype(dtype), plan, hkv)
     kb = ragged.gather_rows(new_k.astype(dtype), plan)
