@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from specjax.drafters.prompt_lookup import PromptLookupDrafter
 from specjax.engine.sampling import SamplingParams
-from specjax.engine.steps import prefill, step
+from specjax.engine.steps import PREFILL_CHUNK, prefill, step
 from specjax.engine.tree import DraftTree
 from specjax.models import decoder, idefics3, llava, multimodal, vision
 from specjax.models.image_processing import ImageProcessorConfig, preprocess
@@ -265,18 +265,22 @@ def _trees(drafter, rids, capacity: int) -> DraftTree:
     return DraftTree(tokens, parents, valid)
 
 
-def generate_with_images(model, prompts, px, max_new_tokens: int, drafter=None, capacity: int = 4):
-    """Greedy decoding with the pure steps: the image prefill, then ``step`` on the text model with
-    trees from a host drafter (or empty trees: plain decoding). Returns (tokens per row, drafts accepted)."""
+def generate_with_images(model, prompts, px, max_new_tokens: int, drafter=None, capacity: int = 4,
+                         temperature: float = 0.0, chunk: int = PREFILL_CHUNK):
+    """Decoding with the pure steps: the image prefill (in chunks of ``chunk`` tokens), then ``step`` on
+    the text model with trees from a host drafter (or empty trees: plain decoding). Returns (tokens per
+    row, drafts accepted)."""
     text = model.text_model()
     cfg = dataclasses.replace(text.config, eos_token_ids=())
-    width = max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
+    width = longest if longest <= chunk else -(-longest // chunk) * chunk  # wider prompts: whole chunks
     ids = np.array([p + [0] * (width - len(p)) for p in prompts], np.int32)
     lengths = np.array([len(p) for p in prompts], np.int32)
     embeds = multimodal.prompt_embeddings(model.params, model.config, ids, lengths, px)
     budget = np.full(len(prompts), max_new_tokens, np.int32)
-    pre = prefill(text.params, cfg, ids, lengths, budget, jax.random.key(0), SamplingParams.make(len(prompts)),
-                  max_len=64, input_embeds=embeds)
+    pre = prefill(text.params, cfg, ids, lengths, budget, jax.random.key(0),
+                  SamplingParams.make(len(prompts), temperature=temperature), max_len=64, chunk=chunk,
+                  input_embeds=embeds)
     state, out, accepted = pre.state, [[int(t)] for t in np.asarray(pre.first_tokens)], 0
     rids = list(range(len(prompts)))
     if drafter is not None:
@@ -295,18 +299,22 @@ def generate_with_images(model, prompts, px, max_new_tokens: int, drafter=None, 
     return out, accepted
 
 
-def test_image_prefill_greedy_equals_transformers_generate_and_speculation_is_lossless():
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
     hf = build_hf_llava("clip_llama")
-    import tempfile
+    directory = str(tmp_path_factory.mktemp("clip_generate"))
+    hf.save_pretrained(directory, safe_serialization=True)
+    return hf, llava.load_llava(directory, dtype=jnp.float32)
 
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d, safe_serialization=True)
-        model = llava.load_llava(d, dtype=jnp.float32)
+
+def test_image_prefill_greedy_equals_transformers_generate_and_speculation_is_lossless(clip):
+    """The speculative run also prefills in chunks of 8 tokens, so image runs cross chunk boundaries."""
+    hf, model = clip
     prompts = [prompt(model, 11, 1), prompt(model, 12, 2, text_len=4)]
     px = pixels(11, 3)
     n = 24
     plain, none_accepted = generate_with_images(model, prompts, px, n)
-    speculative, accepted = generate_with_images(model, prompts, px, n, PromptLookupDrafter())
+    speculative, accepted = generate_with_images(model, prompts, px, n, PromptLookupDrafter(), chunk=8)
     assert none_accepted == 0 and accepted > 0, "the drafter must have had drafts accepted for this to test anything"
     assert speculative == plain
     images = [px[:1], px[1:]]
@@ -386,3 +394,16 @@ def test_smolvlm_greedy_equals_transformers_generate_and_speculation_is_lossless
         out = hf.generate(input_ids=torch.tensor(prompts), pixel_values=torch.tensor(tiles[None]), do_sample=False,
                           max_new_tokens=20, eos_token_id=None, pad_token_id=0)
     assert plain[0] == out[0, len(prompts[0]):].tolist()
+
+
+def test_sampling_after_an_image_prefill_equals_plain_sampling(clip):
+    """Every draw is a function of the request's key and the position (README, Seeds), so speculative
+    sampling after an image prefill emits exactly plain sampling's tokens, as for a text prompt."""
+    _, model = clip
+    prompts = [prompt(model, 11, 1), prompt(model, 12, 2, text_len=4)]
+    px = pixels(11, 3)
+    plain, _ = generate_with_images(model, prompts, px, 24, temperature=0.3)
+    speculative, accepted = generate_with_images(model, prompts, px, 24, PromptLookupDrafter(), temperature=0.3)
+    greedy, _ = generate_with_images(model, prompts, px, 24)
+    assert speculative == plain and accepted > 0
+    assert plain != greedy  # the control: these rows really sample
