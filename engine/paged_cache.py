@@ -81,9 +81,6 @@ class PageAllocator:
         """Full pages findable by prefix (in use or evictable)."""
         return len(self._page_of_key)
 
-    def __contains__(self, seq_id: Hashable) -> bool:
-        return seq_id in self._seqs
-
     def length(self, seq_id: Hashable) -> int:
         """Committed tokens of a sequence (its cached length)."""
         return self._seqs[seq_id].length

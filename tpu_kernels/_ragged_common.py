@@ -145,7 +145,7 @@ def group_query_blocks(q: jax.Array, plan: BlockPlan, num_kv_heads: int) -> jax.
     return blocks.reshape(nb, bq, num_kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(nb, num_kv_heads, bq * g, d)
 
 
-def scatter_outputs(out: jax.Array, plan: BlockPlan, cu_q_lens: jax.Array) -> jax.Array:
+def packed_outputs(out: jax.Array, plan: BlockPlan, cu_q_lens: jax.Array) -> jax.Array:
     """Kernel output [NB, Hkv, block_q*G, D] -> packed [Q, Hq, D]; rows past cu_q_lens[-1] are zero."""
     nb, hkv, rows, d = out.shape
     block_q = plan.rows.shape[1]

@@ -173,4 +173,4 @@ def ragged_tree_attention_gpu(
         interpret=interpret,
         name="ragged_tree_attention_gpu",
     )(plan.context, plan.index, first, page_rows, layer, qb, k_pages, v_pages, kb, vb, masks)
-    return ragged.scatter_outputs(out[:, :, :rows], plan, cu_q_lens)
+    return ragged.packed_outputs(out[:, :, :rows], plan, cu_q_lens)

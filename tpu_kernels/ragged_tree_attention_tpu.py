@@ -182,4 +182,4 @@ def ragged_tree_attention_tpu(
         interpret=interpret,
         name="ragged_tree_attention_tpu",
     )(plan.seq, plan.index, plan.context, table, layer, qb, k_pages, v_pages, kb, vb, masks)
-    return ragged.scatter_outputs(out, plan, cu_q_lens)
+    return ragged.packed_outputs(out, plan, cu_q_lens)
