@@ -93,6 +93,17 @@ def image_features(params: Params, cfg: Idefics3Config, pixel_values: jax.Array)
     return linear(pixel_shuffle(hidden, cfg.scale_factor), params["connector"]["proj"])
 
 
+def image_prompt_string(rows: int, cols: int, tokens_per_image: int, image_token: str = "<image>",
+                        fake_token: str = "<fake_token_around_image>", global_token: str = "<global-img>") -> str:
+    """The text that stands for one image's tiles (``preprocess_tiles``' rows and cols) in a prompt, as
+    transformers' SmolVLM processor writes it: each tile's ``<row_r_col_c>`` and image tokens, then the
+    global view's; a single tile (rows = cols = 0) is the global view alone."""
+    run = image_token * tokens_per_image
+    text = "".join(f"{fake_token}<row_{r + 1}_col_{c + 1}>{run}" + ("\n" if c == cols - 1 else "")
+                   for r in range(rows) for c in range(cols))
+    return text + ("\n" if rows or cols else "") + f"{fake_token}{global_token}{run}{fake_token}"
+
+
 def connector_shapes(cfg: Idefics3Config) -> dict:
     return {"proj": (cfg.text.hidden_size, cfg.vision.hidden_size * cfg.scale_factor ** 2)}
 

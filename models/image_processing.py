@@ -1,4 +1,6 @@
-"""Image preprocessing in numpy and Pillow, equal to transformers' CLIP / LLaVA / SigLIP image processors.
+"""Image preprocessing in numpy and Pillow, equal to transformers' CLIP / LLaVA / SigLIP image processors
+(``ImageProcessorConfig``, ``preprocess``) and its Idefics3 / SmolVLM tiling (``TileProcessorConfig``,
+``preprocess_tiles``).
 
 The steps and their order are those of transformers' PIL backend (``CLIPImageProcessorPil``,
 ``LlavaImageProcessorPil``): convert to RGB (transparency over white), optionally pad to a
@@ -73,17 +75,6 @@ class ImageProcessorConfig:
                    image_std=tuple(d.get("image_std", half if siglip else OPENAI_CLIP_STD)),
                    do_pad=bool(d.get("do_pad", False)))
 
-    @classmethod
-    def from_dir(cls, model_dir: str) -> Optional["ImageProcessorConfig"]:
-        """The directory's ``preprocessor_config.json``, or None if it has none."""
-        path = os.path.join(model_dir, "preprocessor_config.json")
-        if not os.path.isfile(path):
-            return None
-        try:
-            with open(path) as f:
-                return cls.from_dict(json.load(f))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON: {e}") from e
 
 
 def to_rgb(image: ImageInput) -> Image.Image:
@@ -138,6 +129,15 @@ def center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return pixels
 
 
+def normalized(pixels: np.ndarray, cfg) -> np.ndarray:
+    """[H, W, C] uint8 -> float32 [C, H, W], rescaled in float64 and normalized in float32 as transformers does."""
+    out = (pixels.astype(np.float64) * cfg.rescale_factor).astype(np.float32) if cfg.do_rescale \
+        else pixels.astype(np.float32)
+    if cfg.do_normalize:
+        out = (out - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
 def preprocess_one(image: ImageInput, cfg: ImageProcessorConfig) -> np.ndarray:
     """One image -> float32 [3, H, W], as transformers' PIL-backend processor computes it."""
     rgb = to_rgb(image)
@@ -150,12 +150,7 @@ def preprocess_one(image: ImageInput, cfg: ImageProcessorConfig) -> np.ndarray:
     pixels = np.asarray(rgb)
     if cfg.do_center_crop:
         pixels = center_crop(pixels, cfg.crop_size)
-    # transformers rescales in float64 and casts to float32, then normalizes in float32.
-    out = (pixels.astype(np.float64) * cfg.rescale_factor).astype(np.float32) if cfg.do_rescale \
-        else pixels.astype(np.float32)
-    if cfg.do_normalize:
-        out = (out - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+    return normalized(pixels, cfg)
 
 
 def preprocess(images: Sequence[ImageInput], cfg: ImageProcessorConfig) -> np.ndarray:
@@ -166,3 +161,108 @@ def preprocess(images: Sequence[ImageInput], cfg: ImageProcessorConfig) -> np.nd
         raise ValueError(f"preprocessed images differ in size ({sorted(shapes)}); without a center crop or a fixed "
                          "resize they cannot be batched")
     return np.stack(arrays) if arrays else np.zeros((0, 3) + cfg.crop_size, np.float32)
+
+
+# ------------------------------------------------------------------ Idefics3 / SmolVLM: tiles
+
+LANCZOS = 1  # PIL.Image.Resampling.LANCZOS
+MAX_IMAGE_SIZE = 4096  # transformers' cap on the resized longest edge
+
+
+@dataclasses.dataclass(frozen=True)
+class TileProcessorConfig:
+    """An Idefics3 / SmolVLM ``preprocessor_config.json``; the defaults are SmolVLMImageProcessor's."""
+
+    do_resize: bool = True
+    longest_edge: int = 4 * 364  # the whole image's longest edge is resized to this ...
+    tile_size: int = 364  # ... then cut into tiles of this side (``max_image_size``), plus a global view
+    resample: int = LANCZOS
+    do_image_splitting: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TileProcessorConfig":
+        defaults = cls()
+        return cls(do_resize=bool(d.get("do_resize", True)),
+                   longest_edge=int((d.get("size") or {}).get("longest_edge", defaults.longest_edge)),
+                   tile_size=int((d.get("max_image_size") or {}).get("longest_edge", defaults.tile_size)),
+                   resample=int(d.get("resample", LANCZOS)),
+                   do_image_splitting=bool(d.get("do_image_splitting", True)),
+                   do_rescale=bool(d.get("do_rescale", True)), rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+                   do_normalize=bool(d.get("do_normalize", True)),
+                   image_mean=tuple(d.get("image_mean", defaults.image_mean)),
+                   image_std=tuple(d.get("image_std", defaults.image_std)))
+
+
+def longest_edge_shape(height: int, width: int, longest: int) -> tuple[int, int]:
+    """(height, width) with the longest edge at ``longest``, the other scaled and rounded up to even, then
+    both capped at 4096 (transformers' ``get_resize_output_image_size`` for Idefics3)."""
+    aspect = width / height
+    if width >= height:
+        width, height = longest, int(longest / aspect)
+        height += height % 2
+    else:
+        height, width = longest, int(longest * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > MAX_IMAGE_SIZE:
+        width, height = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / aspect)
+    elif height > width and height > MAX_IMAGE_SIZE:
+        height, width = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def tile_grid_shape(height: int, width: int, tile: int) -> tuple[int, int]:
+    """(height, width) rounded up to whole tiles, the short edge from the aspect ratio first."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return height, width
+
+
+def preprocess_tiles(image: ImageInput, cfg: TileProcessorConfig) -> tuple[np.ndarray, int, int]:
+    """One image -> (float32 [n_tiles, 3, tile, tile], rows, cols), as transformers' PIL-backend
+    SmolVLM / Idefics3 processors compute it.
+
+    A large image is cut into rows x cols tiles (row-major) followed by the whole image resized to one
+    tile (the global view); an image that fits one tile, or ``do_image_splitting=False``, is that one
+    tile, with rows = cols = 0. Each tile is one "image" of ``tokens_per_image`` image tokens.
+    """
+    rgb = to_rgb(image)
+    if cfg.do_resize:
+        h, w = longest_edge_shape(rgb.height, rgb.width, cfg.longest_edge)
+        rgb = rgb.resize((w, h), resample=cfg.resample)
+    t = cfg.tile_size
+    if not cfg.do_image_splitting:
+        return normalized(np.asarray(rgb.resize((t, t), resample=cfg.resample)), cfg)[None], 0, 0
+    h, w = tile_grid_shape(rgb.height, rgb.width, t)
+    rgb = rgb.resize((w, h), resample=cfg.resample)
+    if h <= t and w <= t:
+        return normalized(np.asarray(rgb), cfg)[None], 0, 0
+    rows, cols, pixels = h // t, w // t, np.asarray(rgb)
+    tiles = [pixels[r * t: (r + 1) * t, c * t: (c + 1) * t] for r in range(rows) for c in range(cols)]
+    tiles.append(np.asarray(rgb.resize((t, t), resample=cfg.resample)))
+    return np.stack([normalized(tile, cfg) for tile in tiles]), rows, cols
+
+
+def read_image_processor(model_dir: str) -> Union[ImageProcessorConfig, TileProcessorConfig, None]:
+    """The directory's ``preprocessor_config.json`` (a ``TileProcessorConfig`` for Idefics3 / SmolVLM), or None."""
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    tiled = str(d.get("image_processor_type", "")).startswith(("SmolVLM", "Idefics3"))
+    return TileProcessorConfig.from_dict(d) if tiled else ImageProcessorConfig.from_dict(d)

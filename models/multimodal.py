@@ -26,7 +26,7 @@ import numpy as np
 
 from specjax.models.config import UnsupportedModelError
 from specjax.models.decoder import Params
-from specjax.models.image_processing import ImageProcessorConfig
+from specjax.models.image_processing import ImageProcessorConfig, TileProcessorConfig, read_image_processor
 from specjax.models.loading import (Model, _checked_dtype, _checkpoint_dtype, _lookup, _with_generation_eos,
                                     assemble_params, hf_tensor_name, load_tokenizer, open_weight_files,
                                     read_chat_strings, resolve_auto_dtype)
@@ -130,7 +130,7 @@ class VisionLanguageModel:
     params: Params
     tokenizer: Any = None
     path: Optional[str] = None
-    image_processor: Optional[ImageProcessorConfig] = None
+    image_processor: Union[ImageProcessorConfig, TileProcessorConfig, None] = None
     chat_template: Optional[str] = None
     bos_token: Optional[str] = None
     eos_token: Optional[str] = None
@@ -239,5 +239,5 @@ class Checkpoint:
     def model(self, params: Params) -> VisionLanguageModel:
         """The loaded model, with the directory's tokenizer, chat strings and image processor."""
         return VisionLanguageModel(config=self.config, params=params, tokenizer=load_tokenizer(self.dir),
-                                   path=self.dir, image_processor=ImageProcessorConfig.from_dir(self.dir),
+                                   path=self.dir, image_processor=read_image_processor(self.dir),
                                    **read_chat_strings(self.dir))

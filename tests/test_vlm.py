@@ -29,7 +29,8 @@ from specjax.engine.sampling import SamplingParams
 from specjax.engine.steps import PREFILL_CHUNK, prefill, step
 from specjax.engine.tree import DraftTree
 from specjax.models import decoder, idefics3, llava, multimodal, vision
-from specjax.models.image_processing import ImageProcessorConfig, preprocess
+from specjax.models.image_processing import (ImageProcessorConfig, TileProcessorConfig, preprocess, preprocess_tiles,
+                                             read_image_processor)
 from specjax.models.safetensors_io import CheckpointError
 
 IMAGE_TOKEN = 96
@@ -115,7 +116,7 @@ def test_preprocessing_equals_transformers_pil_processor(processor, tmp_path):
           "llava_pad": lambda: transformers.LlavaImageProcessorPil(do_pad=True, **small),
           "siglip": lambda: transformers.SiglipImageProcessorPil(size={"height": 30, "width": 30})}[processor]()
     hf.save_pretrained(str(tmp_path))
-    ours = ImageProcessorConfig.from_dir(str(tmp_path))
+    ours = read_image_processor(str(tmp_path))
     images = random_images(7, [(37, 53), (64, 40), (30, 30), (12, 90), (250, 199)])
     images.append(images[0].convert("RGBA"))
     images[-1].putalpha(Image.fromarray(np.random.default_rng(1).integers(0, 256, (37, 53), dtype=np.uint8)))
@@ -383,10 +384,33 @@ def test_smolvlm_tower_connector_embeddings_and_logits_match_transformers(smol):
     np.testing.assert_allclose(np.asarray(out.logits), expected_logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("splitting", [True, False])
+def test_tile_preprocessing_equals_transformers_smolvlm_pil_processor(splitting, tmp_path):
+    """Bit-identical tiles, rows and cols for small, wide, tall and large images: split into a grid plus
+    the global view, or (without splitting) one tile; the prompt text as transformers writes it."""
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    hf = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 80}, max_image_size={"longest_edge": 40},
+                                               do_image_splitting=splitting)
+    hf.save_pretrained(str(tmp_path))
+    ours = read_image_processor(str(tmp_path))
+    assert isinstance(ours, TileProcessorConfig)
+    for image in random_images(3, [(30, 20), (70, 100), (121, 45), (300, 299)]):
+        expected = hf([image], return_tensors="np", return_row_col_info=True)
+        tiles, rows, cols = preprocess_tiles(image, ours)
+        assert (rows, cols) == (expected["rows"][0][0], expected["cols"][0][0])
+        np.testing.assert_array_equal(tiles, expected["pixel_values"][0])
+        assert idefics3.image_prompt_string(rows, cols, 4) == get_image_prompt_string(
+            rows, cols, 4, "<fake_token_around_image>", "<image>", "<global-img>")
+
+
 def test_smolvlm_greedy_equals_transformers_generate_and_speculation_is_lossless(smol):
+    """One 70 x 100 image: 2 x 2 tiles and the global view, 5 runs of image tokens."""
     hf, model = smol
-    prompts = [prompt(model, 13, 2, text_len=5)]
-    tiles = smol_tiles(1, 2)
+    tiles, rows, cols = preprocess_tiles(random_images(4, [(70, 100)])[0],
+                                         TileProcessorConfig(longest_edge=80, tile_size=40))
+    assert tiles.shape == (5, 3, 40, 40) and (rows, cols) == (2, 2)
+    prompts = [prompt(model, 13, len(tiles), text_len=5)]
     plain, _ = generate_with_images(model, prompts, tiles, 20)
     speculative, accepted = generate_with_images(model, prompts, tiles, 20, PromptLookupDrafter())
     assert speculative == plain and accepted > 0
