@@ -9,11 +9,12 @@ tokens, ``(image_size / patch_size)^2 / scale_factor^2``. llava-onevision's anyr
 tiling unpads each image to its aspect ratio and adds newline tokens: a
 data-dependent token count per image.
 
-An image reaches the model as tiles of ``image_size`` x ``image_size`` (the Idefics3
-processor splits a large image into such tiles plus a downscaled global view, each a
-separate "image" here, with its run of image tokens in the prompt). Tiles padded to
-that size (``pixel_attention_mask``, from processing without splitting) are not
-supported yet: their bucketed positions and masked attention are not implemented.
+An image reaches the model as tiles of ``image_size`` x ``image_size``
+(``image_processing.preprocess_tiles``: a large image's grid of tiles plus a downscaled
+global view, each a separate "image" here with its run of image tokens in the prompt).
+transformers' processors only ever give whole tiles: their ``pixel_attention_mask``
+marks all-zero padding tiles of a batch, which are simply not passed here. The tower's
+bucketed positions and masked attention for partial tiles are not implemented.
 """
 
 from __future__ import annotations

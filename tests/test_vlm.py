@@ -431,3 +431,24 @@ def test_sampling_after_an_image_prefill_equals_plain_sampling(clip):
     greedy, _ = generate_with_images(model, prompts, px, 24)
     assert speculative == plain and accepted > 0
     assert plain != greedy  # the control: these rows really sample
+
+
+def test_llava_loads_hub_and_transformers_5_tensor_names(pair, tmp_path):
+    """Hub checkpoints (transformers 4.x) keep the tower under ``vision_tower.vision_model.``; transformers 5's
+    own names put everything under ``model.`` with a bare ``lm_head``. Both load to the same params."""
+    from safetensors.numpy import load_file, save_file
+
+    _, model, directory = pair
+    tensors = load_file(os.path.join(directory, "model.safetensors"))
+    renamings = {
+        "hub": lambda n: n.replace("vision_tower.", "vision_tower.vision_model.", 1),
+        "v5": lambda n: ("lm_head.weight" if n == "language_model.lm_head.weight"
+                         else "model." + n.replace("language_model.model.", "language_model.", 1)),
+    }
+    for name, rename in renamings.items():
+        out = tmp_path / name
+        out.mkdir()
+        shutil.copy(os.path.join(directory, "config.json"), out)
+        save_file({rename(n): v for n, v in tensors.items()}, str(out / "model.safetensors"))
+        loaded = llava.load_llava(str(out), dtype=jnp.float32)
+        jax.tree.map(np.testing.assert_array_equal, loaded.params, model.params)
