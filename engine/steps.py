@@ -385,19 +385,35 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, sampling: SamplingParam
     return lax.cond(sampling.any_sampled(), with_sampled_rows, lambda: raw)
 
 
-def _accept_impl(state: DecodeState, tree: DraftTree, logits: jax.Array, eos_ids: tuple[int, ...],
-                 logprobs: bool = False):
-    tokens, parents, valid, anc, depth = tree_inputs(state, tree)
+class Selection(NamedTuple):
+    """What acceptance picks per sequence, before any cache or state changes (see ``select_accepted``)."""
+
+    emitted: jax.Array  # int32[B, N]: accepted draft tokens, then the bonus; zero past ``num``
+    num: jax.Array  # int32[B] tokens emitted (EOS and the budget applied; 0 for finished rows)
+    n_draft: jax.Array  # int32[B] depth of the deepest agreeing node (draft tokens before the bonus)
+    path: jax.Array  # int32[B, N] root-indexed node at each depth of the accepted path
+    hit_eos: jax.Array  # bool[B]
+
+
+def select_accepted(tokens, parents, valid, anc, depth, logits, lengths, keys, sampling: SamplingParams,
+                    finished, remaining, eos_ids: tuple[int, ...]) -> Selection:
+    """The accepted path and emitted tokens of root-indexed trees ([B, N], see ``tree_inputs``).
+
+    Pure and cache-free, so a contiguous cache (``accept``) and the paged one
+    (``engine.paged_steps``) share one acceptance rule: greedy rows the argmax
+    path, sampled rows ``_sampled_walk`` with ``keys`` (one per row) at the
+    positions after ``lengths`` (the root's position), one bonus token, then
+    EOS and the ``remaining`` budget cut the emission; ``finished`` rows emit nothing.
+    """
     b, n = tokens.shape
     greedy_best, greedy_bonus = _greedy_path(tokens, parents, valid, anc, depth, logits)
 
     def with_sampled_rows():
-        greedy_row = state.sampling.temperature <= 0
-        best, bonus = _sampled_walk(tokens, parents, valid, logits, state.lengths, row_keys(state.rng, b),
-                                    state.sampling, greedy_row | state.finished)
+        greedy_row = sampling.temperature <= 0
+        best, bonus = _sampled_walk(tokens, parents, valid, logits, lengths, keys, sampling, greedy_row | finished)
         return jnp.where(greedy_row, greedy_best, best), jnp.where(greedy_row, greedy_bonus, bonus)
 
-    best, bonus = lax.cond(state.sampling.any_sampled(), with_sampled_rows, lambda: (greedy_best, greedy_bonus))
+    best, bonus = lax.cond(sampling.any_sampled(), with_sampled_rows, lambda: (greedy_best, greedy_bonus))
     n_draft = jnp.take_along_axis(depth, best[:, None], axis=1)[:, 0]
     # path[b, d] = the node at depth d on the accepted path (d <= n_draft).
     on_path = jnp.take_along_axis(anc, best[:, None, None], axis=1)[:, 0]  # [B, N]
@@ -412,9 +428,19 @@ def _accept_impl(state: DecodeState, tree: DraftTree, logits: jax.Array, eos_ids
     first_eos = jnp.argmax(eos_at, axis=-1)
     hit_eos = jnp.any(eos_at, axis=-1)
     num = jnp.where(hit_eos, first_eos + 1, num)
-    num = jnp.minimum(num, state.remaining)
-    num = jnp.where(state.finished, 0, num)
+    num = jnp.minimum(num, remaining)
+    num = jnp.where(finished, 0, num)
     emitted = jnp.where(jnp.arange(n)[None, :] < num[:, None], emitted, 0)
+    return Selection(emitted, num, n_draft, path, hit_eos)
+
+
+def _accept_impl(state: DecodeState, tree: DraftTree, logits: jax.Array, eos_ids: tuple[int, ...],
+                 logprobs: bool = False):
+    tokens, parents, valid, anc, depth = tree_inputs(state, tree)
+    n = tokens.shape[1]
+    emitted, num, n_draft, path, hit_eos = select_accepted(
+        tokens, parents, valid, anc, depth, logits, state.lengths, row_keys(state.rng, tokens.shape[0]),
+        state.sampling, state.finished, state.remaining, eos_ids)
     remaining = state.remaining - num
     cache = state.cache if n == 1 else _compact_cache(state.cache, state.lengths, path)
     new_last = jnp.take_along_axis(emitted, jnp.maximum(num - 1, 0)[:, None], axis=1)[:, 0]
