@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -86,6 +86,9 @@ class CapacityPolicy:
     history: list = dataclasses.field(default_factory=list)  # T of each recorded step, in order
     draft_s: float = 0.0  # host drafting seconds per drafted step (running average, see ``record_drafting``)
     ask_gain: float = 1.0  # recent value of asking the drafter: the chosen rate after drafting / a plain step's
+    # Seconds per plain step fused into on-device chunks (the Engine runs those while drafting is
+    # paused, see ``plain_steps_ahead``): once measured, what asking the drafter competes with.
+    fused_plain_s: Optional[float] = None
     _since_probe: int = 0
     _probing: bool = False
 
@@ -111,6 +114,25 @@ class CapacityPolicy:
         self._since_probe, self._probing = 0, True
         return True
 
+    def plain_steps_ahead(self) -> int:
+        """How many next steps ``should_draft`` will refuse (0 unless paused): the steps before the
+        next probe, which the Engine fuses into on-device plain chunks (``record_plain_chunk``)."""
+        return max(self.probe_every - self._since_probe - 1, 0) if self.paused else 0
+
+    def record_plain_chunk(self, seconds: float, steps: int) -> None:
+        """Fold ``steps`` fused plain steps taken while paused (as many refused asks) into the estimates."""
+        if steps <= 0:
+            return
+        self.history.extend([0] * steps)
+        self._since_probe += steps
+        self.idle_steps += steps
+        per_step = seconds / steps
+        if self.fused_plain_s is None:
+            self.fused_plain_s = per_step
+        else:
+            per_step = min(per_step, self.max_cost_jump * self.fused_plain_s)
+            self.fused_plain_s = (1 - self.smoothing) * self.fused_plain_s + self.smoothing * per_step
+
     def choose(self, node_probs: Sequence[np.ndarray], num_active: int) -> int:
         """The bucket T maximizing expected emitted tokens per second for this step.
 
@@ -130,7 +152,9 @@ class CapacityPolicy:
             rate = tokens / (costs[t] + self.draft_s)
             if rate > max(best_rate, self.min_gain * num_active / (costs[0] + self.draft_s)):
                 best_t, best_rate = t, rate
-        gain = best_rate * costs[0] / max(num_active, 1)
+        # Asking pays only against plain decoding at its fastest: fused plain steps, once measured.
+        plain_s = costs[0] if self.fused_plain_s is None else min(costs[0], self.fused_plain_s)
+        gain = best_rate * plain_s / max(num_active, 1)
         probe = self._probing or self.paused
         self.ask_gain = gain if probe else (1 - self.smoothing) * self.ask_gain + self.smoothing * gain
         if longest and probe:

@@ -214,6 +214,26 @@ def run_steps(params, dparams, loop: LoopState, steps: jax.Array, *, drafter: De
     return jax.lax.while_loop(cond, body, (jnp.int32(0), loop))[1]
 
 
+PLAIN_CHUNK_STEPS = DEFAULT_STEPS_PER_SYNC  # the most plain steps a host-loop batch fuses per sync
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "logprobs"), donate_argnums=(1,))
+def run_plain_chunk(params, state: DecodeState, steps: jax.Array, *, cfg: ModelConfig, attention: str,
+                    logprobs: bool = False) -> tuple[DecodeState, tuple]:
+    """Up to ``steps`` (a runtime int, clipped to ``PLAIN_CHUNK_STEPS``) plain steps of a host-loop
+    batch fused into one dispatch: what the ``Engine`` runs while "auto" has its host drafter paused,
+    instead of one dispatch and sync per token. Donates ``state``. Returns the new state and, for the
+    host to read, (tokens[B, PLAIN_CHUNK_STEPS], emitted per row, logprobs or None, fused steps run)."""
+    rows, width = state.lengths.shape[0], PLAIN_CHUNK_STEPS
+    loop = LoopState(state, None, jnp.zeros((rows, width), jnp.int32), jnp.zeros(rows, jnp.int32),
+                     jnp.ones(rows, jnp.int32), jnp.zeros(rows, jnp.int32), jnp.zeros(0, jnp.float32),
+                     jnp.int32(0), jnp.int32(0), jnp.zeros(rows, jnp.int32), jnp.zeros((rows, width, 2), jnp.int32),
+                     jnp.zeros((rows, width), jnp.float32) if logprobs else None)
+    loop = run_steps(params, None, loop, jnp.clip(steps, 0, width), drafter=NoDrafter(), cfg=cfg,
+                     attention=attention, with_q=False)
+    return loop.state, (loop.out_tokens, loop.out_len, loop.out_logprobs, loop.steps)
+
+
 @functools.partial(jax.jit, static_argnames=("drafter",))
 def _drafter_prefill(dparams, dstate, tokens, lengths, first, hidden, *, drafter: DeviceDrafter):
     return drafter.prefill(dparams, dstate, tokens, lengths, first, hidden)

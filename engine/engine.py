@@ -100,6 +100,15 @@ class Session:
         return int(limit if same.all() else np.argmin(same))
 
 
+@dataclasses.dataclass(frozen=True)
+class _PlainChunk:
+    """A dispatched fused plain chunk (``device_loop.run_plain_chunk``) not yet read."""
+
+    out: tuple  # (tokens[B, steps], emitted per row, logprobs or None, fused steps run), on the device
+    active: np.ndarray  # the lane's rows still running when it was dispatched
+    dispatched: float  # perf_counter at dispatch
+
+
 @dataclasses.dataclass
 class _Lane:
     """Rows of a batch that step together (one ``DecodeState``); two lanes ping-pong when pipelined."""
@@ -108,7 +117,8 @@ class _Lane:
     state: DecodeState
     policy: Optional[CapacityPolicy]
     device_finished: Optional[np.ndarray] = None
-    in_flight: Optional[tuple] = None  # a dispatched step not yet read: (accepted, T, proposals, active, t)
+    # A dispatched step not yet read: (accepted, T, proposals, active, t, drafting s), or a _PlainChunk.
+    in_flight: Optional[object] = None
 
 
 class _Book:
@@ -227,6 +237,8 @@ class Engine:
         self._request_ids = itertools.count()
         self._step_costs: dict[tuple[int, int], dict[int, float]] = {}
         self._calibration = 1.0  # the drafter's accepted / claimed tokens, carried across batches
+        self._fused_plain_s: dict[tuple[int, int], float] = {}  # per (rows, cache slots), across batches
+        self._plain_chunks_compiled: set = set()
         self.pipeline = pipeline
         self.lazy_compile = lazy_compile
         self._draft_s_per_row: Optional[float] = None  # running host drafting seconds per drafted row
@@ -299,7 +311,8 @@ class Engine:
 
     def warmup(self, batch_size: int = 1, prompt_len: int = 1, max_new_tokens: int = 128,
                timing_steps: int = 3) -> dict:
-        """Compile prefill and every tree size's step for one shape bucket; measure step costs.
+        """Compile prefill, every tree size's step (and, for "auto", the fused plain chunk) for one shape
+        bucket; measure step costs.
 
         Returns {"bucket": (rows, prompt width, cache slots), "compile_s": {name: seconds},
         "step_s": {T: seconds per step}}. The step costs feed ``draft_capacity="auto"``.
@@ -313,6 +326,10 @@ class Engine:
         compile_s = {"prefill": time.perf_counter() - t0}
         first_calls, state = self._measure_step_costs(state, timing_steps)
         compile_s.update({f"step T={t}": s for t, s in first_calls.items()})
+        if self.auto:  # the plain chunks fused while drafting is paused
+            t0 = time.perf_counter()
+            self._compile_plain_chunk(state, logprobs=False)
+            compile_s["plain chunk"] = time.perf_counter() - t0
         return {"bucket": (rows, width, max_len), "compile_s": compile_s,
                 "step_s": dict(self._step_costs[(rows, max_len)])}
 
@@ -470,6 +487,8 @@ class Engine:
             if self.auto and (len(lane_rows), max_len) not in self._step_costs:  # lazily: trees on first use
                 sizes = (0,) if self.lazy_compile else None
                 state = self._measure_step_costs(state, sizes=sizes)[1]  # on the live state: no second cache
+            if self.auto and not self.lazy_compile:  # the paused drafter's fused plain chunks too
+                state = self._compile_plain_chunk(state, logprobs)
             policy = self._policy(len(lane_rows), max_len) if self.auto else None
             running.append(_Lane(lane_rows, state, policy, np.asarray(state.finished)))
         if self.drafter is not None:
@@ -489,6 +508,8 @@ class Engine:
         for lane in running:
             if lane.policy is not None:
                 self._calibration = lane.policy.calibration
+                if lane.policy.fused_plain_s is not None:
+                    self._fused_plain_s[(len(lane.rows), max_len)] = lane.policy.fused_plain_s
         if session is not None:
             session.cache = running[0].state.cache
             session.cached_ids = (list(prompts[0]) + book.outputs[0])[: int(running[0].state.lengths[0])]
@@ -530,8 +551,15 @@ class Engine:
         return pipelined_round_pays(full, self._step_costs[(rows // 2, max_len)][t], drafting)
 
     def _dispatch(self, lane: "_Lane", book: "_Book") -> None:
-        """Draft this lane's trees and launch its step; the results are read by ``_collect``."""
-        active = ~book.finished[lane.rows]
+        """Draft this lane's trees and launch its step; the results are read by ``_collect``. While
+        "auto" has drafting paused, the plain steps before the next probe run fused instead."""
+        finished = book.finished[lane.rows]
+        if (finished != lane.device_finished).any():  # stop strings end rows the device doesn't know of
+            lane.state = lane.state.replace(finished=jnp.asarray(finished))
+        if lane.policy is not None and lane.policy.plain_steps_ahead() > 0:
+            self._dispatch_plain_chunk(lane, book)
+            return
+        active = ~finished
         d0 = time.perf_counter()
         proposals = self._propose(book.rids, lane.rows, active, lane.policy, book.unobserved)
         capacity = self._choose_capacity(proposals, active, lane.policy)
@@ -539,9 +567,6 @@ class Engine:
         d1 = time.perf_counter()
         if lane.policy is not None and capacity not in lane.policy.costs:  # first use: compile, time it
             lane.state = self._measure_step_costs(lane.state, sizes=(capacity,))[1]
-        finished = book.finished[lane.rows]
-        if (finished != lane.device_finished).any():  # stop strings end rows the device doesn't know of
-            lane.state = lane.state.replace(finished=jnp.asarray(finished))
         cfg = self.target.config
         lane.state, acc = step(self.target.params, lane.state, tree, cfg=cfg, attention=self.attention,
                                eos_ids=cfg.eos_token_ids, logprobs=book.logprobs is not None)
@@ -556,8 +581,55 @@ class Engine:
         share = active / active.sum()
         book.draft_s[lane.rows] += (d1 - d0) * share
 
+    def _dispatch_plain_chunk(self, lane: "_Lane", book: "_Book") -> None:
+        """Launch the plain steps before the drafter's next probe as one fused on-device chunk
+        (``device_loop.run_plain_chunk``): no per-token dispatch and sync while drafting is paused."""
+        from specjax.engine.device_loop import PLAIN_CHUNK_STEPS, run_plain_chunk
+
+        steps = min(lane.policy.plain_steps_ahead(), PLAIN_CHUNK_STEPS)
+        lane.state = self._compile_plain_chunk(lane.state, book.logprobs is not None)
+        dispatched = time.perf_counter()
+        lane.state, out = run_plain_chunk(self.target.params, lane.state, steps, cfg=self.target.config,
+                                          attention=self.attention, logprobs=book.logprobs is not None)
+        lane.in_flight = _PlainChunk(out, ~book.finished[lane.rows], dispatched)
+
+    def _compile_plain_chunk(self, state: DecodeState, logprobs: bool) -> DecodeState:
+        """Compile the fused plain chunk for this state's shape once, outside any timing (a zero-step call)."""
+        from specjax.engine.device_loop import run_plain_chunk
+
+        key = (state.lengths.shape[0], state.cache.k.shape[3], logprobs)
+        if key in self._plain_chunks_compiled:
+            return state
+        self._plain_chunks_compiled.add(key)
+        state = run_plain_chunk(self.target.params, state, 0, cfg=self.target.config, attention=self.attention,
+                                logprobs=logprobs)[0]
+        return jax.block_until_ready(state)
+
+    def _collect_plain_chunk(self, lane: "_Lane", book: "_Book", progress) -> None:
+        """Book a fused plain chunk's tokens (one per pass) and its time per step."""
+        chunk, lane.in_flight = lane.in_flight, None
+        (tokens, num, logprobs, steps), lane.device_finished = jax.device_get((chunk.out, lane.state.finished))
+        seconds = time.perf_counter() - chunk.dispatched
+        lane.policy.record_plain_chunk(seconds, int(steps))
+        per_step = seconds / max(int(steps), 1)
+        share = chunk.active / chunk.active.sum()
+        book.verify_s[lane.rows] += seconds * share
+        for j in np.flatnonzero(chunk.active):
+            i, n = lane.rows[j], int(num[j])
+            book.emit(i, tokens[j, :n].tolist())
+            book.passes[i] += n  # a plain pass emits one token
+            book.traces[i].extend(TraceStep(0, 0, 0, 1, 0.0, per_step) for _ in range(n))
+            if logprobs is not None:
+                book.logprobs[i].extend(logprobs[j, :n].tolist())
+        report_progress(progress, int(num[lane.rows < book.n_requests].sum()))
+
     def _collect(self, lane: "_Lane", book: "_Book", stop, progress) -> None:
-        """Wait for the lane's step, read back only the emitted tokens, and book them."""
+        """Wait for the lane's step (or fused plain chunk), read back only the emitted tokens, and book them."""
+        if isinstance(lane.in_flight, _PlainChunk):
+            self._collect_plain_chunk(lane, book, progress)
+            book.finished[lane.rows] = lane.device_finished | self.stop_string_hits(
+                [book.outputs[i] for i in lane.rows], stop)
+            return
         acc, capacity, proposals, active, dispatched, drafting = lane.in_flight
         lane.in_flight = None
         jax.block_until_ready(acc.num)
@@ -601,7 +673,8 @@ class Engine:
         drafter's calibration so far."""
         return CapacityPolicy(costs=self._step_costs[(rows, max_len)], sizes=self.tree_sizes,
                               calibration=self._calibration,
-                              draft_s=(self._draft_s_per_row or 0.0) * rows)
+                              draft_s=(self._draft_s_per_row or 0.0) * rows,
+                              fused_plain_s=self._fused_plain_s.get((rows, max_len)))
 
     def _scratch_state(self, rows: int, max_len: int) -> DecodeState:
         """An empty state of this bucket, to time steps before a batch has a state of its own."""

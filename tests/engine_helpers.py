@@ -141,6 +141,29 @@ def chi_square_p(pairs: np.ndarray, expected: np.ndarray) -> float:
     return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
+class GarbageDrafter:
+    """A host drafter whose confident chains are never right (the last token id): speculation can
+    only cost time."""
+
+    def __init__(self, vocab):
+        self.vocab, self.calls = vocab, 0
+
+    def start_request(self, rid, prompt_ids):
+        pass
+
+    def observe(self, rid, accepted_ids):
+        pass
+
+    def stop_request(self, rid):
+        pass
+
+    def propose(self, rid, max_tokens):
+        self.calls += 1
+        n = min(max_tokens, 8)
+        return Proposal(np.full(n, self.vocab - 1, np.int32), np.arange(-1, n - 1, dtype=np.int32),
+                        np.full(n, 0.9, np.float32))
+
+
 @dataclasses.dataclass(eq=False)
 class WrongDrafter:
     """A device drafter whose confident chains are never right (token ``never``)."""

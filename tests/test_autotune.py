@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from engine_helpers import tiny_model
-from specjax.drafters.base import Proposal
+from engine_helpers import GarbageDrafter, tiny_model
 from specjax.engine.autotune import CapacityPolicy, ChunkPolicy, capacity_buckets, expected_accepted
 from specjax.engine.engine import Engine
 from specjax.engine.plain import greedy_generate
@@ -56,28 +55,6 @@ def test_paused_drafting_probes_and_recovers():
             break
     assert not all(drafted)  # drafting was paused ...
     assert policy.calibration > 0.5  # ... and probes found that the drafter now pays
-
-
-class GarbageDrafter:
-    """Confident proposals that are never right: speculation can only cost time."""
-
-    def __init__(self, vocab):
-        self.vocab, self.calls = vocab, 0
-
-    def start_request(self, rid, prompt_ids):
-        pass
-
-    def observe(self, rid, accepted_ids):
-        pass
-
-    def stop_request(self, rid):
-        pass
-
-    def propose(self, rid, max_tokens):
-        self.calls += 1
-        n = min(max_tokens, 8)
-        return Proposal(np.full(n, self.vocab - 1, np.int32), np.arange(-1, n - 1, dtype=np.int32),
-                        np.full(n, 0.9, np.float32))
 
 
 def test_auto_engine_stops_paying_for_a_useless_drafter_and_stays_lossless():
@@ -251,3 +228,55 @@ def test_chunk_calibration_counts_a_chunk_as_its_steps():
     eight.record(1, 8.0, steps=8, row_steps=8, claimed=[0.0, 8.0], accepted=0)
     assert one.calibration == pytest.approx(0.7)
     assert eight.calibration == pytest.approx(0.7 ** 8)
+
+
+# ------------------------------------------------------------------ fused plain chunks while paused
+
+
+class LateProbe(CapacityPolicy):
+    """Control: a chunk that runs one step too many, over the step that should have probed."""
+
+    def plain_steps_ahead(self) -> int:
+        ahead = super().plain_steps_ahead()
+        return ahead + 1 if ahead else 0
+
+
+def probe_steps(policy: CapacityPolicy, chunked: bool, steps: int = 300) -> list[int]:
+    """The steps at which a policy asks an always-wrong drafter, stepping one at a time or, with
+    ``chunked``, fusing the plain steps before each probe as the Engine does."""
+    asked, step, wrong = [], 0, [np.array([0.9, 0.9])]
+    while step < steps:
+        ahead = policy.plain_steps_ahead() if chunked else 0
+        if ahead:
+            policy.record_plain_chunk(ahead * COSTS[0], ahead)
+            step += ahead
+            continue
+        drafted = policy.should_draft()
+        if drafted:
+            asked.append(step)
+        t = policy.choose(wrong, 1) if drafted else 0
+        policy.record(t, COSTS[t], expected_accepted(wrong, t), 0)
+        step += 1
+    return asked
+
+
+def test_fused_plain_chunks_keep_the_probe_schedule():
+    """Fusing the plain steps of a paused drafter changes how they run, not when it is asked."""
+    per_step = probe_steps(CapacityPolicy(costs=dict(COSTS)), chunked=False)
+    assert len(per_step) < 20 and per_step[-1] > 200  # paused, probing ever more rarely, until the end
+    assert probe_steps(CapacityPolicy(costs=dict(COSTS)), chunked=True) == per_step
+    assert probe_steps(LateProbe(costs=dict(COSTS)), chunked=True) != per_step  # the control is caught
+
+
+def test_asking_the_drafter_competes_with_fused_plain_steps():
+    """A drafter worth 1.03x a host-loop plain step loses to plain steps fused on the device (10%
+    cheaper): once their cost is measured, drafting pauses."""
+    claims = [np.array([0.3])]  # (1 + 0.3) / 1.05 = 1.24 tokens per host plain step's time ...
+    slow = CapacityPolicy(costs=dict(COSTS))
+    slow.record_drafting(0.2)  # ... minus the drafting: 1.3 / 1.25 = 1.04x
+    slow.choose(claims, 1)
+    assert slow.ask_gain > 1.0 and not slow.paused  # against the host loop's plain step: worth asking
+    fused = CapacityPolicy(costs=dict(COSTS), fused_plain_s=0.9 * COSTS[0])
+    fused.record_drafting(0.2)
+    fused.choose(claims, 1)
+    assert fused.ask_gain < 1.0 and fused.paused and fused.plain_steps_ahead() > 0
