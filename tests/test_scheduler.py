@@ -194,3 +194,30 @@ def test_scheduler_negative_controls_break_equality(model, greedy_refs, monkeypa
     results, rids, _, _, _ = serve(model, prompts, [MAX_NEW] * len(prompts), oracle_refs=refs)
     assert any(results[rids[i]].tokens != refs[i] for i in range(len(prompts)))
 
+
+
+def test_scheduler_stops_at_eos_inside_an_accepted_tree(model, greedy_refs):
+    """EOS cuts a step's emission mid-path (the oracle drafts past it) and frees the slot at once."""
+    prompts, refs = greedy_refs
+    prompts, refs = prompts[:12], refs[:12]
+    counts = np.bincount([t for ref in refs for t in ref[1:]], minlength=VOCAB)
+    eos = int(np.argmax(counts))  # the most frequent later token: several requests end early
+    eos_model = tiny_model(vocab=VOCAB, eos=(eos,))
+    expected = greedy_generate(eos_model, prompts, MAX_NEW)
+    results, rids, _, sched, _ = serve(eos_model, prompts, [MAX_NEW] * len(prompts), oracle_refs=refs)
+    assert sum(len(e) < MAX_NEW for e in expected) >= 3
+    for i in range(len(prompts)):
+        assert results[rids[i]].tokens == expected[i], f"request {i}"
+    assert sched.allocator.num_in_use == 0
+
+
+def test_paged_scheduler_with_the_pallas_kernel_equals_plain(model, greedy_refs):
+    """The Mosaic ragged kernel (interpreted on CPU) inside scheduled steps: the same outputs."""
+    prompts, refs = greedy_refs
+    prompts, refs = prompts[:4], refs[:4]
+    sched = Scheduler(model, attention="pallas", **dict(LAYOUT, max_slots=2))
+    oracle = OracleTreeDrafter({tuple(p): r for p, r in zip(prompts, refs)}, SHAPES, follow_prob=0.7, vocab=VOCAB)
+    rids = [sched.submit(Request(p, 6, drafter=oracle)) for p in prompts]
+    sched.run()
+    assert [sched.results[rid].tokens for rid in rids] == [ref[:6] for ref in refs]
+    assert sum(sched.results[rid].accepted for rid in rids) > 0
