@@ -63,6 +63,7 @@ from specjax.engine.device_loop import prepare_device_batch
 from specjax.engine.engine import GenerationResult, report_progress
 from specjax.engine.sampling import SamplingParams, request_seeds
 from specjax.engine.steps import step_impl
+from specjax.engine.trace import TraceStep
 from specjax.engine.tree import DraftTree
 
 # Slot priority classes: a node's merge key is its class + probability / 2 (so the class is the key's floor).
@@ -150,8 +151,11 @@ class GraftDrafter(KeyedByConfig):
     # ------------------------------------------------------------ generation
 
     def generate_hybrid(self, engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature=0.0,
-                        top_p=1.0, top_k=0, seed=0, stop: Sequence[str] = (), progress=None) -> list:
-        """``Engine.generate`` for Graft (token-id prompts); ``self.stats`` sums the batch counts."""
+                        top_p=1.0, top_k=0, seed=0, stop: Sequence[str] = (), progress=None,
+                        logprobs: bool = False) -> list:
+        """``Engine.generate`` for Graft (token-id prompts); ``self.stats`` sums the batch counts. Each
+        result carries its per-pass ``trace`` (T, nodes verified, accepted, emitted, the row's share of
+        host retrieval time, the step's time) and, with ``logprobs``, the emitted tokens' log-probabilities."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampling = SamplingParams.make(len(prompts), temperature, top_k, top_p)
@@ -163,15 +167,16 @@ class GraftDrafter(KeyedByConfig):
             end = start + engine.max_batch_size
             results.extend(self._generate_batch(engine, list(prompts[start:end]), max_new_tokens,
                                                 {k: v[start:end] for k, v in per_prompt.items()}, seeds[start:end],
-                                                tuple(stop), progress))
+                                                tuple(stop), progress, logprobs))
         return results
 
-    def _generate_batch(self, engine, prompts, max_new_tokens, sampling: dict, seeds, stop, progress):
+    def _generate_batch(self, engine, prompts, max_new_tokens, sampling: dict, seeds, stop, progress,
+                        logprobs: bool = False):
         cfg, params = engine.target.config, engine.target.params
         t0 = time.perf_counter()
         n_req = len(prompts)
         batch = prepare_device_batch(engine, prompts, max_new_tokens, sampling, self.capacity, self.hidden_layers,
-                                     seeds)
+                                     seeds, return_logits=logprobs)
         rows, state, first = batch.rows, batch.state, batch.first
         dstate = prefill_drafter(self.model.params, self.model.init_state(rows, batch.max_len),
                                  jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), first, batch.hidden,
@@ -186,6 +191,8 @@ class GraftDrafter(KeyedByConfig):
         passes = np.ones(rows, np.int64)
         accepted = np.zeros(rows, np.int64)
         draft_s = np.zeros(rows)
+        traces = [[] for _ in range(n_req)]
+        token_logprobs = None if not logprobs else [[float(x)] for x in np.asarray(batch.first_logprobs)]
         report_progress(progress, n_req)
         carry, model_tree = _propose(self.model.params, carry, graft=self)
         while not finished.all():
@@ -193,14 +200,16 @@ class GraftDrafter(KeyedByConfig):
             d0 = time.perf_counter()
             # The retrieval's trees overlap the model's draft on the device.
             retrieved = self._retrieve(rids, active, unobserved, cfg.vocab_size)
-            draft_s += (time.perf_counter() - d0) * active / active.sum()
+            d1 = time.perf_counter()
+            draft_s += (d1 - d0) * active / active.sum()
             carry = dataclasses.replace(carry, state=carry.state.replace(finished=jnp.asarray(finished)))
-            carry, acc_tokens, num, n_draft, dev_finished, stats = _graft_step(
+            carry, acc_tokens, num, n_draft, dev_finished, stats, acc_logprobs = _graft_step(
                 params, self.model.params, carry, model_tree, retrieved, graft=self, cfg=cfg,
-                attention=engine.attention)
+                attention=engine.attention, logprobs=logprobs)
             carry, model_tree = _propose(self.model.params, carry, graft=self)  # next draft, dispatched early
-            emitted, num, n_draft, dev_finished, stats = jax.device_get((acc_tokens, num, n_draft, dev_finished,
-                                                                         stats))
+            emitted, num, n_draft, dev_finished, stats, acc_logprobs = jax.device_get(
+                (acc_tokens, num, n_draft, dev_finished, stats, acc_logprobs))
+            step_s = time.perf_counter() - d1
             passes[active] += 1
             accepted += n_draft
             self._count(stats, active)
@@ -208,6 +217,10 @@ class GraftDrafter(KeyedByConfig):
                 new = emitted[i, : num[i]].tolist()
                 outputs[i].extend(new)
                 unobserved[i].extend(new)
+                traces[i].append(TraceStep(self.capacity, int(stats.verified[i]), int(n_draft[i]), int(num[i]),
+                                           float((d1 - d0) / active.sum()), step_s))
+                if token_logprobs is not None:
+                    token_logprobs[i].extend(acc_logprobs[i, : num[i]].tolist())
             report_progress(progress, int(num[:n_req].sum()))
             finished = finished | dev_finished | engine.stop_string_hits(outputs, stop)
         for i, rid in enumerate(rids):
@@ -222,7 +235,8 @@ class GraftDrafter(KeyedByConfig):
         outputs, texts = engine.cut_stops(outputs, texts, stop)
         return [GenerationResult(token_ids=o, text=t, target_passes=int(passes[i]),
                                  accepted_draft_tokens=int(accepted[i]), draft_s=float(draft_s[i]),
-                                 verify_s=device_s, wall_s=wall)
+                                 verify_s=device_s, wall_s=wall, trace=traces[i],
+                                 logprobs=None if token_logprobs is None else token_logprobs[i][: len(o)])
                 for i, (o, t) in enumerate(zip(outputs, texts))]
 
     def _retrieve(self, rids, active, unobserved, vocab_size: int) -> tuple[np.ndarray, ...]:
@@ -264,14 +278,15 @@ def _propose(dparams, carry: GraftCarry, *, graft: GraftDrafter) -> tuple[GraftC
     return GraftCarry(state, dstate), tree
 
 
-@functools.partial(jax.jit, static_argnames=("graft", "cfg", "attention"), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnames=("graft", "cfg", "attention", "logprobs"), donate_argnums=(2,))
 def _graft_step(params, dparams, carry: GraftCarry, model_tree: DraftTree, retrieved, *, graft: GraftDrafter,
-                cfg, attention: str):
-    """Graft, verify + accept, feed the device drafter; returns what the host reads back."""
+                cfg, attention: str, logprobs: bool = False):
+    """Graft, verify + accept, feed the device drafter; returns what the host reads back (the emitted
+    tokens' log-probabilities with ``logprobs``, else None)."""
     tree, origin = graft.graft_tree(model_tree, retrieved)
     active = ~carry.state.finished
     state, acc, aux = step_impl(params, carry.state, tree, cfg=cfg, attention=attention, eos_ids=cfg.eos_token_ids,
-                                hidden_layers=graft.hidden_layers)
+                                hidden_layers=graft.hidden_layers, logprobs=logprobs)
     dstate = feed_accepted(graft.model, dparams, carry.dstate, acc, aux)
     origin_r = jnp.concatenate([jnp.full((origin.shape[0], 1), KEPT), origin], axis=1)  # root-indexed
     depth = jnp.arange(acc.path.shape[1])[None, :]
@@ -281,4 +296,4 @@ def _graft_step(params, dparams, carry: GraftCarry, model_tree: DraftTree, retri
     stats = GraftStats(verified=count(tree.valid), grafted=count(origin == GRAFTED),
                        accepted_grafted=count(on_path & (path_origin == GRAFTED)))
     return (GraftCarry(state, dstate), acc.tokens, acc.num, acc.num_draft_accepted, state.finished,
-            stats)
+            stats, acc.logprobs)

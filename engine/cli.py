@@ -215,7 +215,9 @@ class _TimedRuns:
     """One drafter's engine, warmed up on the run's shapes, then timed generation by generation.
 
     Before each timed generation a learning drafter forgets the outputs it has seen (the
-    warm-up's and earlier repetitions'), so every repetition drafts the same way.
+    warm-up's and earlier repetitions'), so every repetition drafts the same way. Tree sizes
+    compile on first use (the warm-up compiles only those it runs); a timed run that reaches a
+    new one has its compile time taken out of its wall time (``CompileClock``) and reported.
     """
 
     def __init__(self, model, drafter_name: str, prompts, args):
@@ -224,25 +226,30 @@ class _TimedRuns:
         self.model, self.name, self.prompts, self.args = model, drafter_name, prompts, args
         self.engine = Engine(model, drafter_from_args(drafter_name, model, args),
                              draft_capacity=args.draft_capacity, max_draft_capacity=args.max_draft_capacity,
-                             attention=args.attention, max_batch_size=args.batch_size,
-                             lazy_compile=False)  # timed runs must not compile a size the warm-up did not reach
+                             attention=args.attention, max_batch_size=args.batch_size)
         self.kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, seed=args.seed, stop=args.stop)
-        self.engine.generate(prompts, **self.kwargs)  # compile every shape the timed runs use
+        self.engine.generate(prompts, **self.kwargs)  # compile the shapes (and the sizes) it runs
         self.walls: list[float] = []
+        self.compile_s: list[float] = []  # compile time taken out of each timed run's wall time
         self.results = None
         self.repeatable = True  # every repetition gave the same token ids
 
     def run(self, show_progress: bool) -> None:
         from tqdm.auto import tqdm
 
+        from specjax.engine.compile_cache import CompileClock
+
         if self.name != "none":
             _forget_outputs(self.engine, self.name, self.model, self.args)
         bar = tqdm(total=len(self.prompts) * self.args.max_new_tokens, desc=f"generate ({self.name})", unit="tok",
                    disable=not show_progress, file=sys.stderr)
-        start = time.perf_counter()
-        results = self.engine.generate(self.prompts, progress=bar, **self.kwargs)
-        self.walls.append(time.perf_counter() - start)
+        with CompileClock() as clock:
+            start = time.perf_counter()
+            results = self.engine.generate(self.prompts, progress=bar, **self.kwargs)
+            wall = time.perf_counter() - start
+        self.walls.append(wall - clock.seconds)
+        self.compile_s.append(clock.seconds)
         bar.close()
         if self.results is not None and self.args.temperature <= 0:
             self.repeatable &= [r.token_ids for r in results] == [r.token_ids for r in self.results]
@@ -251,7 +258,7 @@ class _TimedRuns:
     def summary(self) -> dict:
         """The last run's outputs and counts, with the median wall time over the repetitions."""
         summary = _summary(self.results, float(np.median(self.walls)))
-        summary["wall_s_runs"] = self.walls
+        summary["wall_s_runs"], summary["compile_s_runs"] = self.walls, self.compile_s
         return summary
 
 
@@ -283,7 +290,16 @@ def _summary(results, wall: float) -> dict:
     passes = sum(r.target_passes for r in results)
     return {"text": [r.text for r in results], "token_ids": [r.token_ids for r in results],
             "tokens": tokens, "target_passes": passes, "tokens_per_pass": tokens / max(passes, 1),
-            "wall_s": wall, "tokens_per_s": tokens / max(wall, 1e-9)}
+            "wall_s": wall, "tokens_per_s": tokens / max(wall, 1e-9), "tree_sizes": tree_size_counts(results)}
+
+
+def tree_size_counts(results) -> dict[int, int]:
+    """Target passes after prefill per tree size T verified (0: plain steps), over all results."""
+    counts: dict[int, int] = {}
+    for result in results:
+        for step in result.trace:
+            counts[step.capacity] = counts.get(step.capacity, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:

@@ -310,9 +310,9 @@ class Engine:
     # ------------------------------------------------------------ warmup
 
     def warmup(self, batch_size: int = 1, prompt_len: int = 1, max_new_tokens: int = 128,
-               timing_steps: int = 3) -> dict:
-        """Compile prefill, every tree size's step (and, for "auto", the fused plain chunk) for one shape
-        bucket; measure step costs.
+               timing_steps: int = 3, sizes: Optional[Sequence[int]] = None) -> dict:
+        """Compile prefill, every tree size's step (or only ``sizes``'; with "auto" the others compile
+        on first use) and, for "auto", the fused plain chunk for one shape bucket; measure step costs.
 
         Returns {"bucket": (rows, prompt width, cache slots), "compile_s": {name: seconds},
         "step_s": {T: seconds per step}}. The step costs feed ``draft_capacity="auto"``.
@@ -324,7 +324,7 @@ class Engine:
                               seeds=np.zeros(rows, np.int64)).state
         jax.block_until_ready(state)
         compile_s = {"prefill": time.perf_counter() - t0}
-        first_calls, state = self._measure_step_costs(state, timing_steps)
+        first_calls, state = self._measure_step_costs(state, timing_steps, sizes=sizes)
         compile_s.update({f"step T={t}": s for t, s in first_calls.items()})
         if self.auto:  # the plain chunks fused while drafting is paused
             t0 = time.perf_counter()
@@ -393,11 +393,9 @@ class Engine:
         if hasattr(self.drafter, "generate_hybrid"):  # Graft: device drafter + host retrieval, its own loop
             if session is not None:
                 raise ValueError("sessions run with host drafters (or none); this engine has a hybrid drafter")
-            if logprobs:
-                raise ValueError("logprobs are recorded by the host and on-device loops, not a hybrid drafter's")
             return _stream_whole(on_tokens, self.drafter.generate_hybrid(
                 self, encoded, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                stop=stop, progress=progress))
+                stop=stop, progress=progress, logprobs=logprobs))
         fused_plain = self.drafter is None and session is None and on_tokens is None
         if self.on_device or fused_plain:  # draft -> verify -> accept -> drafter update, N steps per host sync
             if session is not None:

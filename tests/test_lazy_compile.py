@@ -5,6 +5,7 @@ sizes below it are measured and the drafter's calibrated claims say it could pay
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from engine_helpers import WrongDrafter, tiny_model
 from specjax.drafters.factory import default_max_capacity, load_drafter
@@ -130,3 +131,40 @@ def test_the_device_loop_compiles_only_the_sizes_it_runs():
     # T=1 accepted nothing, so no bigger tree is tried, whatever the timings: those never compiled.
     assert ran == {0, 1}
     assert [r.token_ids for r in results] == expected
+
+
+def test_the_compile_clock_counts_compiling_once_and_nothing_else():
+    """Timed runs subtract ``CompileClock.seconds``: it must hold the compile time, nested programs
+    once, and nothing of a cached program's run."""
+    import time
+
+    from specjax.engine.compile_cache import CompileClock
+
+    @jax.jit
+    def inner(x):
+        return jnp.tanh(x) @ x.T
+
+    @jax.jit
+    def outer(x):
+        return inner(x) + inner(2 * x)
+
+    x = jnp.ones((64, 48))
+    with CompileClock() as first:
+        start = time.perf_counter()
+        outer(x).block_until_ready()
+        wall = time.perf_counter() - start
+    assert 0 < first.seconds <= wall
+    with CompileClock() as cached:
+        for _ in range(20):
+            outer(x).block_until_ready()
+    assert cached.seconds == 0.0
+
+
+def test_the_compile_clock_merges_overlapping_spans():
+    from specjax.engine.compile_cache import CompileClock
+
+    clock = CompileClock()
+    for span in [(0.0, 1.0), (0.5, 2.0), (3.0, 4.0), (3.2, 3.5)]:
+        clock._record("/jax/core/compile/jaxpr_trace_duration", *span)
+    clock._record("/jax/some/other_event", 10.0, 20.0)  # not a compile event
+    assert clock.seconds == pytest.approx(3.0)

@@ -1,4 +1,4 @@
-"""Per-pass traces and emitted-token logprobs, in the host loop and the on-device loop.
+"""Per-pass traces and emitted-token logprobs, in the host loop, the on-device loop and Graft's loop.
 
 The logprobs are checked against a plain forward pass over the final sequence
 (``specjax.models.decoder``, no engine involved); wrong gathers (the root's
@@ -12,6 +12,8 @@ import pytest
 
 from engine_helpers import OracleTreeDrafter, tiny_model
 from specjax.drafters.draft_model import DraftModelDrafter
+from specjax.drafters.graft import GraftDrafter
+from specjax.drafters.prompt_lookup import PromptLookupDrafter
 from specjax.engine.engine import Engine, GenerationResult
 from specjax.engine.plain import greedy_generate
 from specjax.engine.sampling import SamplingParams, target_probs
@@ -50,7 +52,15 @@ def device_engine() -> Engine:  # the target drafting for itself: every chain ac
     return Engine(TARGET, DraftModelDrafter(TARGET, V, capacity=4), draft_capacity=4)
 
 
-@pytest.mark.parametrize("make_engine", [host_engine, device_engine], ids=["host", "device"])
+def graft_engine() -> Engine:  # Graft's own loop: the target's chain plus prompt lookup's retrieval
+    return Engine(TARGET, GraftDrafter(DraftModelDrafter(TARGET, V, capacity=4), PromptLookupDrafter(), capacity=4))
+
+
+ENGINES = pytest.mark.parametrize("make_engine", [host_engine, device_engine, graft_engine],
+                                  ids=["host", "device", "graft"])
+
+
+@ENGINES
 def test_greedy_logprobs_equal_a_plain_forward_pass(make_engine):
     results = make_engine().generate(PROMPTS, NEW, logprobs=True)
     assert [r.token_ids for r in results] == greedy_generate(TARGET, PROMPTS, NEW)
@@ -92,7 +102,7 @@ def test_no_logprobs_unless_asked():
     assert all(r.logprobs is None for r in host_engine().generate(PROMPTS, 4))
 
 
-@pytest.mark.parametrize("make_engine", [host_engine, device_engine], ids=["host", "device"])
+@ENGINES
 def test_traces_add_up_to_the_results(make_engine):
     results = make_engine().generate(PROMPTS, NEW)
     for r in results:
