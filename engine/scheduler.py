@@ -94,11 +94,12 @@ class Event:
 @dataclasses.dataclass(frozen=True)
 class StepStats:
     """The last step's shape: slots that verified a tree (or a plain root), slots that read a prompt
-    chunk, packed rows (before padding), tokens emitted, draft tokens accepted."""
+    chunk, packed rows (before padding), draft nodes verified, tokens emitted, draft tokens accepted."""
 
     tree_slots: int = 0
     prefill_slots: int = 0
     rows: int = 0
+    drafted: int = 0
     emitted: int = 0
     accepted: int = 0
 
@@ -240,9 +241,9 @@ class Scheduler:
                 self.allocator.commit(run.rid, [run.root] + emitted[:-1])
             if work.emits:
                 events.append(self._emit(run, emitted, int(drafts[work.slot]), bool(hit_eos[work.slot])))
-        trees = sum(work.parents is not None for work in works)
-        self.last_step = StepStats(trees, len(works) - trees, sum(work.rows for work in works),
-                                   int(num.sum()), int(drafts.sum()))
+        trees = [work for work in works if work.parents is not None]
+        self.last_step = StepStats(len(trees), len(works) - len(trees), sum(work.rows for work in works),
+                                   sum(work.rows - 1 for work in trees), int(num.sum()), int(drafts.sum()))
         return events
 
     def audit(self) -> list[str]:

@@ -1,0 +1,176 @@
+"""The OpenAI-compatible server on a loopback port: concurrent streaming and plain requests equal
+offline decoding, bad requests get 4xx, a dropped stream is cancelled, /metrics reports it all."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import uvicorn
+
+from specjax.drafters.prompt_lookup import PromptLookupDrafter
+from specjax.engine.plain import generate_plain, greedy_generate
+from specjax.engine.scheduler import Request, Scheduler
+from specjax.engine.server import ServingLoop, build_parser, create_app
+from specjax.models.chat import encode_chat
+from specjax.models.embedded import default_model_dir
+from specjax.models.loading import load_model
+
+NAME = "tiny-sql"
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return dataclasses.replace(load_model(default_model_dir()), chat_template=TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """(base url, serving loop) of a server on a free loopback port."""
+    scheduler = Scheduler(model, max_slots=4, num_pages=96, page_size=8, max_pages_per_seq=16, max_tree=4,
+                          prefill_budget=32, drafter=PromptLookupDrafter(), max_queue=16)
+    loop = ServingLoop(scheduler, timeout_s=60)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(model, loop, NAME), host="127.0.0.1", port=port,
+                                       log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", loop
+    uv.should_exit = True
+    thread.join()
+    loop.close()
+
+
+def post(url: str, body, raw: bool = False):
+    data = body if raw else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def sse_chunks(text: str) -> list:
+    lines = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_serve_concurrent_requests_equal_offline_decoding(model, server):
+    base, loop = server
+    tok = model.tokenizer
+    texts = ["select name from users where id = 1", "select count(*) from orders", "select * from t"]
+    prompts = [tok.encode(text).ids for text in texts]
+    messages = [{"role": "user", "content": "list the tables"}]
+    chat_ids = encode_chat(model, messages)
+    greedy = greedy_generate(model, prompts + [chat_ids], 12)
+    sampled = generate_plain(model, [prompts[0]], 12, temperature=0.8, seed=[7])[0]
+
+    jobs = [("/v1/completions", dict(prompt=texts[i], stream=i == 1), greedy[i]) for i in range(3)]
+    jobs += [("/v1/completions", dict(prompt=prompts[2], stream=True), greedy[2]),
+             ("/v1/chat/completions", dict(messages=messages), greedy[3]),
+             ("/v1/chat/completions", dict(messages=messages, stream=True), greedy[3]),
+             ("/v1/completions", dict(prompt=texts[0], temperature=0.8, seed=7), sampled)]
+
+    def run(job):
+        path, fields, expected = job
+        body = {"model": NAME, "max_tokens": 12, "temperature": 0.0, **fields}
+        status, text = post(base + path, body)
+        assert status == 200, text
+        if not fields.get("stream"):
+            reply = json.loads(text)
+            choice = reply["choices"][0]
+            content = choice["message"]["content"] if "message" in choice else choice["text"]
+            assert choice["token_ids"] == expected and content == tok.decode(expected)
+            assert reply["usage"]["completion_tokens"] == len(expected)
+            return choice["finish_reason"]
+        chunks = sse_chunks(text)
+        tokens = [t for chunk in chunks for t in chunk["choices"][0]["token_ids"]]
+        key = "delta" if path.endswith("chat/completions") else None
+        pieces = [c["choices"][0][key].get("content", "") if key else c["choices"][0]["text"] for c in chunks]
+        assert tokens == expected and "".join(pieces) == tok.decode(expected)
+        assert [c["choices"][0]["finish_reason"] for c in chunks][-1] in ("stop", "length")
+        return chunks[-1]["choices"][0]["finish_reason"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        reasons = list(pool.map(run, jobs))
+    for (_, _, expected), reason in zip(jobs, reasons):
+        assert reason == ("length" if len(expected) == 12 and expected[-1] not in model.config.eos_token_ids
+                          else "stop")
+    text = urllib.request.urlopen(base + "/metrics").read().decode()
+    metrics = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
+    assert "# TYPE specjax_finished_total counter" in text and "# TYPE specjax_pages_in_use gauge" in text
+    assert int(metrics["specjax_finished_total"]) >= len(jobs) and float(metrics["specjax_tokens_per_pass"]) >= 1
+    assert metrics["specjax_queue_length"] == "0" and metrics["specjax_pages_in_use"] == "0"
+    assert not loop.scheduler.audit()
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/completions", dict(model="gpt-4", prompt="x"), 404, "model"),
+    ("/v1/completions", dict(prompt="x"), 400, "model"),
+    ("/v1/completions", dict(model=NAME), 400, "prompt"),
+    ("/v1/completions", dict(model=NAME, prompt="x", max_tokens=0), 400, "max_tokens"),
+    ("/v1/completions", dict(model=NAME, prompt="x", temperature=-1), 400, "temperature"),
+    ("/v1/completions", dict(model=NAME, prompt="x", top_p="high"), 400, "top_p"),
+    ("/v1/completions", dict(model=NAME, prompt="x", n=2), 400, "n"),
+    ("/v1/completions", dict(model=NAME, prompt="x", logprobs=3), 400, "logprobs"),
+    ("/v1/completions", dict(model=NAME, prompt=[1, 2, 100000]), 400, None),
+    ("/v1/completions", dict(model=NAME, prompt="select " * 200, max_tokens=8), 400, None),
+    ("/v1/chat/completions", dict(model=NAME, messages=[]), 400, "messages"),
+    ("/v1/chat/completions", dict(model=NAME, messages="hi"), 400, "messages"),
+])
+def test_serve_bad_requests_get_4xx(server, path, body, status, param):
+    base, loop = server
+    code, text = post(base + path, body)
+    assert code == status, text
+    error = json.loads(text)["error"]
+    assert error["message"] and error["param"] == param
+    assert loop.scheduler.num_running == 0
+
+
+def test_serve_rejects_malformed_json_and_binds_loopback_by_default(server):
+    base, _ = server
+    code, text = post(base + "/v1/completions", b"{not json", raw=True)
+    assert code == 400 and "JSON" in json.loads(text)["error"]["message"]
+    assert build_parser().parse_args([]).host == "127.0.0.1"
+
+
+def test_serve_a_dropped_stream_is_cancelled_and_its_pages_freed(server):
+    base, loop = server
+    # Nearly uniform draws (temperature 50) over 1,024 tokens: EOS ends it early only by a rare chance.
+    body = dict(model=NAME, prompt="select", max_tokens=100, temperature=50.0, seed=3, stream=True)
+    request = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    before = loop.metrics()["cancelled"]
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.readline().startswith(b"data: ")  # the first chunk arrived: the request runs
+    deadline = time.monotonic() + 30
+    while loop.metrics()["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    metrics = loop.metrics()
+    assert metrics["cancelled"] == before + 1 and metrics["requests_running"] == 0 and metrics["pages_in_use"] == 0
+
+
+def test_serving_loop_times_out_and_frees_pages(model):
+    scheduler = Scheduler(model, max_slots=2, num_pages=32, page_size=8, max_pages_per_seq=16, max_tree=0)
+    loop = ServingLoop(scheduler, timeout_s=0.0)
+    got = []
+    done = threading.Event()
+    loop.submit(Request([5, 6, 7], 50), lambda event: (got.append(event), done.set()))
+    assert done.wait(30)
+    loop.close()
+    assert isinstance(got[0], TimeoutError) and loop.metrics()["timed_out"] == 1
+    assert scheduler.allocator.num_in_use == 0 and not scheduler.has_work()
