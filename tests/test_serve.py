@@ -176,3 +176,39 @@ def test_serving_loop_times_out_and_frees_pages(model):
     loop.close()
     assert isinstance(got[0], TimeoutError) and loop.metrics()["timed_out"] == 1
     assert scheduler.allocator.num_in_use == 0 and not scheduler.has_work()
+
+
+class _BrokenDrafter:
+    """A host drafter whose proposals raise: the step fails before touching the pages."""
+
+    def start_request(self, rid, prompt_ids):
+        pass
+
+    def observe(self, rid, accepted_ids):
+        pass
+
+    def stop_request(self, rid):
+        pass
+
+    def propose(self, rid, max_tokens):
+        raise RuntimeError("drafter broke")
+
+
+def test_serving_loop_survives_a_failed_step(model):
+    scheduler = Scheduler(model, max_slots=2, num_pages=32, page_size=8, max_pages_per_seq=16, max_tree=2)
+    loop = ServingLoop(scheduler)
+    got = {"broken": [], "plain": []}
+    done = {key: threading.Event() for key in got}
+
+    def listener(key):
+        return lambda event: (got[key].append(event),
+                              done[key].set() if not hasattr(event, "finished") or event.finished else None)
+
+    loop.submit(Request([5, 6, 7], 8, drafter=_BrokenDrafter()), listener("broken"))
+    assert done["broken"].wait(60)
+    loop.submit(Request([5, 6, 7], 8), listener("plain"))
+    assert done["plain"].wait(60)
+    loop.close()
+    assert isinstance(got["broken"][-1], RuntimeError) and loop.metrics()["failed_steps"] == 1
+    assert [t for event in got["plain"] for t in event.tokens] == greedy_generate(model, [[5, 6, 7]], 8)[0]
+    assert scheduler.allocator.num_in_use == 0 and not scheduler.audit()
