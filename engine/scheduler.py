@@ -113,7 +113,7 @@ class _Running:
     drafter: Optional[HostDrafter]
     prefilled: int = 0  # prompt tokens whose KV is written
     root: int = 0  # newest emitted token, not cached yet (the next tree's root)
-    remaining: int = 0
+    remaining: int = 0  # token budget left (max_new_tokens until the first token)
 
     @property
     def decoding(self) -> bool:
@@ -217,10 +217,9 @@ class Scheduler:
         self.last_step = StepStats()
         if not works:
             return []
-        slots = [self._slots[i] for i in range(self.max_slots)]
+        slots = list(self._slots)
         running = [self._running.get(rid) if rid is not None else None for rid in slots]
-        remaining = np.array([r.remaining if r is not None and r.decoding else
-                              r.request.max_new_tokens if r is not None else 0 for r in running], np.int32)
+        remaining = np.array([0 if run is None else run.remaining for run in running], np.int32)
         batch = pack_batch(works, self._page_tables(slots), remaining, self._slot_keys(), self._sampling(running),
                            self.max_tree + 1)
         self.k_pages, self.v_pages, accepted = paged_steps.paged_step(
@@ -235,8 +234,6 @@ class Scheduler:
             if work.parents is None:
                 self.allocator.commit(run.rid, work.tokens)
                 run.prefilled += work.rows
-                if work.emits:
-                    run.remaining = run.request.max_new_tokens
             else:
                 self.allocator.commit(run.rid, [run.root] + emitted[:-1])
             if work.emits:
@@ -305,7 +302,7 @@ class Scheduler:
             rid, request = self._queue[0]
             cached = self.allocator.add(rid, request.prompt)  # maps a shared prefix's pages
             run = _Running(rid, request, self._slots.index(None), self._need_pages(request),
-                           request.drafter or self.drafter, prefilled=cached)
+                           request.drafter or self.drafter, prefilled=cached, remaining=request.max_new_tokens)
             self._running[rid] = run
             if self._outstanding() > self.allocator.num_free:
                 del self._running[rid]
