@@ -18,7 +18,9 @@ EMBEDDED_MODEL = "tiny-sql"
 EMBEDDED_DRAFTER = "tiny-sql-drafter"
 EMBEDDED_EAGLE3 = "tiny-sql-eagle3"
 CODE_MODEL = "stdlib-code"
-_BUILD_SCRIPTS = {EMBEDDED_MODEL: "train_tiny_sql.py", CODE_MODEL: "train_code_model.py"}
+IMAGE_GEN_LO, IMAGE_GEN_HI = "image-gen-lo", "image-gen-hi"
+_BUILD_SCRIPTS = {EMBEDDED_MODEL: "train_tiny_sql.py", CODE_MODEL: "train_code_model.py",
+                  IMAGE_GEN_LO: "train_image_gen.py", IMAGE_GEN_HI: "train_image_gen.py"}
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
@@ -39,6 +41,11 @@ def default_model_dir() -> str:
 def code_model_dir() -> str:
     """Path of the shipped stdlib code model (a Hugging Face model directory)."""
     return _asset_dir(CODE_MODEL)
+
+
+def image_gen_dirs() -> tuple[str, str]:
+    """Paths of the shipped class-conditional image generators: (8 x 8 tokens, 16 x 16 tokens)."""
+    return _asset_dir(IMAGE_GEN_LO), _asset_dir(IMAGE_GEN_HI)
 
 
 def _shipped_drafter(name: str) -> Optional[str]:
