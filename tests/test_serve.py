@@ -7,6 +7,8 @@ import concurrent.futures
 import dataclasses
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -212,3 +214,32 @@ def test_serving_loop_survives_a_failed_step(model):
     assert isinstance(got["broken"][-1], RuntimeError) and loop.metrics()["failed_steps"] == 1
     assert [t for event in got["plain"] for t in event.tokens] == greedy_generate(model, [[5, 6, 7]], 8)[0]
     assert scheduler.allocator.num_in_use == 0 and not scheduler.audit()
+
+
+def test_serve_main_runs_as_a_process_on_loopback(tmp_path):
+    """``python -m specjax.engine.server`` (what ``specjax serve`` will run): arguments, loading, uvicorn."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["--port", str(port), "--drafter", "prompt-lookup", "--max-slots", "2", "--num-pages", "64",
+            "--max-pages-per-seq", "16", "--max-tree", "2", "--prefill-budget", "16"]
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "specjax.engine.server", *args], stdout=out, stderr=out)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                models = json.loads(urllib.request.urlopen(base + "/v1/models", timeout=5).read())
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        assert models["data"][0]["id"] == "specjax-embedded"
+        status, text = post(base + "/v1/completions", dict(model="specjax-embedded", prompt="select", max_tokens=4,
+                                                           temperature=0))
+        assert status == 200 and json.loads(text)["choices"][0]["token_ids"]
+    finally:
+        process.terminate()
+        process.wait(30)
