@@ -451,10 +451,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from specjax.engine.replay import main as replay_main
 
         return replay_main(argv[1:])
+    if argv and argv[0] == "serve":
+        from specjax.engine.server import main as serve_main
+
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="specjax", description="Lossless speculative decoding in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate_args(sub.add_parser("generate", help="generate text (speculatively) with a model"))
     sub.add_parser("replay", help="replay recorded traces through the suffix drafter (see replay --help)")
+    sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with continuous batching "
+                                 "(127.0.0.1 by default; see serve --help)")
     chat = sub.add_parser("chat", help="chat with a model interactively: replies stream as tokens are accepted "
                                        "(generate's model, drafter and sampling flags apply)")
     _add_generate_args(chat)

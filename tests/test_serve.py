@@ -217,7 +217,7 @@ def test_serving_loop_survives_a_failed_step(model):
 
 
 def test_serve_main_runs_as_a_process_on_loopback(tmp_path):
-    """``python -m specjax.engine.server`` (what ``specjax serve`` will run): arguments, loading, uvicorn."""
+    """``specjax serve`` (``engine.cli`` hands it to ``engine.server.main``): arguments, loading, uvicorn."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -225,7 +225,8 @@ def test_serve_main_runs_as_a_process_on_loopback(tmp_path):
             "--max-pages-per-seq", "16", "--max-tree", "2", "--prefill-budget", "16"]
     log = tmp_path / "server.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "specjax.engine.server", *args], stdout=out, stderr=out)
+        process = subprocess.Popen([sys.executable, "-m", "specjax.engine.cli", "serve", *args], stdout=out,
+                                   stderr=out)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
