@@ -120,7 +120,6 @@ def main(argv=None) -> int:
     lo, hi = load_model(lo_dir, dtype=jnp.float32), load_model(hi_dir, dtype=jnp.float32)
     trained = load_upsampler(os.path.join(lo_dir, UPSAMPLER_FILE))
     prompts = [vocab.prompt(c) for c in range(vocab.num_classes)]
-    block = args.block_rows * GRID
     common = dict(temperature=args.temperature, seed=args.seed)
     nearest = NearestUpsampler(2)
     rows = [

@@ -35,7 +35,7 @@ also serves the engine's exact loop unchanged.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -191,8 +191,6 @@ def generate_mulo(target: Model, drafter: MuloDrafter, prompts: Sequence[Sequenc
 
 
 def _generate_exact(target, drafter, prompts, grid, block, temperature, seed, attention) -> list[ImageResult]:
-    import time
-
     from specjax.engine.engine import Engine
 
     t0 = time.perf_counter()
@@ -207,8 +205,6 @@ def _generate_exact(target, drafter, prompts, grid, block, temperature, seed, at
 def _generate_pooled_lossy(target, drafter, prompts, grid, block, tau, neighbours, expand, rejection, temperature,
                            seed, attention) -> list[ImageResult]:
     """acceptance="pooled" (LOSSY): see the module docstring."""
-    import time
-
     t0 = time.perf_counter()
     cfg, params = target.config, target.params
     n_rows, hw = len(prompts), grid * grid

@@ -10,7 +10,6 @@ import functools
 import itertools
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
