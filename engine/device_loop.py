@@ -39,6 +39,7 @@ import numpy as np
 from specjax.drafters.device import DeviceDrafter
 from specjax.engine.autotune import ChunkPolicy, capacity_buckets
 from specjax.engine.engine import MIN_CACHE_BUCKET, GenerationResult, next_power_of_two, report_progress
+from specjax.engine.image_prompts import batch_input_embeds
 from specjax.engine.plain import pad_prompts
 from specjax.engine.sampling import SamplingParams, request_keys, request_seeds
 from specjax.engine.state import DecodeState
@@ -329,7 +330,7 @@ def prepare_device_batch(engine, prompts: Sequence[Sequence[int]], max_new_token
                   max_len=max_len, attention=engine.attention, hidden_layers=hidden_layers,
                   chunk=engine.prefill_chunk,  # numpy inputs: checked on the host without a sync
                   cache_sharding=None if engine.mesh is None else cache_sharding(cfg, engine.mesh, rows),
-                  return_logits=return_logits)
+                  return_logits=return_logits, input_embeds=batch_input_embeds(padded, width))
     state, first, hidden = out.state, out.first_tokens, out.hidden
     pad_rows = np.arange(rows) >= n_req
     state = state.replace(finished=state.finished | jnp.asarray(pad_rows))

@@ -29,6 +29,7 @@ from specjax.drafters.device import is_device_drafter
 from specjax.engine.autotune import (PIPELINE_MIN_DRAFT_SHARE, CapacityPolicy, capacity_buckets,
                                      expected_accepted, pipelined_round_pays)
 from specjax.engine.buckets import MIN_CACHE_BUCKET, next_power_of_two, prompt_bucket
+from specjax.engine.image_prompts import ImagePrompt, batch_input_embeds
 from specjax.engine.plain import pad_prompts
 from specjax.engine.sampling import PerRow, SamplingParams, request_keys, request_seeds
 from specjax.engine.state import DecodeState
@@ -169,7 +170,8 @@ class Engine:
     """Speculative decoding with a target model and a host drafter (or none).
 
     Args:
-      target: the loaded target ``Model``.
+      target: the loaded target ``Model``, or a ``VisionLanguageModel`` (``load_vlm``): its text model
+        decodes, and ``generate(images=...)`` feeds the images into the prefill.
       drafter: a ``HostDrafter`` (prompt lookup, suffix index, ...), a
         ``DeviceDrafter`` (draft model, EAGLE-3, Token Recycling: the whole loop
         then runs on the device, see ``specjax.engine.device_loop``), or None for
@@ -212,6 +214,9 @@ class Engine:
             raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
         if pipeline not in (True, False, AUTO):
             raise ValueError(f"pipeline must be True, False or 'auto', got {pipeline!r}")
+        # A vision-language model: its text model decodes; its tower and projector embed the images.
+        self.vision = target if hasattr(target, "text_model") else None
+        target = target.text_model() if self.vision is not None else target
         if mesh is not None:  # heads padded to the model axis; attention under shard_map over heads
             params, cfg = shard_model(target.params, target.config, mesh)
             target = dataclasses.replace(target, params=params, config=cfg)
@@ -265,6 +270,8 @@ class Engine:
     # ------------------------------------------------------------ text
 
     def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, ImagePrompt):  # already ids, with the embeddings its prefill feeds
+            return prompt
         if isinstance(prompt, str):
             if self.target.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
@@ -347,7 +354,7 @@ class Engine:
                  messages: Optional[ChatInput] = None, temperature: PerRow = 0.0, top_p: PerRow = 1.0,
                  top_k: PerRow = 0, seed: Union[int, Sequence[int]] = 0, stop: Sequence[str] = (), progress=None,
                  session: Optional[Session] = None, on_tokens: Optional[OnTokens] = None,
-                 logprobs: bool = False) -> list[GenerationResult]:
+                 logprobs: bool = False, images: Optional[Sequence] = None) -> list[GenerationResult]:
         """Generate for every prompt; greedy output equals plain greedy decoding exactly.
 
         ``temperature``, ``top_p`` and ``top_k`` are scalars or one value per
@@ -380,6 +387,12 @@ class Engine:
         raw logits; sampled rows: of ``sampling.target_probs``, temperature, top-k and top-p
         applied), gathered on the device inside the step (a separate compiled step; the default
         one is unchanged). Every result carries a per-pass ``trace`` (``specjax.engine.trace``).
+
+        ``images`` (an Engine over a vision-language model, ``load_vlm``): one entry per prompt, an
+        image (PIL or an HWC array), a list of them, or None. A prompt's image placeholder tokens are
+        expanded to the image's tokens, or the image tokens go first when it has none; the image
+        features enter the prefill (``models.multimodal.encode_image_prompts``), and decoding is the
+        text model's, so every drafter stays lossless.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -389,6 +402,8 @@ class Engine:
             self.encode_chat(conversation) for conversation in conversations(messages)]
         if session is not None and len(encoded) != 1:
             raise ValueError(f"a session continues one conversation: pass one prompt, got {len(encoded)}")
+        if images is not None:
+            encoded = self._with_images(encoded, images, session)
         seed = request_seeds(seed, len(encoded))  # request i's seed: seed + i, or seed[i] (see "Seeds")
         if hasattr(self.drafter, "generate_hybrid"):  # Graft: device drafter + host retrieval, its own loop
             if session is not None:
@@ -415,6 +430,18 @@ class Engine:
                                                 seed[start:end], tuple(stop), progress, session, on_tokens,
                                                 start, logprobs))
         return results
+
+    def _with_images(self, encoded: list, images: Sequence, session: Optional[Session]) -> list:
+        """The prompts as ``ImagePrompt``s: image tokens expanded, embeddings with the image features."""
+        from specjax.models.multimodal import encode_image_prompts
+
+        if self.vision is None:
+            raise ValueError("images need an Engine over a vision-language model (load_vlm); this target is "
+                             "text only")
+        if session is not None:
+            raise ValueError("sessions hold text turns; pass images without a session")
+        ids, embeds = encode_image_prompts(self.vision, encoded, images)
+        return [ImagePrompt(i, e) for i, e in zip(ids, embeds)]
 
     def _continue_session(self, session: Session, prompt: list, max_new_tokens: int, sampling: SamplingParams,
                           seeds: np.ndarray, return_logits: bool = False) -> Prefilled:
@@ -449,8 +476,8 @@ class Engine:
         sharding = None if self.mesh is None else cache_sharding(cfg, self.mesh, len(prompts))
         return prefill(self.target.params, cfg, tokens, lengths, np.full(len(prompts), max_new_tokens, np.int32),
                        request_keys(seeds), sampling, max_len=max_len, attention=self.attention,
-                       cache_sharding=sharding, chunk=self.prefill_chunk,
-                       return_logits=return_logits)  # numpy: checked without a sync
+                       cache_sharding=sharding, chunk=self.prefill_chunk, return_logits=return_logits,
+                       input_embeds=batch_input_embeds(prompts, width))  # numpy: checked without a sync
 
     def _generate_batch(self, prompts, max_new_tokens, sampling: dict, seeds: np.ndarray, stop, progress,
                         session: Optional[Session] = None, on_tokens: Optional[OnTokens] = None,
