@@ -23,14 +23,17 @@ from typing import Any, Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from specjax.models.config import UnsupportedModelError
-from specjax.models.decoder import Params
-from specjax.models.image_processing import ImageProcessorConfig, TileProcessorConfig, read_image_processor
+from specjax.models.decoder import KVCache, Params, causal_mask, forward
+from specjax.models.image_processing import (ImageInput, ImageProcessorConfig, TileProcessorConfig, preprocess,
+                                             read_image_processor)
 from specjax.models.loading import (Model, _checked_dtype, _checkpoint_dtype, _lookup, _with_generation_eos,
                                     assemble_params, hf_tensor_name, load_tokenizer, open_weight_files,
                                     read_chat_strings, resolve_auto_dtype)
 from specjax.models.safetensors_io import CheckpointError
+from specjax.tpu_kernels.tree_attention import new_tokens_attention
 
 # ------------------------------------------------------------------ image tokens
 
@@ -68,6 +71,23 @@ def input_embeddings(params: Params, cfg, tokens: jax.Array, pixel_values: Optio
         return embeds
     features = cfg.image_features(params, pixel_values)
     return merge_image_features(embeds, image_token_mask(cfg, tokens, lengths), features)
+
+
+def sequence_logits(params: Params, cfg, tokens: jax.Array, lengths: jax.Array,
+                    pixel_values: Optional[jax.Array]) -> jax.Array:
+    """float32 [B, P, V]: whole right-padded sequences in one causal pass, no cache kept.
+
+    Differentiable (the cache is empty, so attention is ``new_tokens_attention``): the training
+    loss of a vision-language model, and a reference for decoding that shares no cache or step
+    code with ``prefill`` / ``step``.
+    """
+    b, p = tokens.shape
+    embeds = input_embeddings(params, cfg, tokens, pixel_values, lengths)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    out = forward(params["text"], cfg.text, tokens, positions, KVCache.zeros(cfg.text, b, p, embeds.dtype),
+                  jnp.zeros(b, jnp.int32), causal_mask(b, p, lengths), attention=new_tokens_attention,
+                  input_embeds=embeds)
+    return out.logits
 
 
 def check_image_tokens(cfg, tokens, lengths, num_images: int) -> None:
@@ -111,6 +131,71 @@ def expand_image_tokens(ids: Sequence[int], cfg) -> list[int]:
     for t in ids:
         out.extend([t] * cfg.tokens_per_image if t == cfg.image_token_id else [t])
     return out
+
+
+ImagesPerPrompt = Union[None, ImageInput, Sequence[ImageInput]]
+
+
+def _image_list(images: ImagesPerPrompt) -> list:
+    if images is None:
+        return []
+    return [images] if isinstance(images, (Image.Image, np.ndarray)) else list(images)
+
+
+def _placed_image_tokens(ids: list[int], num_images: int, cfg) -> list[int]:
+    """``ids`` with each image's ``tokens_per_image`` tokens in place.
+
+    A prompt holding one image token per image has them expanded; one holding none gets one
+    run per image at its start (LLaVA's layout: the image before the question); one already
+    expanded is kept. ``check_image_tokens`` rejects any other count.
+    """
+    held = sum(t == cfg.image_token_id for t in ids)
+    if held == 0 and num_images:
+        return [cfg.image_token_id] * (num_images * cfg.tokens_per_image) + ids
+    return expand_image_tokens(ids, cfg) if held == num_images else ids
+
+
+def encode_image_prompts(vlm: VisionLanguageModel, prompts: Sequence[Union[str, Sequence[int]]],
+                         images: Sequence[ImagesPerPrompt]) -> tuple[list[list[int]], list[jax.Array]]:
+    """Prompts with images -> (token ids per prompt, input embeddings [len(ids), H] per prompt).
+
+    What a caller of ``prefill(..., input_embeds=)`` needs (``pad_input_embeds`` lays the
+    embeddings out at the prompt width): ``images[i]`` is prompt i's image, list of images, or
+    None. A text prompt is tokenized as the Engine tokenizes text (``tokenizer.encode(text).ids``);
+    its image placeholders (``image_token_id``) are expanded, or put first when it has none
+    (``_placed_image_tokens``). Images are preprocessed with the model's image processor, and
+    all prompts run through the tower and the merge in one batch. Tiled processors (Idefics3 /
+    SmolVLM) write rows and columns into the prompt text and are not handled here.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries (one per prompt: an image, "
+                         "a list of images, or None)")
+    processor = vlm.image_processor
+    if not isinstance(processor, ImageProcessorConfig):
+        raise ValueError(f"{vlm.path}: encode_image_prompts needs a CLIP / SigLIP-style preprocessor_config.json, "
+                         f"not {type(processor).__name__}")
+    cfg = vlm.config
+    per_prompt = [_image_list(entry) for entry in images]
+    ids = []
+    for prompt, imgs in zip(prompts, per_prompt):
+        if isinstance(prompt, str):
+            if vlm.tokenizer is None:
+                raise ValueError(f"{vlm.path} has no tokenizer.json: pass token ids, not text")
+            prompt = vlm.tokenizer.encode(prompt).ids
+        ids.append(_placed_image_tokens([int(t) for t in prompt], len(imgs), cfg))
+    lengths = np.array([len(row) for row in ids], np.int32)
+    width = int(-(-lengths.max() // 8) * 8)  # a few widths, a few compilations
+    tokens = np.zeros((len(ids), width), np.int32)
+    for row, row_ids in enumerate(ids):
+        tokens[row, : len(row_ids)] = row_ids
+    flat = [image for imgs in per_prompt for image in imgs]
+    embeds = prompt_embeddings(vlm.params, cfg, tokens, lengths, preprocess(flat, processor) if flat else None)
+    return ids, [embeds[row, : len(row_ids)] for row, row_ids in enumerate(ids)]
+
+
+def pad_input_embeds(embeds: Sequence[jax.Array], width: int) -> jax.Array:
+    """Per-prompt embeddings [len_i, H] right-padded with zeros into [B, width, H] (padding is never read)."""
+    return jnp.stack([jnp.pad(e, ((0, width - e.shape[0]), (0, 0))) for e in embeds])
 
 
 # ------------------------------------------------------------------ the loaded model

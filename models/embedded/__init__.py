@@ -4,7 +4,8 @@
 (a small Llama code model trained on Python's standard library, a real target
 for drafter benchmarks). ``toy_corpus`` is the tiny-sql model's synthetic corpus
 and its demo prompts; the build scripts are ``benchmarks/train_tiny_sql.py`` and
-``benchmarks/build_suffix_history.py``.
+``benchmarks/build_suffix_history.py``. ``tiny-vlm`` is a tiny LLaVA trained on drawn scenes
+(``shape_scenes``, ``benchmarks/train_tiny_vlm.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ EMBEDDED_DRAFTER = "tiny-sql-drafter"
 EMBEDDED_EAGLE3 = "tiny-sql-eagle3"
 CODE_MODEL = "stdlib-code"
 IMAGE_GEN_LO, IMAGE_GEN_HI = "image-gen-lo", "image-gen-hi"
+TINY_VLM = "tiny-vlm"
 _BUILD_SCRIPTS = {EMBEDDED_MODEL: "train_tiny_sql.py", CODE_MODEL: "train_code_model.py",
-                  IMAGE_GEN_LO: "train_image_gen.py", IMAGE_GEN_HI: "train_image_gen.py"}
+                  IMAGE_GEN_LO: "train_image_gen.py", IMAGE_GEN_HI: "train_image_gen.py",
+                  TINY_VLM: "train_tiny_vlm.py"}
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
@@ -46,6 +49,11 @@ def code_model_dir() -> str:
 def image_gen_dirs() -> tuple[str, str]:
     """Paths of the shipped class-conditional image generators: (8 x 8 tokens, 16 x 16 tokens)."""
     return _asset_dir(IMAGE_GEN_LO), _asset_dir(IMAGE_GEN_HI)
+
+
+def tiny_vlm_dir() -> str:
+    """Path of the shipped tiny vision-language model (a LLaVA directory for ``multimodal.load_vlm``)."""
+    return _asset_dir(TINY_VLM)
 
 
 def _shipped_drafter(name: str) -> Optional[str]:
