@@ -53,7 +53,6 @@ from specjax.models.multimodal import expand_image_tokens, sequence_logits
 from specjax.models.training import (TrainCheckpointer, TrainState, llama_hf_tensors, make_optimizer,
                                      save_hf_checkpoint, to_bf16)
 
-HELD_OUT_FILE = "held_out.jsonl.gz"
 PROCESSOR = ImageProcessorConfig(shortest_edge=S.IMAGE_SIZE, crop_size=(S.IMAGE_SIZE, S.IMAGE_SIZE),
                                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
 SEQ_WIDTH = 48  # 36 image tokens + the longest question (8 words) and answer (2) + EOS = 47, rounded up
@@ -257,7 +256,7 @@ def evaluate(model_dir: str, train_samples) -> dict:
 
     vlm = load_vlm(model_dir, dtype=jnp.float32)
     questions, images, gold, scenes = [], [], [], 0
-    for _, image, qa in S.read_held_out(os.path.join(model_dir, HELD_OUT_FILE)):
+    for _, image, qa in S.read_held_out(os.path.join(model_dir, S.HELD_OUT_FILE)):
         scenes += 1
         for q, a in qa:
             questions.append(q), images.append(image), gold.append(a)
@@ -386,12 +385,12 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     write_model_dir(args.out, params, cfg, tok)
-    S.write_held_out(os.path.join(args.out, HELD_OUT_FILE), held_scenes, args.seed + 1)
+    S.write_held_out(os.path.join(args.out, S.HELD_OUT_FILE), held_scenes, args.seed + 1)
     result = evaluate(args.out, samples)
     meta = {"data": f"shape_scenes.scenes({args.train_scenes}, seed={args.seed}, split='train'), every question "
                     f"(shape_scenes.samples(..., seed={args.seed}))",
             "held_out_set": f"shape_scenes.scenes({args.held_out_scenes}, seed={args.seed + 1}, split='held_out') "
-                        f"in {HELD_OUT_FILE}",
+                        f"in {S.HELD_OUT_FILE}",
             "train_scenes_sha256": hashlib.sha256("\n".join(s.key() for s in train_scenes).encode()).hexdigest(),
             "train_questions": len(samples), "params": sizes, "args": run_args,
             "train_seconds_this_run": round(train_s), "wall_seconds_this_run": round(time.perf_counter() - t0),

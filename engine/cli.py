@@ -9,7 +9,9 @@ text-to-SQL model on demo prompts: no download, a few seconds on a laptop CPU.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -20,6 +22,7 @@ from specjax.drafters.factory import DRAFTER_NAMES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the main job's target: a real instruct model, pulled on first use
 EMBEDDED_NAME = "tiny-sql"  # --model tiny-sql: the embedded model (tests, offline use)
+VLM_NAME = "tiny-vlm"  # --model tiny-vlm: the shipped tiny vision-language model
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +57,10 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                                                       "has a chat template; default: the shipped everyday tasks "
                                                       "(chat models) or demo SQL prompts (the embedded model)")
     p.add_argument("--raw", action="store_true", help="send --prompt text as is, without the chat template")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image every --prompt is asked about (repeatable; a vision-language --model: "
+                        f"{VLM_NAME!r} or a LLaVA directory). Without --prompt, {VLM_NAME!r} answers questions "
+                        "about its held-out images")
     p.add_argument("--system", help="a system turn before each --prompt (chat models)")
     p.add_argument("--num-demo-prompts", type=int, default=None,
                    help="without --prompt: the first N shipped tasks (default: all), or N demo SQL prompts for "
@@ -114,6 +121,7 @@ def drafter_from_args(name: str, target, args):
     """``load_drafter`` with the drafter flags of parsed ``generate``/``chat`` args."""
     from specjax.drafters.factory import load_drafter
 
+    target = target.text_model() if hasattr(target, "text_model") else target  # a VLM drafts on its text
     return load_drafter(name, target, drafter_model=args.drafter_model, draft_capacity=args.draft_capacity,
                         max_draft_capacity=args.max_draft_capacity, tree_topk=args.tree_topk,
                         tree_depth=args.tree_depth, routing=args.routing, retrieval=args.retrieval,
@@ -143,6 +151,10 @@ def _load(args):
         from specjax.models.embedded import default_model_dir
 
         model_dir = default_model_dir()
+    from specjax.models.multimodal import is_vision_language, load_vlm
+
+    if is_vision_language(model_dir):
+        return load_vlm(model_dir, dtype=getattr(jnp, dtype))
     quantize = getattr(args, "quantize", None)
     if quantize in ("int8", "int4"):
         from specjax.models.quant import QuantSpec
@@ -153,8 +165,6 @@ def _load(args):
 
 def is_embedded(args) -> bool:
     """Whether ``--model`` is the embedded tiny text-to-SQL model (None: not chosen yet, the embedded one)."""
-    import os
-
     from specjax.models.embedded import default_model_dir
     from specjax.models.safetensors_io import CheckpointError
 
@@ -174,6 +184,11 @@ def choose_model(args) -> Optional[str]:
 
     if args.model == EMBEDDED_NAME:
         args.model = default_model_dir()
+        return None
+    if args.model == VLM_NAME:
+        from specjax.models.embedded import tiny_vlm_dir
+
+        args.model = tiny_vlm_dir()
         return None
     if args.model is not None:
         args.model = resolve_model(args.model)
@@ -211,6 +226,31 @@ def _prompts(args, model) -> tuple[list, list[str]]:
     return [encode_chat(model, system + [{"role": "user", "content": p}]) for p in args.prompt], list(args.prompt)
 
 
+def _image_prompts(args, vlm) -> tuple[list, list[str], list, Optional[list[str]]]:
+    """A vision-language run's requests: each ``--prompt`` about every ``--image``; without ``--prompt``
+    (the shipped tiny-vlm) its held-out questions, one per scene, with their images and answers.
+    Returns (prompts, how to show each, images per prompt, expected answers or None)."""
+    from PIL import Image
+
+    if args.prompt:
+        if not args.image:
+            raise SystemExit("specjax generate: a vision-language model needs --image FILE for its --prompt")
+        try:
+            images = [Image.open(path).convert("RGB") for path in args.image]
+        except OSError as e:
+            raise SystemExit(f"specjax generate: --image: {e}") from e
+        return list(args.prompt), list(args.prompt), [images] * len(args.prompt), None
+    from specjax.models.embedded import shape_scenes, tiny_vlm_dir
+
+    held_out = os.path.join(tiny_vlm_dir(), shape_scenes.HELD_OUT_FILE)
+    if os.path.realpath(args.model) != os.path.realpath(tiny_vlm_dir()) or not os.path.exists(held_out):
+        raise SystemExit(f"specjax generate: pass --prompt TEXT and --image FILE for {args.model}")
+    scenes = itertools.islice(shape_scenes.read_held_out(held_out), args.num_demo_prompts or 16)
+    asked = [(*qa[k % len(qa)][:1], image, qa[k % len(qa)][1]) for k, (_, image, qa) in enumerate(scenes)]
+    return ([shape_scenes.prompt_text(q) for q, _, _ in asked], [q for q, _, _ in asked],
+            [[image] for _, image, _ in asked], [a for _, _, a in asked])
+
+
 class _TimedRuns:
     """One drafter's engine, warmed up on the run's shapes, then timed generation by generation.
 
@@ -220,7 +260,7 @@ class _TimedRuns:
     new one has its compile time taken out of its wall time (``CompileClock``) and reported.
     """
 
-    def __init__(self, model, drafter_name: str, prompts, args):
+    def __init__(self, model, drafter_name: str, prompts, args, images: Optional[list] = None):
         from specjax.engine.engine import Engine
 
         self.model, self.name, self.prompts, self.args = model, drafter_name, prompts, args
@@ -228,7 +268,7 @@ class _TimedRuns:
                              draft_capacity=args.draft_capacity, max_draft_capacity=args.max_draft_capacity,
                              attention=args.attention, max_batch_size=args.batch_size)
         self.kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           top_k=args.top_k, seed=args.seed, stop=args.stop)
+                           top_k=args.top_k, seed=args.seed, stop=args.stop, images=images)
         self.engine.generate(prompts, **self.kwargs)  # compile the shapes (and the sizes) it runs
         self.walls: list[float] = []
         self.compile_s: list[float] = []  # compile time taken out of each timed run's wall time
@@ -324,13 +364,20 @@ def generate_main(args) -> int:
         raise SystemExit(f"specjax generate: --save-suffix-history needs --drafter suffix (this run drafts "
                          f"with {args.drafter!r})")
     model = _load(args)
-    if not args.prompt and not is_embedded(args):
+    images, expected = None, None
+    if hasattr(model, "text_model"):  # a vision-language model: questions about images
+        prompts, shown, images, expected = _image_prompts(args, model)
+    elif args.image:
+        raise SystemExit(f"specjax generate: --image needs a vision-language --model ({VLM_NAME!r} or a LLaVA "
+                         f"directory); {args.model} is text only")
+    elif not args.prompt and not is_embedded(args):
         from specjax.engine.chat_cli import run_tasks
 
         return run_tasks(model, args)
-    prompts, shown = _prompts(args, model)
-    spec = _TimedRuns(model, args.drafter, prompts, args)
-    base = _TimedRuns(model, "none", prompts, args) if args.compare_baseline else None
+    else:
+        prompts, shown = _prompts(args, model)
+    spec = _TimedRuns(model, args.drafter, prompts, args, images)
+    base = _TimedRuns(model, "none", prompts, args, images) if args.compare_baseline else None
     for i in range(args.repeat):  # interleaved, so a noisy stretch of the machine hits both alike
         spec.run(show_progress=i == 0 and not args.json)
         if base is not None:
@@ -355,6 +402,9 @@ def generate_main(args) -> int:
         return 0
     for prompt, res in zip(shown, results):
         print(f"\n>>> {prompt.strip()[-120:]}\n{res.text}")
+    if expected is not None:
+        right = sum(res.text.strip() == answer for res, answer in zip(results, expected))
+        print(f"\nheld-out answers right: {right} of {len(expected)} (exact match)")
     print("\n" + _table(rows))
     if args.compare_baseline:
         print(f"speedup vs baseline: {summary['speedup']:.2f}x (median wall times of {args.repeat} interleaved "

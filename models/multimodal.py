@@ -230,6 +230,17 @@ jax.tree_util.register_dataclass(
     meta_fields=[f.name for f in dataclasses.fields(VisionLanguageModel) if f.name != "params"])
 
 
+VISION_LANGUAGE_TYPES = ("llava", "idefics3", "smolvlm")  # the model_types load_vlm reads
+
+
+def is_vision_language(model_dir: Union[str, os.PathLike]) -> bool:
+    """Whether ``model_dir`` is a Hugging Face directory of a vision-language layout ``load_vlm`` reads."""
+    path = os.path.expanduser(os.fspath(model_dir))
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    return read_hf_config(path).get("model_type") in VISION_LANGUAGE_TYPES
+
+
 def load_vlm(model_dir: Union[str, os.PathLike], dtype="auto") -> VisionLanguageModel:
     """A vision-language Hugging Face directory, by its ``model_type``: "llava", "idefics3" or "smolvlm"."""
     from specjax.models import idefics3, llava

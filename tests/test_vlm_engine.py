@@ -74,3 +74,32 @@ def test_images_need_a_vision_language_target_and_one_entry_per_prompt(vlm_pair)
         engine = Engine(vlm, PromptLookupDrafter())
         engine.generate([[5, 6]], 4, images=[random_images(0, [(30, 30)])], session=engine.session(128))
     assert np.isfinite(np.asarray(vlm.params["text"]["embed"])).all()
+
+
+def test_cli_answers_about_images_with_the_shipped_tiny_vlm(tmp_path, capsys):
+    """``specjax generate --model tiny-vlm``: held-out questions with their images, speculative equal
+    to plain; ``--prompt`` with ``--image FILE`` equals the library's ``generate(images=...)``."""
+    import json
+
+    from PIL import Image
+
+    from specjax.engine.cli import main
+    from specjax.models.embedded import shape_scenes, tiny_vlm_dir
+    from specjax.models.multimodal import load_vlm
+
+    assert main(["generate", "--model", "tiny-vlm", "--json", "--num-demo-prompts", "3", "--compare-baseline",
+                 "--repeat", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["identical_to_baseline"] is True and len(out["token_ids"]) == 3
+    held_out = shape_scenes.read_held_out(f"{tiny_vlm_dir()}/{shape_scenes.HELD_OUT_FILE}")
+    _, image, qa = next(held_out)
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    question = qa[0][0]
+    assert main(["generate", "--model", "tiny-vlm", "--json", "--prompt", shape_scenes.prompt_text(question),
+                 "--image", str(tmp_path / "scene.png"), "--max-new-tokens", "4"]) == 0
+    got = json.loads(capsys.readouterr().out)["token_ids"][0]
+    vlm = load_vlm(tiny_vlm_dir(), dtype=jnp.float32)
+    want = Engine(vlm, None).generate([shape_scenes.prompt_text(question)], 4, images=[[image]])[0].token_ids
+    assert got == want
+    with pytest.raises(SystemExit, match="vision-language"):
+        main(["generate", "--model", "tiny-sql", "--prompt", "x", "--image", str(tmp_path / "scene.png")])

@@ -39,6 +39,7 @@ WORDS = ("cat", "dog", "sun", "box", "hat", "map", "pen", "cup")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four")
 HELD_OUT_EVERY = 8  # one scene in 8, by its hash, is held out
+HELD_OUT_FILE = "held_out.jsonl.gz"  # in the shipped model's directory (``write_held_out``)
 IMAGE_TOKEN, EOS, PAD, UNK = "<image>", "<eos>", "<pad>", "<unk>"
 
 
