@@ -381,8 +381,8 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
     finished = np.asarray(loop.state.finished)
     run = functools.partial(run_steps, params, drafter.params, drafter=drafter, cfg=cfg, attention=engine.attention,
                             with_q=with_q, buckets=buckets)
-    if policy is not None and not engine.lazy_compile:  # every bucket's program now (zero-step calls)
-        for capacity in policy.unmeasured():
+    if policy is not None and not engine.lazy_compile and not policy.history:  # its first batch: every
+        for capacity in policy.unmeasured():  # bucket's program now (zero-step calls), once per policy
             loop = run(loop, jnp.int32(0), capacity=capacity)
     while not finished.all():
         if policy is None:
