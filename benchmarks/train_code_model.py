@@ -237,24 +237,6 @@ def load_or_train_tokenizer(checkpoint_dir: str, texts: list[str], vocab_size: i
     return tok
 
 
-def check_run_args(checkpoint_dir: str, run_args: dict, resume: bool) -> None:
-    """A resumed run must use the arguments it started with; a fresh one must not reuse a directory."""
-    path = os.path.join(checkpoint_dir, "run_args.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if not resume:
-            raise SystemExit(f"{checkpoint_dir} holds checkpoints of an earlier run: pass --resume to continue "
-                             "it, or delete the directory to start over")
-        if saved != run_args:
-            diff = {k: (saved.get(k), v) for k, v in run_args.items() if saved.get(k) != v}
-            raise SystemExit(f"--resume with different arguments than the checkpointed run (saved, now): {diff}")
-        return
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(run_args, f, indent=2)
-
-
 def write_checkpoint_dir(out: str, params, cfg: ModelConfig, tok, eos_id: int, pad_id: int) -> None:
     from specjax.models.training import export_llama, llama_hf_config, save_tokenizer_files
 
@@ -292,7 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from specjax.models.training import TrainCheckpointer, TrainState, make_optimizer
+    from specjax.models.training import TrainCheckpointer, TrainState, check_run_args, make_optimizer
 
     args = parse_args(argv)
     t0 = time.perf_counter()

@@ -41,8 +41,8 @@ from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward, init_params
 from specjax.drafters.mulo import UPSAMPLER_FILE, ConvUpsampler, save_upsampler
 from specjax.models.image_tokens import IMAGE_SIZE, ImageVocab, token_pairs, training_batch
-from specjax.models.training import (TrainCheckpointer, TrainState, export_llama, llama_hf_config,
-                                     make_optimizer)
+from specjax.models.training import (TrainCheckpointer, TrainState, check_run_args, export_llama,
+                                     llama_hf_config, make_optimizer)
 from specjax.tpu_kernels.tree_attention import new_tokens_attention
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,23 +81,6 @@ def build_train_step(cfg: ModelConfig, optimizer):
         return optax.apply_updates(params, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
-
-
-def check_run_args(checkpoint_dir: str, run_args: dict, resume: bool) -> None:
-    """A resumed run must use the arguments it started with; a fresh one must not reuse a directory."""
-    path = os.path.join(checkpoint_dir, "run_args.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if not resume:
-            raise SystemExit(f"{checkpoint_dir} holds checkpoints of an earlier run: pass --resume to continue "
-                             "it, or delete the directory to start over")
-        if saved != run_args:
-            raise SystemExit(f"--resume with different arguments than the checkpointed run: {saved} != {run_args}")
-        return
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(run_args, f, indent=2)
 
 
 def write_model_dir(out: str, params, cfg: ModelConfig, shape: dict, vocab: ImageVocab, meta: dict) -> None:

@@ -50,8 +50,8 @@ from specjax.models.decoder import init_params as init_text_params
 from specjax.models.embedded import shape_scenes as S
 from specjax.models.image_processing import ImageProcessorConfig, preprocess
 from specjax.models.multimodal import expand_image_tokens, sequence_logits
-from specjax.models.training import (TrainCheckpointer, TrainState, llama_hf_tensors, make_optimizer,
-                                     save_hf_checkpoint, to_bf16)
+from specjax.models.training import (TrainCheckpointer, TrainState, check_run_args, llama_hf_tensors,
+                                     make_optimizer, save_hf_checkpoint, to_bf16)
 
 PROCESSOR = ImageProcessorConfig(shortest_edge=S.IMAGE_SIZE, crop_size=(S.IMAGE_SIZE, S.IMAGE_SIZE),
                                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
@@ -278,24 +278,6 @@ def evaluate(model_dir: str, train_samples) -> dict:
 
 
 # ------------------------------------------------------------------ main
-
-
-def check_run_args(checkpoint_dir: str, run_args: dict, resume: bool) -> None:
-    """A resumed run must use the arguments it started with; a fresh one must not reuse a directory."""
-    path = os.path.join(checkpoint_dir, "run_args.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if not resume:
-            raise SystemExit(f"{checkpoint_dir} holds checkpoints of an earlier run: pass --resume to continue "
-                             "it, or delete the directory to start over")
-        if saved != run_args:
-            diff = {k: (saved.get(k), v) for k, v in run_args.items() if saved.get(k) != v}
-            raise SystemExit(f"--resume with different arguments than the checkpointed run (saved, now): {diff}")
-        return
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(run_args, f, indent=2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

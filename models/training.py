@@ -240,3 +240,21 @@ def plot_curves(path_png: str, history: Mapping[str, Sequence[float]], x_key: st
     fig.savefig(path_png, dpi=100)
     plt.close(fig)
     return True
+
+
+def check_run_args(checkpoint_dir: str, run_args: dict, resume: bool) -> None:
+    """A resumed run must use the arguments it started with; a fresh one must not reuse a directory."""
+    path = os.path.join(checkpoint_dir, "run_args.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if not resume:
+            raise SystemExit(f"{checkpoint_dir} holds checkpoints of an earlier run: pass --resume to continue "
+                             "it, or delete the directory to start over")
+        if saved != run_args:
+            diff = {k: (saved.get(k), v) for k, v in run_args.items() if saved.get(k) != v}
+            raise SystemExit(f"--resume with different arguments than the checkpointed run (saved, now): {diff}")
+        return
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(run_args, f, indent=2)

@@ -195,3 +195,16 @@ def test_training_windows_are_a_pure_function_of_the_position():
     assert sorted(next_epoch[:, 0].tolist()) == list(range(0, 100, 10))
     assert not np.array_equal(next_epoch, epoch)  # a fresh order per epoch
     assert not np.array_equal(script.window_batch(stream, 10, 10, 0, 4), epoch)  # and per seed
+
+
+def test_a_build_resumes_only_with_the_arguments_it_started_with(tmp_path):
+    """``models.training.check_run_args``, shared by the build scripts' ``--resume``."""
+    from specjax.models.training import check_run_args
+
+    run = str(tmp_path / "ckpt")
+    check_run_args(run, {"steps": 10, "seed": 0}, resume=False)  # a fresh build records its arguments
+    check_run_args(run, {"steps": 10, "seed": 0}, resume=True)
+    with pytest.raises(SystemExit, match="--resume to continue"):
+        check_run_args(run, {"steps": 10, "seed": 0}, resume=False)
+    with pytest.raises(SystemExit, match="'steps': \\(10, 20\\)"):
+        check_run_args(run, {"steps": 20, "seed": 0}, resume=True)
