@@ -340,7 +340,8 @@ def table(rows: list[dict]) -> str:
     header = ["window s", "offered tok/s", "mode", "tokens", "tok/s", "vs static-plain", "p50 s", "p99 s",
               "tok/pass", "compile s", "equal"]
     base = {r["window_s"]: r["tokens_per_s"] for r in rows if r["mode"] == "static-plain"}
-    cells = [[f"{r['window_s']:g}", f"{r['offered_tokens_per_s']:.0f}", r["mode"], str(r["tokens"]),
+    cells = [[f"{r['window_s']:g}", "-" if r["offered_tokens_per_s"] is None else f"{r['offered_tokens_per_s']:.0f}",
+              r["mode"], str(r["tokens"]),
               f"{r['tokens_per_s']:.1f}",
               f"{r['tokens_per_s'] / base[r['window_s']]:.2f}x" if r["window_s"] in base else "-",
               f"{r['latency_p50_s']:.2f}", f"{r['latency_p99_s']:.2f}", f"{r['tokens_per_pass']:.2f}",
@@ -412,7 +413,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             result = run(stream, prompts)
             reference = reference or result
             rows.append(dict(summarize(mode, result, stream, reference), window_s=window,
-                             offered_tokens_per_s=output_tokens / max(window, 1e-9)))
+                             offered_tokens_per_s=output_tokens / window if window > 0 else None))
         ratios[f"{window:g}"] = speedups([r for r in rows if r["window_s"] == window])
     report = {"args": vars(args), "machine": dict(machine(), loadavg_before=list(load_before)), "pattern_source": source,
               "stream": {"requests": len(unit), "sessions": len({a.session for a in unit}),

@@ -21,7 +21,7 @@ def _load(name: str):
 bench = _load("bench_serving")
 
 
-def test_serving_arrivals_follow_each_agents_responses_and_tool_calls():
+def test_serve_bench_arrivals_follow_each_agents_responses_and_tool_calls():
     sessions = [[(10, 5), (20, 7)], [(8, 3)], [(9, 4), (12, 2)]]
     # Two agents: agent 0 runs session 0 (calls at 0 and 5 + 1), agent 1 runs session 1 (at 1), then,
     # being free first (at 1 + 3 + 1 = 5), session 2 (at 5 and 5 + 4 + 1).
@@ -33,7 +33,7 @@ def test_serving_arrivals_follow_each_agents_responses_and_tool_calls():
     assert [(a.prompt_len, a.output_len) for a in stream] == [(5, 5), (4, 3), (4, 4), (8, 6)]
 
 
-def test_serving_bench_runs_every_mode_with_equal_outputs(tmp_path):
+def test_serve_bench_runs_every_mode_with_equal_outputs(tmp_path):
     out = tmp_path / "serving.json"
     report = bench.main(["--requests", "3", "--windows", "0", "--max-new-tokens", "8", "--max-prompt", "24",
                          "--slots", "4", "--max-tree", "4", "--prefill-budget", "32", "--rehearsals", "0",
