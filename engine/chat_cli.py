@@ -100,13 +100,10 @@ def run_tasks(model, args, out: Optional[TextIO] = None) -> int:
 def _timed(engine, ids, limit, sampling) -> tuple:
     """One generation and its wall time, less what it spent compiling (a tree size reached for the
     first time: a one-off cost, not the steady state the speedup describes)."""
-    from specjax.engine.compile_cache import CompileClock
+    from specjax.engine.compile_cache import timed_excluding_compiles
 
-    with CompileClock() as clock:
-        start = time.perf_counter()
-        result = engine.generate([ids], limit, **sampling)[0]
-        wall = time.perf_counter() - start
-    return result, wall - clock.seconds
+    results, wall, _ = timed_excluding_compiles(lambda: engine.generate([ids], limit, **sampling))
+    return results[0], wall
 
 
 def _task_row(task: dict, runs: dict) -> dict:

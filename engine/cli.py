@@ -13,12 +13,12 @@ import itertools
 import json
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
 import numpy as np
 
 from specjax.drafters.factory import DRAFTER_NAMES
+from specjax.engine.trace import passes_by_tree_size
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the main job's target: a real instruct model, pulled on first use
 EMBEDDED_NAME = "tiny-sql"  # --model tiny-sql: the embedded model (tests, offline use)
@@ -278,18 +278,16 @@ class _TimedRuns:
     def run(self, show_progress: bool) -> None:
         from tqdm.auto import tqdm
 
-        from specjax.engine.compile_cache import CompileClock
+        from specjax.engine.compile_cache import timed_excluding_compiles
 
         if self.name != "none":
             _forget_outputs(self.engine, self.name, self.model, self.args)
         bar = tqdm(total=len(self.prompts) * self.args.max_new_tokens, desc=f"generate ({self.name})", unit="tok",
                    disable=not show_progress, file=sys.stderr)
-        with CompileClock() as clock:
-            start = time.perf_counter()
-            results = self.engine.generate(self.prompts, progress=bar, **self.kwargs)
-            wall = time.perf_counter() - start
-        self.walls.append(wall - clock.seconds)
-        self.compile_s.append(clock.seconds)
+        results, wall, compile_s = timed_excluding_compiles(
+            lambda: self.engine.generate(self.prompts, progress=bar, **self.kwargs))
+        self.walls.append(wall)
+        self.compile_s.append(compile_s)
         bar.close()
         if self.results is not None and self.args.temperature <= 0:
             self.repeatable &= [r.token_ids for r in results] == [r.token_ids for r in self.results]
@@ -330,16 +328,7 @@ def _summary(results, wall: float) -> dict:
     passes = sum(r.target_passes for r in results)
     return {"text": [r.text for r in results], "token_ids": [r.token_ids for r in results],
             "tokens": tokens, "target_passes": passes, "tokens_per_pass": tokens / max(passes, 1),
-            "wall_s": wall, "tokens_per_s": tokens / max(wall, 1e-9), "tree_sizes": tree_size_counts(results)}
-
-
-def tree_size_counts(results) -> dict[int, int]:
-    """Target passes after prefill per tree size T verified (0: plain steps), over all results."""
-    counts: dict[int, int] = {}
-    for result in results:
-        for step in result.trace:
-            counts[step.capacity] = counts.get(step.capacity, 0) + 1
-    return dict(sorted(counts.items()))
+            "wall_s": wall, "tokens_per_s": tokens / max(wall, 1e-9), "tree_sizes": passes_by_tree_size(results)}
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:

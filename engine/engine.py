@@ -649,12 +649,17 @@ class Engine:
         report_progress(progress, int(num[lane.rows < book.n_requests].sum()))
 
     def _collect(self, lane: "_Lane", book: "_Book", stop, progress) -> None:
-        """Wait for the lane's step (or fused plain chunk), read back only the emitted tokens, and book them."""
+        """Wait for the lane's step (or fused plain chunk), read back only the emitted tokens, book them,
+        and mark the rows that finished (on the device, or by a stop string)."""
         if isinstance(lane.in_flight, _PlainChunk):
             self._collect_plain_chunk(lane, book, progress)
-            book.finished[lane.rows] = lane.device_finished | self.stop_string_hits(
-                [book.outputs[i] for i in lane.rows], stop)
-            return
+        else:
+            self._collect_step(lane, book, progress)
+        book.finished[lane.rows] = lane.device_finished | self.stop_string_hits(
+            [book.outputs[i] for i in lane.rows], stop)
+
+    def _collect_step(self, lane: "_Lane", book: "_Book", progress) -> None:
+        """Book a speculative (or plain) step's emitted tokens, its costs and the policy's record."""
         acc, capacity, proposals, active, dispatched, drafting = lane.in_flight
         lane.in_flight = None
         jax.block_until_ready(acc.num)
@@ -679,8 +684,6 @@ class Engine:
             if logprobs is not None:
                 book.logprobs[i].extend(logprobs[j, : num[j]].tolist())
         report_progress(progress, int(num[lane.rows < book.n_requests].sum()))
-        book.finished[lane.rows] = lane.device_finished | self.stop_string_hits(
-            [book.outputs[i] for i in lane.rows], stop)
 
     def _finish_drafting(self, book: "_Book") -> None:
         """Hand the drafter the last tokens of each request and end it."""

@@ -7,6 +7,7 @@ device sync.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Sequence
 
@@ -52,3 +53,9 @@ def acceptance_by_depth(results: Sequence) -> np.ndarray:
     accepted = np.array([s.accepted for s in passes])
     depths = np.arange(1, max(s.capacity for s in passes) + 1)
     return (accepted[None, :] >= depths[:, None]).mean(axis=1)
+
+
+def passes_by_tree_size(results: Sequence) -> dict[int, int]:
+    """Passes of ``results``' traces per tree size T verified (0: plain steps), sizes in order."""
+    counts = collections.Counter(s.capacity for r in results for s in r.trace)
+    return dict(sorted(counts.items()))
