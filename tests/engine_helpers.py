@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import itertools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters.base import Proposal
+from specjax.drafters.base import HostDrafter, Proposal
 from specjax.engine.tree import DraftTree
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward, init_params
 from specjax.models.loading import Model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(seed: int = 0, vocab: int = 64, qk_norm: bool = False, tie: bool = False,
@@ -141,21 +146,14 @@ def chi_square_p(pairs: np.ndarray, expected: np.ndarray) -> float:
     return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
-class GarbageDrafter:
+class GarbageDrafter(HostDrafter):
     """A host drafter whose confident chains are never right (the last token id): speculation can
     only cost time."""
 
+    learns_across_requests = False
+
     def __init__(self, vocab):
         self.vocab, self.calls = vocab, 0
-
-    def start_request(self, rid, prompt_ids):
-        pass
-
-    def observe(self, rid, accepted_ids):
-        pass
-
-    def stop_request(self, rid):
-        pass
 
     def propose(self, rid, max_tokens):
         self.calls += 1
@@ -190,6 +188,16 @@ class WrongDrafter:
 
     def end_batch(self, dstate):
         return None
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/NAME.py`` (benchmarks are scripts, not a package), registered in
+    ``sys.modules`` so its dataclasses can look their module up."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def grow_chunk_policies_to_every_size(monkeypatch) -> None:

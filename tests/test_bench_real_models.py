@@ -2,25 +2,14 @@
 and that its EAGLE-3 training requests never repeat a measured task (no model is loaded)."""
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from engine_helpers import load_benchmark
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("bench_real_models")
-requests = _load("real_model_train_requests")
+bench = load_benchmark("bench_real_models")
+requests = load_benchmark("real_model_train_requests")
 
 
 def test_code_categories_select_only_code_and_sql_tasks():

@@ -8,7 +8,6 @@ about 3/4 of them training questions) fails it.
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 
@@ -19,8 +18,9 @@ from specjax.drafters.suffix_history import load_history
 from specjax.models.embedded import default_model_dir, embedded_drafter_dir, embedded_suffix_history
 from specjax.models.embedded.toy_corpus import held_out_examples, sql_examples, sql_prompts
 
+from engine_helpers import load_benchmark
+
 MODEL_DIR = default_model_dir()
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DEMO_SEEDS = range(10)  # the seeds the READMEs promise (256 prompts each; fewer is a prefix)
 DEMO_PER_SEED = 256
 # What the drafter's training.json names as its prompts.
@@ -29,13 +29,6 @@ DRAFTER_PROMPTS = "sql_examples(4000, seed=1000, split='train')"
 
 def _corpus_sha256(examples) -> str:
     return hashlib.sha256("\n\n".join(ex.text for ex in examples).encode()).hexdigest()
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _old_demo_examples(n: int, seed: int):
@@ -93,7 +86,7 @@ def test_demo_prompts_are_not_the_shipped_drafters_training_prompts():
 
 
 def test_evaluation_questions_of_the_exact_match_claim_are_held_out(meta, training):
-    script = _load_script("train_tiny_sql")
+    script = load_benchmark("train_tiny_sql")
     n = meta["args"]["eval_examples"]
     for count in (n, 256):  # the exact-match questions and the held-out loss's
         examples = script.eval_questions(count, meta["seed"], meta["num_examples"])

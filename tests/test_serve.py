@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import pytest
 import uvicorn
 
+from specjax.drafters.base import HostDrafter
 from specjax.drafters.prompt_lookup import PromptLookupDrafter
 from specjax.engine.plain import generate_plain, greedy_generate
 from specjax.engine.scheduler import Request, Scheduler
@@ -180,17 +181,8 @@ def test_serving_loop_times_out_and_frees_pages(model):
     assert scheduler.allocator.num_in_use == 0 and not scheduler.has_work()
 
 
-class _BrokenDrafter:
+class _BrokenDrafter(HostDrafter):
     """A host drafter whose proposals raise: the step fails before touching the pages."""
-
-    def start_request(self, rid, prompt_ids):
-        pass
-
-    def observe(self, rid, accepted_ids):
-        pass
-
-    def stop_request(self, rid):
-        pass
 
     def propose(self, rid, max_tokens):
         raise RuntimeError("drafter broke")

@@ -2,23 +2,12 @@
 mode (continuous and static batching, with and without suffix drafting, and through the server on a
 loopback port) gives the same greedy outputs."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from engine_helpers import load_benchmark
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("bench_serving")
+bench = load_benchmark("bench_serving")
 
 
 def test_serve_bench_arrivals_follow_each_agents_responses_and_tool_calls():

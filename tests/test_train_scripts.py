@@ -1,8 +1,5 @@
 """The build scripts of the shipped models still train: their forward is differentiable."""
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,14 +9,7 @@ from specjax.models.config import ModelConfig
 from specjax.models.decoder import init_params
 from specjax.tpu_kernels.tree_attention import new_tokens_attention, tree_attention_ref
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from engine_helpers import load_benchmark
 
 
 def test_new_tokens_attention_is_the_reference_on_an_empty_cache():
@@ -57,7 +47,7 @@ def test_new_tokens_attention_on_padded_rows_is_finite_and_the_reference():
 
 
 def test_tiny_sql_loss_is_finite_on_a_padded_batch():
-    script = _load_script("train_tiny_sql")
+    script = load_benchmark("train_tiny_sql")
     cfg = ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
     params = init_params(cfg, jax.random.key(1))
@@ -68,7 +58,7 @@ def test_tiny_sql_loss_is_finite_on_a_padded_batch():
 
 
 def test_tiny_sql_train_step_differentiates_and_learns():
-    script = _load_script("train_tiny_sql")
+    script = load_benchmark("train_tiny_sql")
     cfg = ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
     params = init_params(cfg, jax.random.key(1))
