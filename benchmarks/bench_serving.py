@@ -301,9 +301,11 @@ def mode_runner(mode: str, model: Model, args: argparse.Namespace, stream: list[
         pages_per_seq = -(-(max(a.prompt_len + a.output_len for a in stream)) // page_size)
         make = lambda: Scheduler(model, max_slots=args.slots, num_pages=args.slots * pages_per_seq,
                                  page_size=page_size, max_pages_per_seq=pages_per_seq, max_tree=args.max_tree,
-                                 prefill_budget=args.prefill_budget, drafter=drafter())
+                                 prefill_budget=args.prefill_budget, drafter=drafter(),
+                                 auto_tree=args.tree_size == "auto")
         return lambda s, p: (drive_http if mode == HTTP_MODE else drive_continuous)(make, s, p)
-    make = lambda: Engine(model, drafter(), draft_capacity=args.max_tree if suffix else 0,
+    capacity = ("auto" if args.tree_size == "auto" else args.max_tree) if suffix else 0
+    make = lambda: Engine(model, drafter(), draft_capacity=capacity, max_draft_capacity=args.max_tree,
                           max_batch_size=args.slots)
     return lambda s, p: drive_static(make, s, p)
 
@@ -381,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--slots", type=int, default=8, help="scheduler slots = static batch size")
     p.add_argument("--max-tree", type=int, default=8, help="draft nodes per request per step (both kinds)")
+    p.add_argument("--tree-size", choices=("auto", "max"), default="max",
+                   help="both kinds: the auto tree size (per slot / per step) or whole proposals up to --max-tree")
     p.add_argument("--prefill-budget", type=int, default=128)
     p.add_argument("--rehearsals", type=int, default=3,
                    help="at most this many untimed runs of the stream before each timed one (until one compiles nothing)")
@@ -423,7 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          "arrivals_in_windows": [round(a.at, 4) for a in unit]},
               "rows": rows, "continuous_over_static_by_window": ratios}
     print(f"model: {args.model or 'embedded tiny-sql'}  backend: {report['machine']['backend']}  "
-          f"requests: {len(unit)}  slots: {args.slots}  max_tree: {args.max_tree}  "
+          f"requests: {len(unit)}  slots: {args.slots}  max_tree: {args.max_tree} ({args.tree_size})  "
           f"load avg: {report['machine']['loadavg_1_5_15'][0]:.1f}")
     print(table(rows))
     for window, r in ratios.items():

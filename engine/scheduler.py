@@ -18,15 +18,12 @@ is refused at ``submit``. Pages holding a prefix already in the pool (a
 system prompt, an earlier turn) are shared through the allocator and count
 once. Conservative: vLLM admits on the current need and preempts instead.
 
-Tree size, for now: each decoding slot verifies its host drafter's whole
-proposal, up to ``max_tree`` nodes and the budget left (0 nodes: a plain
-step). An auto size per slot (as ``autotune.CapacityPolicy`` for a static
-batch) would need: each slot's calibration of claimed path probabilities
-against what it accepted, and the step's cost as a function of the packed row
-bucket rather than of one T, since slots share a step: the choice becomes
-giving rows to the slots with the highest expected accepted tokens per row
-until the next row's gain is below what it adds to the step's cost (a larger
-row bucket), measured per bucket as the static policy measures per T.
+Tree size: each decoding slot's host drafter proposes up to ``max_tree`` nodes
+and the budget left. With ``auto_tree`` a ``row_policy.RowPolicy`` cuts the
+proposals: it gives rows to the slots' nodes with the highest calibrated
+expected accepted tokens while that pays for the larger row bucket, timed per
+bucket on the steps run (0 nodes for a slot: a plain step for it). Without it,
+every slot verifies its whole proposal.
 
 Host drafters are driven as the ``Engine`` drives them: ``start_request`` with
 the prompt on admission, ``observe`` with every emitted token (the first one
@@ -39,16 +36,18 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import time
 from typing import Hashable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters.base import HostDrafter, attach_host_drafter, check_proposals
+from specjax.drafters.base import HostDrafter, Proposal, attach_host_drafter, check_proposals
 from specjax.engine import paged_steps
 from specjax.engine.paged_cache import PageAllocator
 from specjax.engine.paged_steps import Work, pack_batch
+from specjax.engine.row_policy import RowPolicy, row_buckets
 from specjax.engine.sampling import SamplingParams, request_keys, request_seeds
 from specjax.models.loading import Model
 
@@ -114,6 +113,7 @@ class _Running:
     prefilled: int = 0  # prompt tokens whose KV is written
     root: int = 0  # newest emitted token, not cached yet (the next tree's root)
     remaining: int = 0  # token budget left (max_new_tokens until the first token)
+    claimed: float = 0.0  # draft tokens its verified nodes' probabilities claimed (the auto size's calibration)
 
     @property
     def decoding(self) -> bool:
@@ -135,11 +135,14 @@ class Scheduler:
       attention: the ragged attention impl ("xla" the reference, "pallas", "auto").
       max_queue: bound on waiting requests (None: unbounded); ``submit`` raises
         ``QueueFull`` past it.
+      auto_tree: cut each slot's proposal to what pays for its rows (``RowPolicy``); False:
+        verify whole proposals.
     """
 
     def __init__(self, model: Model, *, max_slots: int = 8, num_pages: int = 256, page_size: int = 16,
                  max_pages_per_seq: int = 64, max_tree: int = 8, prefill_budget: int = 64,
-                 drafter: Optional[HostDrafter] = None, attention: str = "xla", max_queue: Optional[int] = None):
+                 drafter: Optional[HostDrafter] = None, attention: str = "xla", max_queue: Optional[int] = None,
+                 auto_tree: bool = False):
         if max_slots < 1 or max_tree < 0 or prefill_budget < 1:
             raise ValueError(f"need max_slots >= 1, max_tree >= 0, prefill_budget >= 1; got {max_slots}, "
                              f"{max_tree}, {prefill_budget}")
@@ -162,6 +165,7 @@ class Scheduler:
         self._seeds = np.zeros(max_slots, np.int64)
         self._keys: Optional[jax.Array] = None  # rebuilt when the slots' seeds change
         self.last_step = StepStats()
+        self.policy = RowPolicy(row_buckets(max_slots * (max_tree + 1) + prefill_budget)) if auto_tree else None
 
     # ------------------------------------------------------------ requests
 
@@ -213,7 +217,9 @@ class Scheduler:
     def step(self) -> list[Event]:
         """Admit what fits, run one packed step, book its tokens; returns what each request emitted."""
         self._admit()
-        works = self._decode_works() + self._prefill_works()
+        prefills = self._prefill_works()
+        decodes, claims = self._decode_works(sum(work.rows for work in prefills))
+        works = decodes + prefills
         self.last_step = StepStats()
         if not works:
             return []
@@ -222,11 +228,17 @@ class Scheduler:
         remaining = np.array([0 if run is None else run.remaining for run in running], np.int32)
         batch = pack_batch(works, self._page_tables(slots), remaining, self._slot_keys(), self._sampling(running),
                            self.max_tree + 1)
+        start = time.perf_counter()
         self.k_pages, self.v_pages, accepted = paged_steps.paged_step(
             self.model.params, self.k_pages, self.v_pages, batch, cfg=self.cfg, attention=self.attention,
             eos_ids=tuple(self.cfg.eos_token_ids), max_q_len=self._max_q_len)
         tokens, num, drafts, hit_eos = jax.device_get(
             (accepted.tokens, accepted.num, accepted.num_draft_accepted, accepted.hit_eos))
+        if self.policy is not None:
+            self.policy.record(sum(work.rows for work in works), time.perf_counter() - start, sum(claims.values()),
+                               int(drafts.sum()))
+        for slot, claimed in claims.items():
+            running[slot].claimed += claimed
         events = []
         for work in works:
             run = running[work.slot]
@@ -316,24 +328,35 @@ class Scheduler:
             if run.drafter is not None:
                 run.drafter.start_request(rid, list(request.prompt))
 
-    def _decode_works(self) -> list[Work]:
-        """Each decoding slot's root + its drafter's tree, cut to max_tree and the budget left."""
-        works = []
-        capacity = self.allocator.max_pages_per_seq * self.allocator.page_size
-        for run in self._running.values():
-            if not run.decoding:
-                continue
+    def _decode_works(self, prefill_rows: int) -> tuple[list[Work], dict[int, float]]:
+        """Each decoding slot's root + its drafter's tree, cut to max_tree and the budget left (and,
+        with ``auto_tree``, to what pays for its rows); and per slot the kept nodes' claimed tokens."""
+        decoding = [run for run in self._running.values() if run.decoding]
+        proposals = [self._propose(run) for run in decoding]
+        keep = [len(p) for p in proposals]
+        if self.policy is not None:
+            gains = [np.clip(p.probs, 0.0, 1.0) * self.policy.calibration(run.claimed, self.results[run.rid].accepted)
+                     for run, p in zip(decoding, proposals)]
+            keep = self.policy.cut(len(decoding) + prefill_rows, len(decoding), gains)
+        works, claims = [], {}
+        for run, proposal, n in zip(decoding, proposals, keep):
+            tokens, parents = proposal.tokens[:n].astype(np.int32), proposal.parents[:n].astype(np.int32)
             cached = self.allocator.length(run.rid)
-            budget = min(self.max_tree, run.remaining - 1, capacity - cached - 1)
-            tokens, parents = np.zeros(0, np.int32), np.zeros(0, np.int32)
-            if run.drafter is not None and budget > 0:
-                proposal = run.drafter.propose(run.rid, budget)
-                check_proposals([proposal], run.drafter, budget, self.cfg.vocab_size)
-                tokens, parents = proposal.tokens.astype(np.int32), proposal.parents.astype(np.int32)
-            self.allocator.reserve(run.rid, cached + 1 + len(tokens))
+            self.allocator.reserve(run.rid, cached + 1 + n)
             works.append(Work(run.slot, np.concatenate([[run.root], tokens]).astype(np.int32), parents, cached,
                               emits=True))
-        return works
+            claims[run.slot] = float(np.clip(proposal.probs[:n], 0.0, 1.0).sum())
+        return works, claims
+
+    def _propose(self, run: _Running) -> Proposal:
+        """The slot's drafter's tree within max_tree and the budget left (no nodes without a drafter)."""
+        capacity = self.allocator.max_pages_per_seq * self.allocator.page_size
+        budget = min(self.max_tree, run.remaining - 1, capacity - self.allocator.length(run.rid) - 1)
+        if run.drafter is None or budget <= 0:
+            return Proposal.empty()
+        proposal = run.drafter.propose(run.rid, budget)
+        check_proposals([proposal], run.drafter, budget, self.cfg.vocab_size)
+        return proposal
 
     def _prefill_works(self) -> list[Work]:
         """Prompt chunks of the prefilling slots, in arrival order, up to prefill_budget rows in all."""

@@ -383,7 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-pages", type=int, default=1024)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--max-pages-per-seq", type=int, default=128)
-    parser.add_argument("--max-tree", type=int, default=8, help="draft nodes per slot and step")
+    parser.add_argument("--max-tree", type=int, default=8, help="draft nodes per slot and step, at most")
+    parser.add_argument("--tree-size", choices=("auto", "max"), default="auto",
+                        help="auto: each slot verifies the draft nodes that pay for their rows (step costs timed "
+                             "per row bucket, claims calibrated per request); max: whole proposals up to --max-tree")
     parser.add_argument("--prefill-budget", type=int, default=256, help="prompt rows per step")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a request is cancelled")
@@ -407,7 +410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     scheduler = Scheduler(model, max_slots=args.max_slots, num_pages=args.num_pages, page_size=args.page_size,
                           max_pages_per_seq=args.max_pages_per_seq, max_tree=args.max_tree,
                           prefill_budget=args.prefill_budget, drafter=drafter, attention=args.attention,
-                          max_queue=args.max_queue)
+                          max_queue=args.max_queue, auto_tree=args.tree_size == "auto")
     loop = ServingLoop(scheduler, timeout_s=args.timeout)
     name = args.served_model_name or args.model or "specjax-embedded"
     try:

@@ -14,10 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from engine_helpers import OracleTreeDrafter, tiny_model
+from engine_helpers import GarbageDrafter, OracleTreeDrafter, tiny_model
 from specjax.drafters.prompt_lookup import PromptLookupDrafter
 from specjax.engine import paged_steps
 from specjax.engine.plain import generate_plain, greedy_generate
+from specjax.engine.row_policy import RowPolicy
 from specjax.engine.scheduler import QueueFull, Request, Scheduler
 
 VOCAB, MAX_NEW = 64, 12
@@ -51,23 +52,27 @@ def greedy_refs(model):
     return prompts, greedy_generate(model, prompts, MAX_NEW)
 
 
-def serve(model, prompts, budgets, *, oracle_refs=None, cancel_every=0, seed=0, arrivals_per_step=3, settings=None):
+def serve(model, prompts, budgets, *, oracle_refs=None, cancel_every=0, seed=0, arrivals_per_step=3, settings=None,
+          drafter=None, setup=lambda sched: None, **options):
     """Run requests through a Scheduler with staggered arrivals and cancellations.
 
     Even requests get an oracle tree drafter (right continuation with wrong siblings) when
     ``oracle_refs`` is given; the rest the scheduler's prompt lookup. Returns (results, rids,
     cancelled rids, the scheduler, {"mixed": steps mixing prefill with trees, "shared": requests
-    that started on shared prefix pages}); ``settings[i]`` are request i's sampling fields.
+    that started on shared prefix pages, "drafted": draft nodes verified}); ``settings[i]`` are
+    request i's sampling fields; ``drafter`` replaces the scheduler's prompt lookup, ``options`` go
+    to the Scheduler and ``setup`` gets it before the first request.
     """
     rng = np.random.default_rng(seed)
-    sched = Scheduler(model, drafter=PromptLookupDrafter(max_ngram=2), **LAYOUT)
+    sched = Scheduler(model, drafter=drafter or PromptLookupDrafter(max_ngram=2), **LAYOUT, **options)
+    setup(sched)
     shared = count_shared_prefixes(sched)
     oracle = None
     if oracle_refs is not None:
         oracle = OracleTreeDrafter({tuple(p): r for p, r in zip(prompts, oracle_refs)}, SHAPES, follow_prob=0.7,
                                    vocab=VOCAB, seed=seed)
     pending = list(range(len(prompts)))
-    rids, cancelled, mixed = {}, set(), 0
+    rids, cancelled, mixed, drafted = {}, set(), 0, 0
     while pending or sched.has_work():
         for i in pending[:arrivals_per_step]:
             drafter = oracle if (oracle is not None and i % 2 == 0) else None
@@ -79,9 +84,11 @@ def serve(model, prompts, budgets, *, oracle_refs=None, cancel_every=0, seed=0, 
                 cancelled.add(rid)
         sched.step()
         mixed += sched.last_step.tree_slots > 0 and sched.last_step.prefill_slots > 0
+        drafted += sched.last_step.drafted
         problems = sched.audit()
         assert not problems, problems
-    return sched.results, rids, cancelled, sched, {"mixed": mixed, "shared": sum(n > 0 for n in shared)}
+    return sched.results, rids, cancelled, sched, {"mixed": mixed, "shared": sum(n > 0 for n in shared),
+                                                   "drafted": drafted}
 
 
 def count_shared_prefixes(sched: Scheduler) -> list[int]:
@@ -106,6 +113,56 @@ def test_scheduler_greedy_equals_plain_under_staggered_arrivals_and_cancellation
     assert sum(results[rids[i]].accepted for i in finished) > 40  # trees were verified and accepted
     assert seen["mixed"] > 5 and seen["shared"] > 5  # chunks shared steps with trees; prompts shared pages
     assert sched.allocator.num_in_use == 0 and not sched.audit()
+
+
+def test_scheduler_auto_tree_greedy_equals_plain(model, greedy_refs):
+    """The auto size per slot, on this machine's real step timings, changes no output."""
+    prompts, refs = greedy_refs
+    budgets = [1 + i % MAX_NEW for i in range(len(prompts))]
+    results, rids, cancelled, sched, _ = serve(model, prompts, budgets, oracle_refs=refs, cancel_every=6,
+                                               auto_tree=True)
+    for i, rid in rids.items():
+        tokens = results[rid].tokens
+        assert tokens == refs[i][: len(tokens) if rid in cancelled else budgets[i]], f"request {i}"
+    assert sched.policy.costs and sched.allocator.num_in_use == 0 and not sched.audit()
+
+
+class FrozenCosts(RowPolicy):
+    """Step costs fixed per row bucket, so the choice does not depend on a shared CPU's timing."""
+
+    def record(self, rows, seconds, claimed, accepted):
+        super().record(rows, self.costs[self.bucket(rows)], claimed, accepted)
+
+
+class TrustingFrozenCosts(FrozenCosts):
+    """Negative control: the drafter's claims taken as they are (no calibration)."""
+
+    def calibration(self, slot_claimed, slot_accepted):
+        return 1.0
+
+
+GENTLE_COSTS = {8: 1.0, 16: 1.2, 32: 1.5, 64: 2.0, 128: 3.0}  # a bigger step costs a little more
+
+
+def frozen(policy_class):
+    def setup(sched):
+        sched.policy = policy_class(sched.policy.buckets, costs=dict(GENTLE_COSTS), _compiled=set(GENTLE_COSTS))
+    return setup
+
+
+@pytest.mark.parametrize("policy_class", [FrozenCosts, TrustingFrozenCosts])
+def test_scheduler_auto_tree_stops_verifying_a_drafter_that_is_never_right(model, greedy_refs, policy_class):
+    prompts, refs = greedy_refs
+    prompts, refs = prompts[:24], refs[:24]
+    budgets = [MAX_NEW] * len(prompts)
+    results, rids, _, _, seen = serve(model, prompts, budgets, drafter=GarbageDrafter(VOCAB), auto_tree=True,
+                                      setup=frozen(policy_class), arrivals_per_step=8)
+    assert all(results[rids[i]].tokens == refs[i] for i in range(len(prompts)))
+    whole = sum(min(LAYOUT["max_tree"], 8, b - 1) for b in budgets) * (MAX_NEW - 1)  # about every node offered
+    if policy_class is FrozenCosts:
+        assert seen["drafted"] < 0.15 * whole, seen
+    else:  # the control keeps verifying the confident garbage
+        assert seen["drafted"] > 0.5 * whole, seen
 
 
 def test_scheduler_sampled_equals_plain_sampling_with_the_same_seeds(model):
