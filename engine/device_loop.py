@@ -70,6 +70,27 @@ class LoopState:
     step_log: jax.Array  # int32[B, max_new_tokens, 2] per pass after prefill: (tokens emitted, drafts accepted)
     out_logprobs: Optional[jax.Array] = None  # float32[B, max_new_tokens] of out_tokens, when asked (see accept)
 
+    @classmethod
+    def start(cls, state: DecodeState, dstate: Any, width: int, *, n_buckets: int = 0,
+              first: Optional[jax.Array] = None, first_logprobs: Optional[jax.Array] = None,
+              logprobs: bool = False) -> "LoopState":
+        """A loop before its first fused step: one pass (the prefill) per row, and the prefill's
+        token already in the buffer when ``first`` is given (the drafter has seen it)."""
+        rows = state.lengths.shape[0]
+        out = jnp.zeros((rows, width), jnp.int32)
+        n_first = 0 if first is None else 1
+        if first is not None:
+            out = out.at[:, 0].set(first)
+        out_logprobs = None
+        if logprobs:
+            out_logprobs = jnp.zeros((rows, width), jnp.float32)
+            if first_logprobs is not None:
+                out_logprobs = out_logprobs.at[:, 0].set(first_logprobs)
+        out_len, fed = (jnp.full(rows, n_first, jnp.int32) for _ in range(2))  # two buffers: both are donated
+        return cls(state, dstate, out, out_len, jnp.ones(rows, jnp.int32), jnp.zeros(rows, jnp.int32),
+                   jnp.zeros(n_buckets, jnp.float32), jnp.int32(0), jnp.int32(0), fed,
+                   jnp.zeros((rows, width, 2), jnp.int32), out_logprobs)
+
 
 def keep_best(tree: DraftTree, capacity: int) -> tuple[DraftTree, jax.Array]:
     """The ``capacity`` most probable nodes of each row's tree, and their slots in it [B, capacity].
@@ -225,11 +246,8 @@ def run_plain_chunk(params, state: DecodeState, steps: jax.Array, *, cfg: ModelC
     batch fused into one dispatch: what the ``Engine`` runs while "auto" has its host drafter paused,
     instead of one dispatch and sync per token. Donates ``state``. Returns the new state and, for the
     host to read, (tokens[B, PLAIN_CHUNK_STEPS], emitted per row, logprobs or None, fused steps run)."""
-    rows, width = state.lengths.shape[0], PLAIN_CHUNK_STEPS
-    loop = LoopState(state, None, jnp.zeros((rows, width), jnp.int32), jnp.zeros(rows, jnp.int32),
-                     jnp.ones(rows, jnp.int32), jnp.zeros(rows, jnp.int32), jnp.zeros(0, jnp.float32),
-                     jnp.int32(0), jnp.int32(0), jnp.zeros(rows, jnp.int32), jnp.zeros((rows, width, 2), jnp.int32),
-                     jnp.zeros((rows, width), jnp.float32) if logprobs else None)
+    width = PLAIN_CHUNK_STEPS
+    loop = LoopState.start(state, None, width, logprobs=logprobs)
     loop = run_steps(params, None, loop, jnp.clip(steps, 0, width), drafter=NoDrafter(), cfg=cfg,
                      attention=attention, with_q=False)
     return loop.state, (loop.out_tokens, loop.out_len, loop.out_logprobs, loop.steps)
@@ -367,14 +385,10 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
         return dataclasses.replace(loop, dstate=jax.block_until_ready(dstate))  # not in the next chunk's timing
 
     dstate = drafter.init_state(rows, batch.max_len)
-    buffer = jnp.zeros((rows, max_new_tokens), jnp.int32).at[:, 0].set(first)
-    loop = LoopState(state, dstate, buffer, jnp.ones(rows, jnp.int32), jnp.ones(rows, jnp.int32),
-                     jnp.zeros(rows, jnp.int32),
-                     jnp.zeros(len(buckets), jnp.float32), jnp.int32(0), jnp.int32(0), jnp.ones(rows, jnp.int32),
-                     jnp.zeros((rows, max_new_tokens, 2), jnp.int32),
-                     None if not logprobs else jnp.zeros((rows, max_new_tokens)).at[:, 0].set(batch.first_logprobs))
+    loop = LoopState.start(state, dstate, max_new_tokens, n_buckets=len(buckets), first=first,
+                           first_logprobs=batch.first_logprobs, logprobs=logprobs)
     loop = feed_prompt(loop, 0)
-    counters = jax.device_get(_counters(loop)) if policy is not None else None
+    counters = _start_counters(rows, len(buckets)) if policy is not None else None
     chunks, fused_steps = [], 0  # chunks: (T, seconds, fused steps, passes per row after it), for the traces
     reported = n_req
     report_progress(progress, n_req)
@@ -435,6 +449,12 @@ def chunk_traces(chunks: list, step_log: np.ndarray, row: int) -> list[TraceStep
 def _counters(loop: LoopState) -> tuple:
     """What the policy reads after a chunk: claims, row-steps, fused steps, accepted, passes."""
     return loop.claimed, loop.row_steps, loop.steps, loop.accepted, loop.passes
+
+
+def _start_counters(rows: int, n_buckets: int) -> tuple:
+    """``_counters`` of ``LoopState.start``, known on the host without a device round trip."""
+    return (np.zeros(n_buckets, np.float32), np.int32(0), np.int32(0), np.zeros(rows, np.int32),
+            np.ones(rows, np.int32))
 
 
 def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int, feed_prompt, before: tuple):

@@ -7,7 +7,6 @@ unigram model of the same tokens. The build's corpus split must be deterministic
 exclude tests and keep the held-out modules out of training.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,21 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from engine_helpers import load_benchmark
 from specjax.models.decoder import KVCache, causal_mask, forward
 from specjax.models.embedded import code_model_dir
 from specjax.models.loading import load_model
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL_DIR = code_model_dir()
 STDLIB = sysconfig.get_paths()["stdlib"]
 WINDOW = 512
 
 
 def _build_script():
-    spec = importlib.util.spec_from_file_location("train_code_model", ROOT / "benchmarks" / "train_code_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_code_model")
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,15 @@
 """Suffix histories: the file format, its errors, warming the index, and the CLI flags."""
 
 import gzip
-import importlib.util
 import json
-import os
 
 import pytest
 
+from engine_helpers import load_benchmark
 from specjax.drafters.suffix_history import HistoryError, load_history, save_history, tokenizer_fingerprint
 from specjax.drafters.suffix_index import SuffixDecodingDrafter
 
 RESPONSES = [[5, 6, 7, 8, 9], [5, 6, 1], [], [3]]
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class FakeTokenizer:
@@ -129,10 +127,7 @@ def test_saving_a_history_needs_the_suffix_drafter(tmp_path):
 
 def test_history_builder_leaves_out_demo_questions_and_answers():
     """The builder's filter (the shipped file itself: tests/test_embedded_honesty.py)."""
-    spec = importlib.util.spec_from_file_location(
-        "build_suffix_history", os.path.join(HERE, "..", "benchmarks", "build_suffix_history.py"))
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = load_benchmark("build_suffix_history")
     from specjax.models.embedded.toy_corpus import sql_examples
 
     demo = build.demo_examples()

@@ -4,9 +4,7 @@ kernels (Mosaic TPU, Triton GPU) against the reference in interpret mode on CPU.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import pathlib
 from typing import NamedTuple, Sequence
 
 import jax
@@ -14,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from engine_helpers import load_benchmark
 from specjax.tpu_kernels import tree_attention as ta
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- tree inputs
@@ -273,9 +271,7 @@ def test_dispatcher_rejects_bad_shapes(index, make_bad, message):
 
 
 def test_benchmark_smoke_writes_table_and_json(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_tree_attention", ROOT / "benchmarks" / "bench_tree_attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_tree_attention")
     out = tmp_path / "tree_attention.json"
     bench.main(["--smoke", "--out", str(out)])
     result = json.loads(out.read_text())
