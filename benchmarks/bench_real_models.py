@@ -53,7 +53,8 @@ TARGETS = {
     "qwen-coder": {"model": "qwen2.5-coder-1.5b-instruct", "draft": "qwen2.5-coder-0.5b-instruct"},
 }
 DRAFTERS = ("prompt-lookup", "suffix-cold", "suffix-warm", "token-recycling", "draft-chain", "draft-tree", "eagle3",
-            "graft", "taps")
+            "graft", "taps", "hierarchical")
+MODEL_DRAFTERS = {"draft-chain", "draft-tree", "graft", "taps", "hierarchical"}  # those that need the draft model
 CODE_CATEGORIES = ("code-edit", "code-refactor", "sql")
 
 
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chains", type=int_list, default=[6], help="draft-model chain depths to run")
     p.add_argument("--trees", type=lambda s: [parse_shape(x) for x in s.split(",") if x], default=[(16, 4, 6)],
                    help="draft-model tree shapes CAPACITYxTOPKxDEPTH to run")
+    p.add_argument("--min-lengths", type=int_list, default=[6],
+                   help="hierarchical: the intermediate's minimum chain lengths to run")
+    p.add_argument("--hier-top", type=int, default=16, help="hierarchical: the Token Recycling top's tree size")
+    p.add_argument("--quantize", choices=("int8", "int4", "native"),
+                   help="the target's weights (weight-only; the draft model stays float32): int8 per output "
+                        "channel, int4 in groups of 32 by round to nearest, or native GGUF blocks")
     p.add_argument("--eagle3", type=target_dirs, action="append", default=[], metavar="TARGET=DIR",
                    help="an EAGLE-3 head trained for TARGET (specjax train-drafter --kind eagle3)")
     p.add_argument("--eagle3-tree", type=parse_shape, default=(16, 4, 6), help="EAGLE-3, Graft, TAPS tree shape")
@@ -153,14 +160,16 @@ def select_tasks(categories: Optional[str], n: Optional[int], ids: Optional[str]
     return tasks[:n] if n else tasks
 
 
-def load(spec: str):
-    """A registry name (pulled on first use) or a path, as float32."""
+def load(spec: str, quantize: Optional[str] = None):
+    """A registry name (pulled on first use) or a path, as float32 (or weight-only ``quantize``d)."""
     import jax.numpy as jnp
 
     from specjax.models.loading import load_model
     from specjax.models.pull import resolve_model
+    from specjax.models.quant import QuantSpec
 
-    return load_model(resolve_model(spec), dtype=jnp.float32)
+    spec_q = QuantSpec.parse(quantize) if quantize in ("int8", "int4") else quantize
+    return load_model(resolve_model(spec), dtype=jnp.float32, quantize=spec_q)
 
 
 def load_average() -> list[float]:
@@ -270,6 +279,13 @@ def make_runners(target, draft_model, eagle3_dir: Optional[str], args, batch: in
             graft.retrieval = _suffix(earlier)
         runners.append(Runner(f"graft({'eagle3' if 'eagle3' in models else 'draft-tree'}+suffix-warm)", engine,
                               prepare_graft))
+    if draft_model is not None and "hierarchical" in wanted:
+        from specjax.drafters.hierarchical import HierarchicalDrafter
+
+        for n in args.min_lengths:  # HierSpec: Token Recycling drafts trees for the draft model, whose chain we verify
+            top = TokenRecyclingDrafter(vocab, capacity=args.hier_top)
+            add_device(f"hierarchical(tr{args.hier_top}->draft,min{n})",
+                       HierarchicalDrafter(draft_model, top, vocab, min_draft_length=n))
     if "taps" in wanted and len(models) >= 2:
         taps = TapsDrafter([factory() for factory in models.values()], vocab, routing="confidence",
                            capacity=args.eagle3_tree[0])
@@ -461,16 +477,18 @@ def main(argv=None) -> int:
     if not tasks:
         raise SystemExit("no tasks selected")
     model_paths, draft_paths, eagle3_dirs = dict(args.model), dict(args.draft), dict(args.eagle3)
-    report = {"backend": jax.default_backend(), "dtype": "float32", "cpu_count": os.cpu_count(),
+    report = {"backend": jax.default_backend(), "dtype": "float32", "quantize": args.quantize, "cpu_count": os.cpu_count(),
               "revision": git_revision(), "command": " ".join(sys.argv), "repeats": args.repeats,
               "host_capacity": args.host_capacity, "max_host_capacity": args.max_host_capacity,
               "eagle3_dirs": eagle3_dirs, "measurements": []}
     for name in args.targets:
         spec = TARGETS[name]
         print(f"loading {name} ...", file=sys.stderr, flush=True)
-        target = load(model_paths.get(name, spec["model"]))
+        target = load(model_paths.get(name, spec["model"]), args.quantize)
+        if args.quantize:
+            name = f"{name}-{args.quantize}"
         draft = None
-        if spec["draft"] and {"draft-chain", "draft-tree", "graft", "taps"} & set(args.drafters):
+        if spec["draft"] and MODEL_DRAFTERS & set(args.drafters):
             draft = load(draft_paths.get(name, spec["draft"]))
         runners = {b: make_runners(target, draft, eagle3_dirs.get(name), args, b) for b in args.batches}
         total = sum(-(-len(tasks) // b) * len(runners[b]) * (1 + args.repeats) for b in args.batches)

@@ -1,11 +1,12 @@
 """The real-model benchmark's pure parts: task selection, tree-shape parsing, the Markdown table,
-and that its EAGLE-3 training requests never repeat a measured task (no model is loaded)."""
+and that its EAGLE-3 training requests never repeat a measured task (no real model is loaded); and
+its HierSpec runner on tiny random models."""
 
 import argparse
 
 import pytest
 
-from engine_helpers import load_benchmark
+from engine_helpers import load_benchmark, near_copy, tiny_model
 
 
 bench = load_benchmark("bench_real_models")
@@ -58,3 +59,17 @@ def test_training_requests_refuse_a_request_that_repeats_a_task():
     fake_task = {"messages": [made[2][-1]]}  # a "task" equal to one of the requests
     with pytest.raises(ValueError, match="repeats a benchmark task"):
         requests.training_requests(5, seed=1, tasks=[fake_task])
+
+
+def test_hierarchical_runner_verifies_the_intermediates_chains_losslessly():
+    target = tiny_model(vocab=61)
+    intermediate = near_copy(target, 0.02, seed=3)
+    args = bench.build_parser().parse_args(["--drafters", "hierarchical", "--min-lengths", "3", "--hier-top", "4"])
+    runners = bench.make_runners(target, intermediate, None, args, batch=2)
+    assert [r.name for r in runners] == ["plain", "hierarchical(tr4->draft,min3)"]
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    plain = [r.token_ids for r in runners[0].engine.generate(prompts, 16)]
+    runners[1].prepare([])
+    out = runners[1].engine.generate(prompts, 16)
+    assert [r.token_ids for r in out] == plain
+    assert sum(len(r.token_ids) for r in out) / sum(r.target_passes for r in out) > 2.0  # long chains accepted
