@@ -3,7 +3,8 @@
 A random LLaVA (CLIP tower, Llama decoder) as in ``test_vlm``; its images preprocessed by the
 engine (``encode_image_prompts``). The host loop with prompt lookup, fused plain decoding and the
 on-device loop with Token Recycling all give transformers' greedy tokens; the same prompts without
-their images (the control) do not.
+their images (the control) do not. Speculative sampling with images keeps the distribution that
+transformers' logits give (chi-square), and a wrong acceptance rule (the control) does not.
 """
 
 import dataclasses
@@ -15,6 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from engine_helpers import chi_square_p, exact_pair_distribution  # noqa: E402
+from test_lossless_sampling import LikelyTokensDrafter, wrong_walk  # noqa: E402
 from test_vlm import SMALL_IMAGES, build_hf_llava, random_images  # noqa: E402
 from specjax.drafters.prompt_lookup import PromptLookupDrafter  # noqa: E402
 from specjax.drafters.token_recycling import TokenRecyclingDrafter  # noqa: E402
@@ -103,3 +106,84 @@ def test_cli_answers_about_images_with_the_shipped_tiny_vlm(tmp_path, capsys):
     assert got == want
     with pytest.raises(SystemExit, match="vision-language"):
         main(["generate", "--model", "tiny-sql", "--prompt", "x", "--image", str(tmp_path / "scene.png")])
+
+
+# ------------------------------------------------------------------ sampling with images
+
+SAMPLES = 2048  # every (t2, t3) cell with mass >= 1/400 expects >= 5 samples
+SAMPLE_PROMPT = [5, 9, 14]
+TEMPERATURE = 0.5  # the random LLaVA's distributions are flat; sharper ones let the test tell them apart
+
+
+def softmax64(logits) -> np.ndarray:
+    x = logits.double().numpy() / TEMPERATURE
+    x = np.exp(x - x.max(axis=-1, keepdims=True))
+    return x / x.sum(axis=-1, keepdims=True)
+
+
+def transformers_exact_tables(hf, ids: list, images: list) -> tuple:
+    """P(t1), P(t2 | t1), P(t3 | t1, t2) at TEMPERATURE from transformers' LLaVA: the prompt's
+    embeddings with the image features merged once, then every continuation's tokens embedded as
+    text (as generation feeds them, whatever their id)."""
+    embed = hf.get_input_embeddings()
+    with torch.no_grad():
+        features = torch.cat(list(hf.model.get_image_features(
+            torch.tensor(preprocess(images, SMALL_IMAGES))).pooler_output))
+        prompt = embed(torch.tensor(ids)).clone()
+        prompt[torch.tensor(ids) == hf.config.image_token_id] = features
+        v = hf.config.text_config.vocab_size
+        tails = [[]] + [[a] for a in range(v)] + [[a, b] for a in range(v) for b in range(v)]
+        rows = []
+        for length in (0, 1, 2):
+            batch = [t for t in tails if len(t) == length]
+            for start in range(0, len(batch), 1024):
+                chunk = torch.tensor(batch[start: start + 1024], dtype=torch.long).reshape(
+                    len(batch[start: start + 1024]), length)
+                x = torch.cat([prompt.expand(len(chunk), -1, -1), embed(chunk)], dim=1)
+                rows.append(softmax64(hf(inputs_embeds=x).logits[:, -1]))
+    probs = np.concatenate(rows)
+    return probs[0], probs[1: 1 + v], probs[1 + v:].reshape(v, v, v)
+
+
+def sampled_pairs(vlm, tables, image) -> np.ndarray:
+    """(t2, t3) of SAMPLES speculative samples; no end-of-sequence id, so every row draws all three."""
+    no_eos = dataclasses.replace(vlm.config.text, eos_token_ids=())
+    vlm = dataclasses.replace(vlm, config=dataclasses.replace(vlm.config, text=no_eos))
+    engine = Engine(vlm, LikelyTokensDrafter(tables), draft_capacity=9, attention="xla", max_batch_size=SAMPLES)
+    results = engine.generate([SAMPLE_PROMPT] * SAMPLES, 3, temperature=TEMPERATURE, seed=0,
+                              images=[[image]] * SAMPLES)
+    assert sum(r.accepted_draft_tokens for r in results) > SAMPLES / 8  # the drafts were used
+    return np.array([r.token_ids[1:3] for r in results])
+
+
+@pytest.fixture(scope="module")
+def image_tables(vlm_pair):
+    hf, vlm = vlm_pair
+    image = random_images(4, [(36, 30)])[0]
+    ids = [vlm.config.image_token_id] * vlm.config.tokens_per_image + SAMPLE_PROMPT
+    return image, transformers_exact_tables(hf, ids, [image]), ids
+
+
+def test_sampling_with_images_keeps_the_targets_distribution(vlm_pair, image_tables):
+    _, vlm = vlm_pair
+    image, tables, ids = image_tables
+    pairs = sampled_pairs(vlm, tables, image)
+    assert chi_square_p(pairs, np.einsum("a,ab,abc->bc", *tables)) > 1e-4
+    # The test tells distributions apart: the same prompt with the image tokens' own embeddings
+    # (the image left out) has another one.
+    assert chi_square_p(pairs, exact_pair_distribution(vlm.text_model(), ids, TEMPERATURE)) < 1e-6
+
+
+def test_sampling_with_images_control_with_a_wrong_acceptance_rule_is_rejected(vlm_pair, image_tables, monkeypatch):
+    import specjax.engine.steps as steps
+
+    _, vlm = vlm_pair
+    image, tables, _ = image_tables
+    monkeypatch.setattr(steps, "_sampled_walk", wrong_walk("same_noise"))
+    steps.step.clear_cache()
+    try:
+        pairs = sampled_pairs(vlm, tables, image)
+    finally:
+        monkeypatch.undo()
+        steps.step.clear_cache()
+    assert chi_square_p(pairs, np.einsum("a,ab,abc->bc", *tables)) < 1e-6
