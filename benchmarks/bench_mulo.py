@@ -3,7 +3,9 @@
 Rows (``--images-per-class`` images of each class, the same seeds for every row):
 
 - plain raster decoding (the ``Engine`` without a drafter, fused on-device chunks);
-- lossless drafters in raster order: prompt lookup over the image so far, Token Recycling;
+- lossless drafters in raster order: prompt lookup over the image so far, Token Recycling, and an
+  EAGLE-3 head for the target (``--eagle3 DIR``, trained by ``specjax train-drafter --target
+  models/assets/image-gen-hi --kind eagle3``: on the target's own samples from the class prompts);
 - MuLo-SD, exact acceptance (lossless): nearest and trained (conv + pixel shuffle) up-samplers;
 - MuLo-SD, pooled acceptance (**LOSSY**): tau, codebook radius, local rejection with expansion
   l (and raster rejection as the comparison).
@@ -36,6 +38,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from specjax.drafters.eagle3 import load_eagle3
 from specjax.drafters.mulo import UPSAMPLER_FILE, MuloDrafter, NearestUpsampler, load_upsampler
 from specjax.drafters.prompt_lookup import PromptLookupDrafter
 from specjax.drafters.token_recycling import TokenRecyclingDrafter
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--expand", type=int, nargs="+", default=[0, 1, 2], help="local rejection's l")
     p.add_argument("--block-rows", type=int, default=2)
     p.add_argument("--images-per-class", type=int, default=5)
+    p.add_argument("--eagle3", help="an EAGLE-3 head trained for image-gen-hi: adds its lossless row (T=16)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "mulo.json"))
     args = p.parse_args(argv)
@@ -138,6 +142,11 @@ def main(argv=None) -> int:
         ("token recycling T=16", "lossless",
          lambda: engine_row(hi, TokenRecyclingDrafter(vocab.vocab_size, capacity=16), prompts, capacity=16,
                             **common)),
+    ]
+    if args.eagle3:
+        head = load_eagle3(args.eagle3, hi, dtype=jnp.float32, capacity=16, topk=4, depth=6)
+        rows.append(("EAGLE-3 T=16", "lossless", lambda: engine_row(hi, head, prompts, capacity=16, **common)))
+    rows += [
         ("MuLo exact, nearest", "lossless",
          lambda: mulo_row(hi, MuloDrafter(lo, 8, nearest, args.temperature, args.seed), prompts,
                           block_rows=args.block_rows, **common)),
