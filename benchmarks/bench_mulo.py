@@ -169,9 +169,11 @@ def main(argv=None) -> int:
     classifier = image_quality.train_classifier()
     drawn_features = image_quality.features(classifier, image_quality.drawn_images(1000, seed=12345)[0])
     floor_images, floor_labels = image_quality.drawn_images(len(prompts), seed=54321)
-    print(f"drawn images (the data, {len(prompts)}): class accuracy "
-          f"{image_quality.class_accuracy(classifier, floor_images, floor_labels):.2f}, Frechet distance "
-          f"{image_quality.frechet_distance(image_quality.features(classifier, floor_images), drawn_features):.1f}")
+    floor = {"class_accuracy": image_quality.class_accuracy(classifier, floor_images, floor_labels),
+             "frechet_distance": image_quality.frechet_distance(image_quality.features(classifier, floor_images),
+                                                                drawn_features)}
+    print(f"drawn images (the data, {len(prompts)}): class accuracy {floor['class_accuracy']:.2f}, Frechet distance "
+          f"{floor['frechet_distance']:.1f}")
     for name, kind, fn in rows:
         (tokens, passes, accepted, drafted), seconds = timed(fn, args.repeats)
         reference = tokens if reference is None else reference
@@ -202,10 +204,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "images": len(prompts), "grid": GRID, "device": "cpu", "rows": table,
-                   "drawn_images_floor": {
-                       "class_accuracy": image_quality.class_accuracy(classifier, floor_images, floor_labels),
-                       "frechet_distance": image_quality.frechet_distance(
-                           image_quality.features(classifier, floor_images), drawn_features)},
+                   "drawn_images_floor": floor,
                    "note": "pooled rows are LOSSY (relaxed acceptance); quality from benchmarks/image_quality.py"},
                   f, indent=1)
     sample_grid_png(os.path.splitext(args.out)[0] + ".png", names, grids)
