@@ -201,8 +201,8 @@ def load_benchmark(name: str):
 
 
 def grow_chunk_policies_to_every_size(monkeypatch) -> None:
-    """Make each new device-loop chunk policy grow to every tree size: claims look great and are
-    taken without waiting for accepted tokens (for tests that need every bucket to run)."""
+    """Make each new device-loop chunk policy run every tree size once, smallest first, before it
+    chooses for itself (for tests that need every bucket to run whatever the measured timings)."""
     from specjax.engine import device_loop
 
     real_policy = device_loop.chunk_policy
@@ -210,8 +210,8 @@ def grow_chunk_policies_to_every_size(monkeypatch) -> None:
     def every_size(*args):
         policy = real_policy(*args)
         if not policy.history:
-            policy.calibration = 50.0
-            policy._frontier_earned = lambda costs: True
+            pending, real_choose = list(policy.buckets), policy.choose
+            policy.choose = lambda: pending.pop(0) if pending else real_choose()
         return policy
 
     monkeypatch.setattr(device_loop, "chunk_policy", every_size)

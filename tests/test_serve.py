@@ -153,8 +153,12 @@ def test_serve_rejects_malformed_json_and_binds_loopback_by_default(server):
     assert build_parser().parse_args([]).host == "127.0.0.1"
 
 
-def test_serve_a_dropped_stream_is_cancelled_and_its_pages_freed(server):
+def test_serve_a_dropped_stream_is_cancelled_and_its_pages_freed(server, monkeypatch):
     base, loop = server
+    # Steps slowed to 0.2 s: the 100 tokens take seconds, so on a loaded host too the server sees the
+    # drop while the request still runs (else it may finish first, and nothing is left to cancel).
+    real_step = loop.scheduler.step
+    monkeypatch.setattr(loop.scheduler, "step", lambda: (time.sleep(0.2), real_step())[1])
     # Nearly uniform draws (temperature 50) over 1,024 tokens: EOS ends it early only by a rare chance.
     body = dict(model=NAME, prompt="select", max_tokens=100, temperature=50.0, seed=3, stream=True)
     request = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
