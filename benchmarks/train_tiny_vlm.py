@@ -4,8 +4,8 @@ Everything is generated, nothing downloaded:
 
 1. the data: ``specjax.models.embedded.shape_scenes`` draws scenes (coloured shapes and a
    short word on a 48 x 48 image) and asks every question that applies (counts, colours,
-   shapes, positions, yes / no, the word); the training scenes are ``scenes(n, seed, "train")``,
-   the held-out ones ``scenes(m, seed + 1, "held_out")``, disjoint by construction (the split
+   shapes, positions, yes / no, the word, a description of the scene); the training scenes are
+   ``scenes(n, seed, "train")``, the held-out ones ``scenes(m, seed + 1, "held_out")``, disjoint by construction (the split
    is a hash of the scene);
 2. a word-level tokenizer over the templates' words (``tokenizers``' WordLevel, saved as
    tokenizer.json), ``<image>`` one of its tokens;
@@ -55,7 +55,7 @@ from specjax.models.training import (TrainCheckpointer, TrainState, check_run_ar
 
 PROCESSOR = ImageProcessorConfig(shortest_edge=S.IMAGE_SIZE, crop_size=(S.IMAGE_SIZE, S.IMAGE_SIZE),
                                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
-SEQ_WIDTH = 48  # 36 image tokens + the longest question (8 words) and answer (2) + EOS = 47, rounded up
+SEQ_WIDTH = 64  # 36 image tokens + "describe the picture ?" (4) + its longest answer (23) + EOS = 64
 
 
 def build_tokenizer():
@@ -209,7 +209,7 @@ def write_model_dir(out: str, params: dict, cfg: llava.LlavaConfig, tok) -> None
 # ------------------------------------------------------------------ held-out evaluation
 
 
-def greedy_answers(vlm, questions: list[str], images: list[np.ndarray], max_new_tokens: int = 4,
+def greedy_answers(vlm, questions: list[str], images: list[np.ndarray], max_new_tokens: int = 24,
                    batch_size: int = 64) -> list[str]:
     """The model's greedy answers through the engine's own path: ``encode_image_prompts``, the image
     prefill, then plain ``step``s (empty trees) until EOS or ``max_new_tokens``."""

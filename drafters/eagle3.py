@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specjax.drafters import visual_compressor as vc
 from specjax.drafters.device import (KeyedByConfig, TreeShape, build_dynamic_tree, pick_position, row_temperature,
                                      scan_chunks, scratch_attention, write_block)
 from specjax.engine.steps import PREFILL_CHUNK
@@ -73,6 +74,7 @@ class Eagle3Config:
     target_hidden_size: int
     norm_before_residual: bool = False
     aux_layer_ids: Optional[tuple[int, ...]] = None  # from the checkpoint, if it names them
+    compressor: Optional[vc.CompressorConfig] = None  # a vision-language target's visual compressor
 
     @property
     def hidden_size(self) -> int:
@@ -95,7 +97,8 @@ class Eagle3Config:
         return cls(layer=layer, draft_vocab_size=int(hf.get("draft_vocab_size") or hf["vocab_size"]),
                    target_hidden_size=int(hf.get("target_hidden_size") or hf["hidden_size"]),
                    norm_before_residual=bool(hf.get("norm_before_residual", False)),
-                   aux_layer_ids=None if aux is None else tuple(int(i) for i in aux))
+                   aux_layer_ids=None if aux is None else tuple(int(i) for i in aux),
+                   compressor=vc.CompressorConfig.from_hf(hf.get("visual_compressor")))
 
 
 def default_hidden_layers(num_target_layers: int) -> tuple[int, int, int]:
@@ -112,6 +115,7 @@ def param_shapes(cfg: Eagle3Config) -> dict:
                   "wk": (kv_out, 2 * h), "wv": (kv_out, 2 * h), "wo": (h, q_out),
                   "w_gate": (inter, h), "w_up": (inter, h), "w_down": (h, inter)},
         "final_norm": (h,), "lm_head": (cfg.draft_vocab_size, h), "d2t": (cfg.draft_vocab_size,),
+        **({} if cfg.compressor is None else {"compressor": vc.param_shapes(cfg.compressor, h)}),
     }
 
 
@@ -130,7 +134,11 @@ def init_params(cfg: Eagle3Config, key: jax.Array, dtype=jnp.float32, scale: flo
             leaves.append(jnp.ones(shape, dtype))
         else:
             leaves.append((scale * jax.random.normal(k, shape)).astype(dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    if cfg.compressor is not None:  # conv and resampler start as the average pool
+        params["compressor"] = jax.tree.map(lambda x: x.astype(dtype), vc.init_params(
+            cfg.compressor, cfg.hidden_size, keys[-1], scale))
+    return params
 
 
 def d2t_from_ids(target_ids: np.ndarray) -> np.ndarray:
@@ -230,8 +238,13 @@ class Eagle3Drafter(KeyedByConfig):
     hidden_layers: Optional[tuple[int, ...]] = None
     attention: str = "xla"
     prefill_chunk: int = PREFILL_CHUNK  # prompt pairs fed per chunk at prefill (memory O(chunk x block))
+    visual_mode: Optional[str] = None  # the compressor's operator (``visual_compressor.MODES``; None: the config's)
 
     def __post_init__(self):
+        if self.cfg.compressor is None and self.visual_mode not in (None, "none"):
+            raise ValueError(f"visual_mode {self.visual_mode!r} needs a head with a visual compressor")
+        if self.visual_mode is not None and self.visual_mode not in vc.MODES:
+            raise ValueError(f"visual_mode must be one of {vc.MODES}, got {self.visual_mode!r}")
         if self.hidden_layers is None:
             self.hidden_layers = self.cfg.aux_layer_ids or default_hidden_layers(self.target_num_layers)
         self.hidden_layers = tuple(int(i) for i in self.hidden_layers)
@@ -249,14 +262,30 @@ class Eagle3Drafter(KeyedByConfig):
         return Eagle3State(cache, jnp.zeros(batch_size, jnp.int32),
                            jnp.zeros((batch_size, self.cfg.hidden_size), self.params["fc"].dtype))
 
+    @property
+    def compression(self) -> Optional[str]:
+        """The visual compressor's operator at prefill, or None (a text head, or mode "none")."""
+        comp = self.cfg.compressor
+        mode = self.visual_mode or (comp.mode if comp is not None else None)
+        return None if mode in (None, "none") else mode
+
     def prefill(self, params, dstate: Eagle3State, prompt_tokens, prompt_lengths, first_tokens,
                 hidden) -> Eagle3State:
         """Pairs (h_j, token_{j+1}) for every prompt position, in chunks of ``prefill_chunk`` pairs
-        through the blockwise attention; the last one holds the root."""
+        through the blockwise attention; the last one holds the root. With a visual compressor the
+        image run's pairs are first replaced by its compressed tokens (``visual_compressor.compact``):
+        the head's lengths then count the compacted sequence."""
         b = prompt_tokens.shape[0]
         shifted = jnp.concatenate([prompt_tokens[:, 1:], jnp.zeros((b, 1), prompt_tokens.dtype)], axis=1)
         shifted = shifted.at[jnp.arange(b), prompt_lengths - 1].set(first_tokens.astype(shifted.dtype))
         lengths = prompt_lengths.astype(jnp.int32)
+        fused = fuse_features(params, hidden)
+        if self.compression is not None:
+            comp = self.cfg.compressor
+            span = vc.image_span(comp, prompt_tokens, lengths, self.compression)
+            compressed, _ = vc.compressed_tokens(comp, params["compressor"], fused, span, lengths, self.compression)
+            fused, (shifted,) = vc.compact(span, comp.kept, compressed, fused, [shifted])
+            lengths = lengths - span.removed
 
         def feed(carry, start, tokens, feats):
             cache, root = carry
@@ -266,7 +295,7 @@ class Eagle3Drafter(KeyedByConfig):
             return cache, pick_position(out, lengths - 1 - start, root)
 
         carry = (dstate.cache, jnp.zeros_like(dstate.root_hidden))
-        cache, root = scan_chunks(feed, carry, (shifted, fuse_features(params, hidden)), self.prefill_chunk)
+        cache, root = scan_chunks(feed, carry, (shifted, fused), self.prefill_chunk)
         return Eagle3State(cache, lengths, root)
 
     def propose(self, params, dstate: Eagle3State, root_tokens, lengths, sampling, key, *,
@@ -352,6 +381,9 @@ def load_eagle3(model_dir: str, target: Model, dtype=jnp.bfloat16, **drafter_arg
     else:
         raise CheckpointError(f"{model_dir}: no embed_tokens.weight and the target's embedding has hidden size "
                               f"{tcfg.hidden_size}, the head {cfg.hidden_size}")
+    if cfg.compressor is not None:
+        params["compressor"] = {k: read(f"visual_compressor.{k}", shape).astype(np_dtype)
+                                for k, shape in shapes["compressor"].items()}
     d2t = read("d2t", shapes["d2t"]).astype(np.int64)
     mapped = np.arange(len(d2t)) + d2t
     if mapped.min() < 0 or mapped.max() >= tcfg.vocab_size:

@@ -133,8 +133,19 @@ def resolve_drafter_args(args) -> None:
     ``resolve_drafter_name``: "auto", and the embedded model's shipped drafters)."""
     from specjax.drafters.factory import resolve_drafter_name
 
+    if args.drafter == "eagle3" and not args.drafter_model and is_tiny_vlm(args):
+        from specjax.models.embedded import tiny_vlm_eagle_dir
+
+        args.drafter_model = tiny_vlm_eagle_dir()  # EagleVLM: the head and visual compressor shipped for it
     args.drafter, args.drafter_model = resolve_drafter_name(args.drafter, args.drafter_model,
                                                             model_is_embedded=is_embedded(args))
+
+
+def is_tiny_vlm(args) -> bool:
+    """Whether ``--model`` (resolved) is the shipped tiny vision-language model."""
+    from specjax.models.embedded import TINY_VLM, _ASSETS
+
+    return args.model is not None and os.path.realpath(args.model) == os.path.realpath(os.path.join(_ASSETS, TINY_VLM))
 
 
 def _load(args):

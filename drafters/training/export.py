@@ -17,19 +17,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.drafters.eagle3 import Eagle3Config, default_hidden_layers, load_eagle3
+from specjax.drafters.visual_compressor import CompressorConfig
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import init_params
 from specjax.models.loading import Model, load_model
 from specjax.models.training import export_llama, llama_hf_config, save_hf_checkpoint, to_bf16
 
 
-def eagle3_hf_config(tcfg: ModelConfig, hidden_layers: Sequence[int]) -> dict:
+def eagle3_hf_config(tcfg: ModelConfig, hidden_layers: Sequence[int],
+                     compressor: Optional[CompressorConfig] = None) -> dict:
     """An EAGLE-3 head config.json for this target: one Llama layer of the target's shape,
-    full draft vocabulary (d2t = 0)."""
+    full draft vocabulary (d2t = 0), and a vision-language target's visual compressor."""
+    extra = {} if compressor is None else {"visual_compressor": compressor.to_hf()}
     return llama_hf_config(dataclasses.replace(tcfg, num_layers=1), "LlamaForCausalLMEagle3",
                            draft_vocab_size=tcfg.vocab_size, target_hidden_size=tcfg.hidden_size,
                            norm_before_residual=False,
-                           eagle_config={"eagle_aux_hidden_state_layer_ids": [int(i) for i in hidden_layers]})
+                           eagle_config={"eagle_aux_hidden_state_layer_ids": [int(i) for i in hidden_layers]},
+                           **extra)
 
 
 def draft_model_hf_config(tcfg: ModelConfig, layers: int, hidden: Optional[int]) -> dict:
@@ -52,17 +56,21 @@ def _target_head(target: Model):
     return p["embed"] if target.config.tie_word_embeddings else p["lm_head"]
 
 
-def init_eagle3(target: Model, hidden_layers, key) -> tuple[Eagle3Config, dict, dict]:
+def init_eagle3(target: Model, hidden_layers, key,
+                compressor: Optional[CompressorConfig] = None) -> tuple[Eagle3Config, dict, dict]:
     """(config, trainable params, frozen params): fc and the layer random; final norm and LM head
     copied from the target (the head starts out predicting like the target's last layer); the
-    token embedding is the target's, frozen (not saved: ``load_eagle3`` shares the target's)."""
+    token embedding is the target's, frozen (not saved: ``load_eagle3`` shares the target's).
+    A ``compressor`` (a vision-language target) is trained with the head."""
     from specjax.drafters.eagle3 import init_params as init_head
 
-    cfg = Eagle3Config.from_hf(eagle3_hf_config(target.config, hidden_layers))
+    cfg = Eagle3Config.from_hf(eagle3_hf_config(target.config, hidden_layers, compressor))
     fresh = init_head(cfg, key, jnp.float32, scale=0.02)
     params = {"fc": fresh["fc"], "layer": fresh["layer"],
               "final_norm": jnp.asarray(target.params["final_norm"], jnp.float32),
               "lm_head": jnp.asarray(_target_head(target), jnp.float32)}
+    if compressor is not None:
+        params["compressor"] = fresh["compressor"]
     frozen = {"embed": jnp.asarray(target.params["embed"], jnp.float32),
               "d2t": jnp.zeros(cfg.draft_vocab_size, jnp.int32)}
     return cfg, params, frozen
@@ -86,6 +94,7 @@ def export_eagle3(out_dir: str, hf_config: dict, params: dict) -> tuple[str, str
                "lm_head.weight": to_bf16(params["lm_head"]),
                "d2t": np.zeros(hf_config["draft_vocab_size"], np.int64), "t2d": np.ones(vocab, np.bool_)}
     tensors.update({name: to_bf16(params["layer"][k]) for k, name in _LAYER_TENSORS.items()})
+    tensors.update({f"visual_compressor.{k}": to_bf16(v) for k, v in params.get("compressor", {}).items()})
     return save_hf_checkpoint(out_dir, hf_config, tensors)
 
 
@@ -121,5 +130,6 @@ def load_init_params(kind: str, model_dir: str, target: Model) -> dict:
         if tuple(head.hidden_layers) != wanted:
             raise ValueError(f"{model_dir}: the head reads target layers {list(head.hidden_layers)}, training uses "
                              f"{list(wanted)}")
-        return {name: head.params[name] for name in ("fc", "layer", "final_norm", "lm_head")}
+        return {name: head.params[name] for name in ("fc", "layer", "final_norm", "lm_head", "compressor")
+                if name in head.params}
     return dict(load_model(model_dir, dtype=jnp.float32).params)

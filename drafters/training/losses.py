@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from specjax.drafters import visual_compressor as vc
 from specjax.drafters.eagle3 import draft_logits, fuse_features
 from specjax.drafters.training.options import TrainOptions
 from specjax.drafters.training.rollouts import (_gather_positions, causal_logits, target_chain_logits, ttt_alignment,
@@ -148,18 +149,19 @@ def make_optimizer_for(spec: StepSpec) -> optax.GradientTransformation:
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def train_step(params, opt_state, frozen, tparams, tokens, valid, plen, *, spec: StepSpec):
+def train_step(params, opt_state, frozen, tparams, tokens, valid, plen, input_embeds=None, *, spec: StepSpec):
     """One AdamW step on the distillation loss; returns (params, opt_state, loss, top1, tokens/pass,
-    verify tokens: the drafted tokens the target scored for opd's on-policy replay)."""
+    verify tokens: the drafted tokens the target scored for opd's on-policy replay). ``input_embeds``
+    [B, S, H]: the target's input embeddings where they are not the tokens' (images merged)."""
     loss_fn = make_loss(spec.kind, spec.method, spec.target_cfg, spec.drafter_cfg, spec.options, spec.hidden_layers)
     (loss, (top1, tpp, verified)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, frozen, tparams, tokens, valid, plen)
+        params, frozen, tparams, tokens, valid, plen, input_embeds)
     updates, opt_state = make_optimizer_for(spec).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, top1, tpp, verified
 
 
 def make_loss(kind: str, method: str, tcfg: ModelConfig, dcfg, opts: TrainOptions, hidden_layers):
-    """loss(params, frozen, target_params, tokens, valid_lengths, prompt_lengths) -> (loss, metrics)."""
+    """loss(params, frozen, target_params, tokens, valid_lengths, prompt_lengths, input_embeds) -> (loss, metrics)."""
     k = opts.ttt_steps
 
     def chain_weights(match, valid, prompt_lengths, first_root_offset):
@@ -171,15 +173,10 @@ def make_loss(kind: str, method: str, tcfg: ModelConfig, dcfg, opts: TrainOption
             base = base * opd_weights(match, valid, prompt_lengths - first_root_offset, opts.opd_weight)
         return base * valid, in_gen
 
-    def eagle3_loss(params, frozen, tparams, tokens, valid_lengths, prompt_lengths):
-        b, s = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        x, _, hidden = forward_hidden(tparams, tcfg, tokens, positions, KVCache.zeros(tcfg, b, s), jnp.zeros(b, jnp.int32),
-                                      causal_mask(b, s, valid_lengths), hidden_layers=hidden_layers)
-        teacher = jax.lax.stop_gradient(lm_head(tparams, tcfg, x))
-        hidden = jax.lax.stop_gradient(hidden)
-        full = {**params, **frozen}
-        fused = fuse_features(full, hidden)
+    def ttt_terms(full, frozen, fused, tokens, teacher, valid_lengths, prompt_lengths):
+        """The training-time test on one (possibly compacted) sequence: per-row loss sums [B], per-row
+        chain counts [B], and (match, valid, in_gen, weights) for the metrics and opd."""
+        s = tokens.shape[1]
         outs = unroll_head(dcfg, full, fused, tokens, k)
         pos, valid = ttt_alignment(valid_lengths, s, k)
         draft_ids = jnp.arange(dcfg.draft_vocab_size) + frozen["d2t"]
@@ -188,13 +185,59 @@ def make_loss(kind: str, method: str, tcfg: ModelConfig, dcfg, opts: TrainOption
         ce = soft_cross_entropy(t_logits, logits)
         match = (jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)) & valid
         weights, in_gen = chain_weights(jax.lax.stop_gradient(match), valid, prompt_lengths, 1)
-        loss = jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights[0] > 0), 1)
+        per_row = jnp.sum(weights * ce, axis=(0, 2))
         if opts.feature_weight:
             want = jax.lax.stop_gradient(jnp.stack([_gather_positions(fused, pos[i]) for i in range(k)]))
             l1 = jnp.mean(optax.huber_loss(outs, want, delta=1.0), axis=-1)
-            loss = loss + opts.feature_weight * jnp.sum(weights * l1) / jnp.maximum(jnp.sum(weights[0] > 0), 1)
+            per_row = per_row + opts.feature_weight * jnp.sum(weights * l1, axis=(0, 2))
+        return per_row, jnp.sum(weights[0] > 0, axis=1), (match, valid, in_gen, weights)
+
+    def compressed_terms(full, frozen, fused, tokens, teacher, valid_lengths, prompt_lengths):
+        """SpecVLM's elastic compressor: the head trained on every operator's compacted sequence
+        (and the uncompressed one), the gate on which operator served each prompt best."""
+        comp = dcfg.compressor
+        span = vc.image_span(comp, tokens, prompt_lengths, "pool")
+        image = vc.image_features(comp, fused, span)
+        losses, row_losses, first = [], [], None
+        for compressed in [None, *vc.compress_all(comp, full["compressor"], image)]:
+            if compressed is None:
+                seq, removed = (fused, tokens, teacher), 0
+            else:
+                f, (t, te) = vc.compact(span, comp.kept, compressed, fused, [tokens, teacher])
+                seq, removed = (f, t, te), span.removed
+            per_row, count, aux = ttt_terms(full, frozen, *seq, valid_lengths - removed, prompt_lengths - removed)
+            if first is None:  # the metrics: the uncompressed sequence's
+                first = aux
+            losses.append(jnp.sum(per_row) / jnp.maximum(jnp.sum(count), 1))
+            row_losses.append(per_row / jnp.maximum(count, 1))
+        best = jnp.argmin(jax.lax.stop_gradient(jnp.stack(row_losses[1:])), axis=0)
+        asked = vc.question_mask(span, prompt_lengths, tokens.shape[1], comp.image_tokens)
+        gate = vc.gate_logits(full["compressor"], jax.lax.stop_gradient(image), jax.lax.stop_gradient(fused), asked)
+        gate_ce = -jnp.take_along_axis(jax.nn.log_softmax(gate, axis=-1), best[:, None], axis=1)[:, 0]
+        has_image = (span.removed > 0).astype(jnp.float32)
+        gate_loss = jnp.sum(gate_ce * has_image) / jnp.maximum(jnp.sum(has_image), 1.0)
+        return sum(losses) / len(losses) + gate_loss, first
+
+    def eagle3_loss(params, frozen, tparams, tokens, valid_lengths, prompt_lengths, input_embeds=None):
+        b, s = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        x, _, hidden = forward_hidden(tparams, tcfg, tokens, positions, KVCache.zeros(tcfg, b, s),
+                                      jnp.zeros(b, jnp.int32), causal_mask(b, s, valid_lengths),
+                                      hidden_layers=hidden_layers, input_embeds=input_embeds)
+        teacher = jax.lax.stop_gradient(lm_head(tparams, tcfg, x))
+        hidden = jax.lax.stop_gradient(hidden)
+        full = {**params, **frozen}
+        fused = fuse_features(full, hidden)
+        if dcfg.compressor is not None:
+            loss, (match, valid, in_gen, weights) = compressed_terms(full, frozen, fused, tokens, teacher,
+                                                                     valid_lengths, prompt_lengths)
+            return loss, (*_metrics(match, valid, in_gen), jnp.zeros((), jnp.int32))
+        per_row, count, (match, valid, in_gen, weights) = ttt_terms(full, frozen, fused, tokens, teacher,
+                                                                    valid_lengths, prompt_lengths)
+        loss = jnp.sum(per_row) / jnp.maximum(jnp.sum(count), 1)
         verified = jnp.zeros((), jnp.int32)
         if method == "opd":  # Draft-OPD: replay the drafter's own chains from the roots the loop visits
+            draft_ids = jnp.arange(dcfg.draft_vocab_size) + frozen["d2t"]
             own_outs, drafts = unroll_own_chain(dcfg, full, fused, tokens, k)
             own_teacher = jax.lax.stop_gradient(own_chain_teacher(tparams, tcfg, tokens, drafts, teacher, k))
             own_ce = soft_cross_entropy(own_teacher[..., draft_ids], draft_logits(dcfg, full, own_outs))
@@ -203,12 +246,13 @@ def make_loss(kind: str, method: str, tcfg: ModelConfig, dcfg, opts: TrainOption
             verified = jnp.sum(replay[1:] > 0).astype(jnp.int32)
         return loss, (*_metrics(match, valid, in_gen), verified)
 
-    def draft_model_loss(params, frozen, tparams, tokens, valid_lengths, prompt_lengths):
+    def draft_model_loss(params, frozen, tparams, tokens, valid_lengths, prompt_lengths, input_embeds=None):
         b, s = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         mask = causal_mask(b, s, valid_lengths)
         teacher = jax.lax.stop_gradient(
-            forward(tparams, tcfg, tokens, positions, KVCache.zeros(tcfg, b, s), jnp.zeros(b, jnp.int32), mask).logits)
+            forward(tparams, tcfg, tokens, positions, KVCache.zeros(tcfg, b, s), jnp.zeros(b, jnp.int32), mask,
+                    input_embeds=input_embeds).logits)
         logits = causal_logits(params, dcfg, tokens)
         ce_pos = soft_cross_entropy(teacher, logits)
         valid_pos = jnp.arange(s)[None, :] < valid_lengths[:, None]

@@ -30,6 +30,7 @@ class TrainOptions:
     keep: int = 2
     draft_layers: int = 1
     draft_hidden: Optional[int] = None  # default: the target's hidden size (embedding initialized from it)
+    visual_factor: int = 2  # a vision-language target: the compressor shrinks each side of the image grid by this
 
     def __post_init__(self):
         if self.seq_len < 8 or self.batch_size < 1 or self.ttt_steps < 1:

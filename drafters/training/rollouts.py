@@ -17,6 +17,8 @@ cacheless causal forward (``causal_logits``).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -31,15 +33,16 @@ from specjax.models.rope import inverse_frequencies
 
 
 def rollout(params, cfg: ModelConfig, tokens: jax.Array, prompt_lengths: jax.Array, key: jax.Array,
-            temperature: float) -> tuple[jax.Array, jax.Array]:
+            temperature: float, input_embeds: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Continue each right-padded prompt with the target up to the buffer's width [B, S].
+    ``input_embeds`` [B, S, H]: the prompts' embeddings (a vision-language prompt's, images merged).
 
     Returns the filled tokens and each row's valid length (through its first generated EOS)."""
     b, s = tokens.shape
     cache = KVCache.zeros(cfg, b, s + 1, params["embed"].dtype)
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     out = forward(params, cfg, tokens, positions, cache, jnp.zeros(b, jnp.int32),
-                  causal_mask(b, s, prompt_lengths))
+                  causal_mask(b, s, prompt_lengths), input_embeds=input_embeds)
     logits = jnp.take_along_axis(out.logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
 

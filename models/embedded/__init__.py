@@ -5,7 +5,8 @@
 for drafter benchmarks). ``toy_corpus`` is the tiny-sql model's synthetic corpus
 and its demo prompts; the build scripts are ``benchmarks/train_tiny_sql.py`` and
 ``benchmarks/build_suffix_history.py``. ``tiny-vlm`` is a tiny LLaVA trained on drawn scenes
-(``shape_scenes``, ``benchmarks/train_tiny_vlm.py``).
+(``shape_scenes``, ``benchmarks/train_tiny_vlm.py``), ``tiny-vlm-eagle`` its EagleVLM head
+(``benchmarks/train_tiny_vlm_eagle.py``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ EMBEDDED_DRAFTER = "tiny-sql-drafter"
 EMBEDDED_EAGLE3 = "tiny-sql-eagle3"
 CODE_MODEL = "stdlib-code"
 IMAGE_GEN_LO, IMAGE_GEN_HI = "image-gen-lo", "image-gen-hi"
-TINY_VLM = "tiny-vlm"
+TINY_VLM, TINY_VLM_EAGLE = "tiny-vlm", "tiny-vlm-eagle"
 _BUILD_SCRIPTS = {EMBEDDED_MODEL: "train_tiny_sql.py", CODE_MODEL: "train_code_model.py",
                   IMAGE_GEN_LO: "train_image_gen.py", IMAGE_GEN_HI: "train_image_gen.py",
-                  TINY_VLM: "train_tiny_vlm.py"}
+                  TINY_VLM: "train_tiny_vlm.py", TINY_VLM_EAGLE: "train_tiny_vlm_eagle.py"}
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
@@ -54,6 +55,11 @@ def image_gen_dirs() -> tuple[str, str]:
 def tiny_vlm_dir() -> str:
     """Path of the shipped tiny vision-language model (a LLaVA directory for ``multimodal.load_vlm``)."""
     return _asset_dir(TINY_VLM)
+
+
+def tiny_vlm_eagle_dir() -> str:
+    """Path of the EagleVLM head shipped for tiny-vlm (an EAGLE-3 head with a visual compressor)."""
+    return _asset_dir(TINY_VLM_EAGLE)
 
 
 def _shipped_drafter(name: str) -> Optional[str]:

@@ -4,7 +4,7 @@ A scene is up to four items, one per quadrant of a 48 x 48 white image: coloured
 shapes (circle, square, triangle) and at most one short word rendered in black with
 Pillow's default font. Sizes and offsets are jittered, so no two scenes draw alike.
 Every question has one right answer read off the scene: counts, colours, shapes,
-positions, yes / no and the word.
+positions, yes / no, the word, and a description of the whole scene.
 
 The split is a property of the scene itself (a hash of its description,
 ``is_held_out``), not of the random stream that drew it: a held-out scene, and so
@@ -163,12 +163,23 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
     if word is not None:
         qa.append(("what does the word say ?", word.word))
         qa.append(("where is the word ?", QUADRANTS[word.quadrant]))
+    qa.append((DESCRIBE, describe(scene)))
     return qa
+
+
+DESCRIBE = "describe the picture ?"
+
+
+def describe(scene: Scene) -> str:
+    """Every item in quadrant order, ``red circle at top left and word cat at bottom right``: the one
+    long answer (up to 23 words), so decoding it takes many steps, each read off the image."""
+    return " and ".join(f"word {item.word} at {QUADRANTS[item.quadrant]}" if item.word
+                        else f"{item.color} {item.shape} at {QUADRANTS[item.quadrant]}" for item in scene.items)
 
 
 def question_kind(question: str) -> str:
     """The template a question came from (for per-kind accuracy)."""
-    for prefix, kind in (("how many shapes", "count"), ("how many", "count of a kind"),
+    for prefix, kind in (("describe", "describe"), ("how many shapes", "count"), ("how many", "count of a kind"),
                          ("what color", "color"), ("where is the word", "where (word)"), ("where", "where"),
                          ("what is at", "what is at"), ("is there", "yes / no"), ("what does", "read the word")):
         if question.startswith(prefix):
@@ -194,7 +205,8 @@ def prompt_text(question: str) -> str:
     return f"{IMAGE_TOKEN} {question}"
 
 
-TEMPLATE_WORDS = "how many shapes are there ? what color is the where at a does word say nothing yes no".split()
+TEMPLATE_WORDS = ("how many shapes are there ? what color is the where at a does word say nothing yes no "
+                  "describe picture and").split()
 
 
 def vocabulary() -> list[str]:
