@@ -229,6 +229,22 @@ class TreeShape:
         return (self.depth - 1) * self.topk
 
 
+def bucket_proposer(drafter, bucket: int):
+    """The drafter as it proposes for a verified tree of ``bucket`` nodes (the auto size's cut):
+    a tree of at most 2 x ``bucket`` nodes, its depth and top-k at most that. The best ``bucket``
+    nodes of the full tree lie inside it (each is among the best ``bucket`` of its level, at depth
+    at most ``bucket``), so the cut is the same while a small bucket no longer pays for the full
+    tree's levels; the extra half keeps the auto policy's claims for the next bucket up. Drafters
+    with a ``TreeShape`` (``shape``) only; the state it returns has the drafter's own layout."""
+    if not hasattr(drafter, "shape") or not 0 < bucket < drafter.capacity:
+        return drafter
+    size = min(drafter.capacity, 2 * bucket)
+    if size == drafter.capacity and drafter.shape.depth <= size and drafter.shape.topk <= size:
+        return drafter
+    return dataclasses.replace(drafter, capacity=size, topk=min(drafter.shape.topk, size),
+                               depth=min(drafter.shape.depth, size))
+
+
 # expand(carry, tokens[B, K], feats[B, K, F], positions[B, K], scratch_offset, scratch_mask[B, K, M])
 #   -> (draft logits [B, K, Vd], new feats [B, K, F], carry)
 ExpandFn = Callable[..., tuple[jax.Array, jax.Array, Any]]

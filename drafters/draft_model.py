@@ -174,7 +174,8 @@ class DraftModelDrafter(KeyedByConfig):
             fed = lax.dynamic_update_slice_in_dim(fed, tokens.astype(jnp.int32), offset, axis=1)
             return logits, feats, (cache, fed)
 
-        tree, (cache, fed) = build_dynamic_tree(expand, (dstate.cache, _no_scratch(b, self.shape)),
+        no_scratch = jnp.full_like(dstate.scratch_tokens, -1)  # the state's width (a bucket's proposer: smaller)
+        tree, (cache, fed) = build_dynamic_tree(expand, (dstate.cache, no_scratch),
                                                 dstate.root_logits, jnp.zeros((b, 1)), dstate.lengths, self.shape,
                                                 row_temperature(sampling, b), key, lengths, with_q=with_q)
         return tree, dataclasses.replace(dstate, cache=cache, scratch_tokens=fed)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters.device import DeviceDrafter
+from specjax.drafters.device import DeviceDrafter, bucket_proposer
 from specjax.engine.autotune import ChunkPolicy, capacity_buckets
 from specjax.engine.engine import MIN_CACHE_BUCKET, GenerationResult, next_power_of_two, report_progress
 from specjax.engine.image_prompts import batch_input_embeds
@@ -165,8 +165,9 @@ def device_step(params, dparams, loop: LoopState, *, drafter: DeviceDrafter, cfg
     if capacity == 0:
         tree = _plain_tree(active.shape[0])
     else:
-        tree, dstate = drafter.propose(dparams, dstate, state.last_tokens, state.lengths, state.sampling,
-                                       state.rng, with_q=with_q)  # draws: (request key, position), see "Seeds"
+        proposer = bucket_proposer(drafter, capacity)  # a small bucket: a short tree, not the full one cut
+        tree, dstate = proposer.propose(dparams, dstate, state.last_tokens, state.lengths, state.sampling,
+                                        state.rng, with_q=with_q)  # draws: (request key, position), see "Seeds"
         if buckets:
             claimed = claimed + claims_by_size(tree, active, buckets)
             row_steps = row_steps + jnp.sum(active, dtype=jnp.int32)

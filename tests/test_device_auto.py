@@ -132,3 +132,54 @@ def test_keep_best_keeps_the_most_probable_nodes_with_their_parents():
     assert np.asarray(small.parents).tolist() == [[-1, 0, 1]]
     # Control: the first three slots would keep node 2 (0.2) and drop node 3 (0.5).
     assert float(np.sum(np.asarray(tree.draft_probs)[0, :3])) < float(np.sum(np.asarray(small.draft_probs)))
+
+
+def _paths(tree: DraftTree, row: int) -> set:
+    """The row's valid nodes as token paths from the root (slot order does not matter)."""
+    tokens, parents, valid = (np.asarray(x)[row] for x in (tree.tokens, tree.parents, tree.valid))
+    out = set()
+    for i in np.flatnonzero(valid):
+        path, j = [], int(i)
+        while j >= 0:
+            path.append(int(tokens[j]))
+            j = int(parents[j])
+        out.add(tuple(path[::-1]))
+    return out
+
+
+def test_a_small_bucket_proposes_a_short_tree_with_the_same_best_nodes():
+    """``bucket_proposer``: for bucket T the draft model builds at most 2T nodes, depth and top-k at most
+    2T (T = 1: depth 2 instead of 6), and the T nodes kept are the ones the full tree's cut keeps.
+    Control: a proposer one level short of T (depth T - 1) keeps other nodes."""
+    import dataclasses
+
+    import jax
+
+    from engine_helpers import near_copy
+    from specjax.drafters.device import bucket_proposer
+    from specjax.engine.sampling import SamplingParams
+
+    rows = 3
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (rows, 8)), jnp.int32)
+    lengths = jnp.full(rows, 8, jnp.int32)
+    differs = False
+    for seed in range(3):
+        drafter = DraftModelDrafter(near_copy(TARGET, 0.3, seed=seed), V, capacity=16, topk=4, depth=6)
+        state = drafter.prefill(drafter.params, drafter.init_state(rows, 64), tokens, lengths,
+                                jnp.zeros(rows, jnp.int32), None)
+
+        def propose(d):
+            return d.propose(d.params, state, jnp.zeros(rows, jnp.int32), lengths, SamplingParams.make(rows),
+                             jax.random.key(0))[0]
+
+        full = propose(drafter)
+        assert bucket_proposer(drafter, 1).shape.depth == 2 and bucket_proposer(drafter, 16) is drafter
+        for bucket in (1, 2, 4):
+            small = bucket_proposer(drafter, bucket)
+            assert small.capacity == 2 * bucket and small.shape.depth <= 2 * bucket
+            want = keep_best(full, bucket)[0]
+            assert all(_paths(keep_best(propose(small), bucket)[0], r) == _paths(want, r) for r in range(rows))
+        short = dataclasses.replace(drafter, capacity=4, topk=4, depth=3)  # the control: too shallow for T = 4
+        differs |= any(_paths(keep_best(propose(short), 4)[0], r) != _paths(keep_best(full, 4)[0], r)
+                       for r in range(rows))
+    assert differs
