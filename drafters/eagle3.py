@@ -327,11 +327,23 @@ class Eagle3Drafter(KeyedByConfig):
         n = self.shape.depth + 1  # at most depth + 1 tokens are emitted per step
         path = accepted.path[:, :n]
         feats = jnp.take_along_axis(aux.hidden, path[None, :, :, None], axis=2)  # [3, B, n, H]
-        out, cache = head_block(self.cfg, params, dstate.cache, dstate.lengths, accepted.tokens[:, :n],
-                                fuse_features(params, feats), accepted.num, attention=self.attention)
-        last = jnp.take_along_axis(out, jnp.maximum(accepted.num - 1, 0)[:, None, None], axis=1)[:, 0]
-        fed = (accepted.num > 0)[:, None]
-        return Eagle3State(cache, dstate.lengths + accepted.num, jnp.where(fed, last, dstate.root_hidden))
+        return self._feed(params, dstate, accepted.tokens[:, :n], feats, accepted.num)
+
+    catch_up_reads_hidden = True  # the device loop keeps plain steps' features for ``catch_up``
+
+    def catch_up(self, params, dstate: Eagle3State, tokens: jax.Array, num: jax.Array,
+                 hidden: jax.Array) -> Eagle3State:
+        """Feed the pairs plain steps left (their emitted tokens, the target's features ``hidden``
+        [3, B, n, H] of the positions before them) in one block: under the auto size a plain step
+        only keeps its features, cheaper than the head's layer per step."""
+        return self._feed(params, dstate, tokens, hidden, num)
+
+    def _feed(self, params, dstate: Eagle3State, tokens, hidden, num) -> Eagle3State:
+        out, cache = head_block(self.cfg, params, dstate.cache, dstate.lengths, tokens, fuse_features(params, hidden),
+                                num, attention=self.attention)
+        last = jnp.take_along_axis(out, jnp.maximum(num - 1, 0)[:, None, None], axis=1)[:, 0]
+        fed = (num > 0)[:, None]
+        return Eagle3State(cache, dstate.lengths + num, jnp.where(fed, last, dstate.root_hidden))
 
     def end_batch(self, dstate) -> None:
         return None

@@ -14,11 +14,13 @@ The auto tree size (``auto=True``, what ``Engine(draft_capacity="auto")``
 does): each chunk runs one compiled program per tree-size bucket T (0 = plain
 steps), chosen by ``ChunkPolicy`` from the measured step cost of each program
 and the drafter's calibrated claims. A smaller bucket verifies the drafter's
-most probable T nodes (``keep_best``); a plain chunk still runs the drafter's
-``update`` on every emitted token, so its state (Token Recycling's table, a
-draft model's cache) stays valid across switches; a drafter with ``catch_up``
-(the draft model) skips it in plain steps and is fed their tokens in one pass
-when the next speculative chunk starts. The programs share one loop state, so
+most probable T nodes (``keep_best``) of a tree proposed for it
+(``bucket_proposer``: at most 2T nodes, not the full tree); a plain chunk still
+runs the drafter's ``update`` on every emitted token, so its state (Token
+Recycling's table) stays valid across switches; a drafter with ``catch_up``
+(the draft model, an EAGLE-3 head) skips it in plain steps and is fed their
+tokens (a head also the target's features the plain steps kept,
+``LoopState.pending_hidden``) in one pass when the next speculative chunk starts. The programs share one loop state, so
 switching compiles nothing once each bucket has run; a bucket compiles when the
 policy first picks it (plain steps and the smallest tree first, larger trees
 once the largest one run has paid and the claims say a bigger one would), so
@@ -69,6 +71,9 @@ class LoopState:
     fed: jax.Array  # int32[B] output tokens the drafter has seen (less after plain steps of a catch-up drafter)
     step_log: jax.Array  # int32[B, max_new_tokens, 2] per pass after prefill: (tokens emitted, drafts accepted)
     out_logprobs: Optional[jax.Array] = None  # float32[B, max_new_tokens] of out_tokens, when asked (see accept)
+    # [L, B, max_new_tokens, H]: for a catch-up drafter that reads the target's features (EAGLE-3), those
+    # of the position before each output token, written by plain steps until ``catch_up`` feeds them
+    pending_hidden: Optional[jax.Array] = None
 
     @classmethod
     def start(cls, state: DecodeState, dstate: Any, width: int, *, n_buckets: int = 0,
@@ -178,8 +183,13 @@ def device_step(params, dparams, loop: LoopState, *, drafter: DeviceDrafter, cfg
     with_logprobs = loop.out_logprobs is not None  # the loop state's structure: a separate program
     state, acc, aux = step_impl(params, state, tree, cfg=cfg, attention=attention, eos_ids=cfg.eos_token_ids,
                                 hidden_layers=tuple(drafter.hidden_layers), logprobs=with_logprobs)
+    pending_hidden = loop.pending_hidden
     if not lazy:
         dstate = drafter.update(dparams, dstate, acc, aux)
+    elif pending_hidden is not None:  # kept for ``catch_up``: the root's features pair with the new token
+        slot = jnp.where(active, loop.out_len, pending_hidden.shape[2])
+        pending_hidden = pending_hidden.at[:, jnp.arange(active.shape[0]), slot].set(
+            aux.hidden[:, :, 0].astype(pending_hidden.dtype), mode="drop")
     b, n = acc.tokens.shape
     width = loop.out_tokens.shape[1]
     slots = loop.out_len[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
@@ -192,15 +202,16 @@ def device_step(params, dparams, loop: LoopState, *, drafter: DeviceDrafter, cfg
         jnp.stack([acc.num, acc.num_draft_accepted], axis=-1), mode="drop")
     return LoopState(state, dstate, out, loop.out_len + acc.num, loop.passes + active.astype(jnp.int32),
                      loop.accepted + acc.num_draft_accepted, claimed, row_steps, loop.steps + 1,
-                     loop.fed if lazy else loop.out_len + acc.num, step_log, out_logprobs)
+                     loop.fed if lazy else loop.out_len + acc.num, step_log, out_logprobs, pending_hidden)
 
 
 CATCH_UP_WIDTH = 8  # tokens per catch-up pass
 
 
 def catch_up(dparams, loop: LoopState, drafter: DeviceDrafter) -> LoopState:
-    """Feed a catch-up drafter (a draft model) the tokens plain steps emitted without it, in
-    passes of ``CATCH_UP_WIDTH`` tokens per row, so its state is current before it drafts again."""
+    """Feed a catch-up drafter (a draft model, an EAGLE-3 head) the tokens plain steps emitted
+    without it (and, for a head, the target's features they kept), in passes of ``CATCH_UP_WIDTH``
+    tokens per row, so its state is current before it drafts again."""
     width = loop.out_tokens.shape[1]
 
     def body(carry):
@@ -208,7 +219,10 @@ def catch_up(dparams, loop: LoopState, drafter: DeviceDrafter) -> LoopState:
         index = jnp.minimum(fed[:, None] + jnp.arange(CATCH_UP_WIDTH, dtype=jnp.int32)[None, :], width - 1)
         num = jnp.clip(loop.out_len - fed, 0, CATCH_UP_WIDTH)
         tokens = jnp.take_along_axis(loop.out_tokens, index, axis=1)
-        return fed + num, drafter.catch_up(dparams, dstate, tokens, num)
+        if loop.pending_hidden is None:
+            return fed + num, drafter.catch_up(dparams, dstate, tokens, num)
+        hidden = jnp.take_along_axis(loop.pending_hidden, index[None, :, :, None], axis=2)
+        return fed + num, drafter.catch_up(dparams, dstate, tokens, num, hidden)
 
     fed, dstate = jax.lax.while_loop(lambda c: jnp.any(c[0] < loop.out_len), body, (loop.fed, loop.dstate))
     return dataclasses.replace(loop, dstate=dstate, fed=fed)
@@ -222,8 +236,9 @@ def run_steps(params, dparams, loop: LoopState, steps: jax.Array, *, drafter: De
     """Up to ``steps`` (a runtime int: no recompile per value) device steps of tree size
     ``capacity`` (see ``device_step``), stopping early once every row has finished."""
 
-    if capacity != 0 and hasattr(drafter, "catch_up"):
-        loop = catch_up(dparams, loop, drafter)
+    reads_hidden = getattr(drafter, "catch_up_reads_hidden", False)
+    if capacity != 0 and hasattr(drafter, "catch_up") and (loop.pending_hidden is not None or not reads_hidden):
+        loop = catch_up(dparams, loop, drafter)  # (a fixed size feeds every step: nothing is pending)
 
     def cond(carry):
         i, loop = carry
@@ -388,6 +403,10 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
     dstate = drafter.init_state(rows, batch.max_len)
     loop = LoopState.start(state, dstate, max_new_tokens, n_buckets=len(buckets), first=first,
                            first_logprobs=batch.first_logprobs, logprobs=logprobs)
+    if lazy_prompt and getattr(drafter, "catch_up_reads_hidden", False):
+        layers, hidden_size = len(drafter.hidden_layers), cfg.hidden_size
+        loop = dataclasses.replace(loop, pending_hidden=jnp.zeros((layers, rows, max_new_tokens, hidden_size),
+                                                                  batch.hidden.dtype))
     loop = feed_prompt(loop, 0)
     counters = _start_counters(rows, len(buckets)) if policy is not None else None
     chunks, fused_steps = [], 0  # chunks: (T, seconds, fused steps, passes per row after it), for the traces

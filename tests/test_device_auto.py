@@ -84,10 +84,26 @@ def test_a_draft_model_reads_the_prompt_only_when_a_batch_speculates(monkeypatch
 
 
 RECYCLING = TokenRecyclingDrafter(V, capacity=24)  # one instance: its compiled programs serve two tests
+
+
+def random_eagle3():
+    """A random EAGLE-3 head over TARGET's layers 0-2 (a catch-up drafter that reads the target's features)."""
+    import jax
+
+    from specjax.drafters.eagle3 import Eagle3Config, Eagle3Drafter, init_params
+    from specjax.drafters.training.export import eagle3_hf_config
+
+    cfg = Eagle3Config.from_hf(eagle3_hf_config(TARGET.config, (0, 1, 2)))
+    params = init_params(cfg, jax.random.key(3), jnp.float32, scale=0.3)
+    params["embed"], params["d2t"] = TARGET.params["embed"], jnp.zeros(cfg.draft_vocab_size, jnp.int32)
+    return Eagle3Drafter(cfg, params, TARGET.config.num_layers, capacity=8, topk=2, depth=3, hidden_layers=(0, 1, 2))
+
+
 DRAFTERS = {
     "token_recycling": lambda: RECYCLING,
     "draft_chain_self": lambda: DraftModelDrafter(TARGET, V, capacity=8),
     "draft_tree": lambda: DraftModelDrafter(tiny_model(4, vocab=V), V, capacity=8, topk=2, depth=3),
+    "eagle3": random_eagle3,
 }
 
 
@@ -183,3 +199,47 @@ def test_a_small_bucket_proposes_a_short_tree_with_the_same_best_nodes():
         differs |= any(_paths(keep_best(propose(short), 4)[0], r) != _paths(keep_best(full, 4)[0], r)
                        for r in range(rows))
     assert differs
+
+
+def test_eagle3_catches_up_on_plain_chunks_as_if_fed_step_by_step(monkeypatch, tmp_path):
+    """Under the auto size a plain chunk leaves the EAGLE-3 head alone and only keeps the target's
+    features; ``catch_up`` feeds them before the next tree. The head then drafts exactly as one fed
+    on every plain step (the same accepted drafts per pass). Control: a catch-up fed zero features
+    drafts otherwise. The head is trained a little (a random one is never accepted)."""
+    from specjax.drafters.eagle3 import Eagle3Drafter, load_eagle3
+    from specjax.drafters.training import TrainOptions, train_drafter
+
+    target = tiny_model(4, vocab=V, layers=4)
+    expected = greedy_generate(target, PROMPTS, NEW_TOKENS)
+    train_drafter(target, "eagle3", "online", 60, str(tmp_path), prompts=PROMPTS, progress=False,
+                  options=TrainOptions(batch_size=4, seq_len=48, ttt_steps=3, save_every=1000))
+    trained = load_eagle3(str(tmp_path), target, dtype=jnp.float32, capacity=8, topk=2, depth=3)
+
+    class SteppedHead(Eagle3Drafter):  # no catch_up: fed on every step, plain ones too
+        catch_up = property(lambda self: (_ for _ in ()).throw(AttributeError("catch_up")))
+
+    class BlindCatchUp(Eagle3Drafter):
+        def catch_up(self, params, dstate, tokens, num, hidden):
+            return super().catch_up(params, dstate, tokens, num, jnp.zeros_like(hidden))
+
+    def accepted_per_pass(cls):
+        schedule = [0, 0, 2, 0, 2, 2, 0, 2]
+        real_policy = device_loop.chunk_policy
+
+        def fixed(*args):
+            policy = real_policy(*args)
+            policy.choose = lambda: schedule.pop(0) if schedule else 2
+            return policy
+
+        monkeypatch.setattr(device_loop, "chunk_policy", fixed)
+        head = cls(trained.cfg, trained.params, trained.target_num_layers, capacity=8, topk=2, depth=3)
+        engine = Engine(target, head, max_draft_capacity=2, attention="xla")
+        results = device_loop.generate_on_device(engine, PROMPTS, NEW_TOKENS, steps_per_sync=3, auto=True,
+                                                 max_capacity=2)
+        assert [r.token_ids for r in results] == expected
+        return [[(s.capacity, s.accepted) for s in r.trace] for r in results]
+
+    caught_up = accepted_per_pass(Eagle3Drafter)
+    assert caught_up == accepted_per_pass(SteppedHead)
+    assert sum(a for row in caught_up for _, a in row) > 0  # the head's drafts were accepted at all
+    assert accepted_per_pass(BlindCatchUp) != caught_up
