@@ -76,9 +76,8 @@ def timed(engine: Engine, prompts, images, max_new_tokens: int, repeats: int) ->
     return results, float(np.median(times))
 
 
-def run(vlm, drafter, prompts, images, repeats: int = 3, capacity=CAPACITY) -> tuple[list, float]:
-    engine = Engine(vlm, drafter, **({} if drafter is None else {"draft_capacity": capacity}))
-    return timed(engine, prompts, images, NEW_TOKENS, repeats)
+def generate(vlm, drafter, prompts, images) -> list:
+    return Engine(vlm, drafter, draft_capacity=CAPACITY).generate(prompts, NEW_TOKENS, images=images)
 
 
 def run_against_plain(vlm, drafter, prompts, images, repeats: int = 7, capacity=CAPACITY) -> tuple[list, float]:
@@ -98,11 +97,10 @@ def run_against_plain(vlm, drafter, prompts, images, repeats: int = 7, capacity=
     return results, float(np.median(ratios))
 
 
-def with_factor(head: Eagle3Drafter, factor: int, mode: str) -> Eagle3Drafter:
-    """The head with a parameter-free operator at another grid factor (1: the uncompressed head)."""
-    if factor == 1:
-        return dataclasses.replace(head, visual_mode="none")
-    comp = dataclasses.replace(head.cfg.compressor, factor=factor)
+def with_compressor(head: Eagle3Drafter, mode: str, **fields) -> Eagle3Drafter:
+    """The head in ``mode`` with its compressor's ``fields`` replaced (another grid or factor: only the
+    parameter-free operators, pool and prune, or "none", apply there)."""
+    comp = dataclasses.replace(head.cfg.compressor, **fields)
     return dataclasses.replace(head, cfg=dataclasses.replace(head.cfg, compressor=comp), visual_mode=mode)
 
 
@@ -135,9 +133,7 @@ def cost_by_image_size(head: Eagle3Drafter) -> list[dict]:
     rows = []
     for grid in (6, 12, 24):
         for factor in (1, 2, 4) if grid > 6 else (1, 2):
-            comp = dataclasses.replace(head.cfg.compressor, grid=grid, factor=factor if factor > 1 else 2)
-            sized = dataclasses.replace(head, cfg=dataclasses.replace(head.cfg, compressor=comp),
-                                        visual_mode="pool" if factor > 1 else "none")
+            sized = with_compressor(head, "pool" if factor > 1 else "none", grid=grid, factor=factor if factor > 1 else 2)
             kept = grid * grid // (factor * factor)
             rows.append({"image_tokens": grid * grid, "kept": kept,
                          "proposal_s": round(proposal_seconds(sized, grid * grid + 8), 5)})
@@ -203,13 +199,10 @@ def main(argv=None) -> int:
     vlm = load_vlm(tiny_vlm_dir(), dtype=jnp.float32)
     head = load_eagle3(tiny_vlm_eagle_dir(), vlm.text_model(), dtype=jnp.float32, capacity=CAPACITY)
     sets = held_out_prompts(args.scenes)
-    plain = {kind: run(vlm, None, *sets[kind]) for kind in sets}
-    reference = {kind: [r.token_ids for r in plain[kind][0]] for kind in sets}
+    reference = {kind: [r.token_ids for r in generate(vlm, None, *sets[kind])] for kind in sets}
     report = {"device": jax.devices()[0].device_kind, "capacity": CAPACITY, "scenes": args.scenes,
               "prompts": "held-out scenes of tiny-vlm (held_out.jsonl.gz): each scene's description, and one "
                          "other question per scene",
-              "plain": {kind: {"tokens_per_pass": 1.0 * tokens_per_pass(plain[kind][0]),
-                               "seconds": round(plain[kind][1], 3)} for kind in sets},
               "modes": {}, "by_visual_tokens": []}
 
     def lossless(results, kind, label):
@@ -232,8 +225,8 @@ def main(argv=None) -> int:
     print(f"\n{'operator':<10} {'visual tokens':>13} {'tok/pass':>9} {'proposal ms':>12}")
     for factor in (1, 2, 3, 6):
         for op in ("pool", "prune") if factor > 1 else ("none",):
-            drafter = with_factor(head, factor, op)
-            results, _ = run(vlm, drafter, *sets["describe"])
+            drafter = with_compressor(head, op, factor=factor if factor > 1 else 2)
+            results = generate(vlm, drafter, *sets["describe"])
             lossless(results, "describe", f"{op} factor {factor}")
             kept = (6 // factor) ** 2
             row = {"operator": op, "factor": factor, "visual_tokens": kept,

@@ -282,8 +282,8 @@ class Eagle3Drafter(KeyedByConfig):
         fused = fuse_features(params, hidden)
         if self.compression is not None:
             comp = self.cfg.compressor
-            span = vc.image_span(comp, prompt_tokens, lengths, self.compression)
-            compressed, _ = vc.compressed_tokens(comp, params["compressor"], fused, span, lengths, self.compression)
+            span = vc.image_span(comp, prompt_tokens, lengths)
+            compressed = vc.compressed_tokens(comp, params["compressor"], fused, span, lengths, self.compression)
             fused, (shifted,) = vc.compact(span, comp.kept, compressed, fused, [shifted])
             lengths = lengths - span.removed
 

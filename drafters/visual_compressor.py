@@ -169,11 +169,11 @@ class ImageSpan:
     removed: jax.Array  # int32[B]
 
 
-def image_span(cfg: CompressorConfig, tokens: jax.Array, lengths: jax.Array, mode: str) -> ImageSpan:
-    """The first image run of each row (a row without one, or mode "none": nothing removed)."""
+def image_span(cfg: CompressorConfig, tokens: jax.Array, lengths: jax.Array) -> ImageSpan:
+    """The first image run of each row (a row without one: nothing removed)."""
     b, p = tokens.shape
     is_image = (tokens == cfg.image_token_id) & (jnp.arange(p)[None, :] < lengths[:, None])
-    has = jnp.any(is_image, axis=1) & (mode != "none")
+    has = jnp.any(is_image, axis=1)
     start = jnp.where(has, jnp.argmax(is_image, axis=1), p).astype(jnp.int32)
     return ImageSpan(start, jnp.where(has, cfg.image_tokens - cfg.kept, 0).astype(jnp.int32))
 
@@ -191,16 +191,15 @@ def question_mask(span: ImageSpan, lengths: jax.Array, width: int, image_tokens:
 
 
 def compressed_tokens(cfg: CompressorConfig, params: dict, fused: jax.Array, span: ImageSpan,
-                      prompt_lengths: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
-    """(the m tokens replacing each row's image run [B, m, H], the operator index per row int32[B]).
-    ``mode`` "gate" asks the gate; an operator name (``OPERATORS``) uses it for every row."""
+                      prompt_lengths: jax.Array, mode: str) -> jax.Array:
+    """The m tokens replacing each row's image run [B, m, H]. ``mode`` "gate" asks the gate per row;
+    an operator name (``OPERATORS``) uses it for every row."""
     image = image_features(cfg, fused, span)
     if mode != "gate":
-        return apply_operator(cfg, params, image, mode), jnp.full(fused.shape[0], OPERATORS.index(mode), jnp.int32)
+        return apply_operator(cfg, params, image, mode)
     asked = question_mask(span, prompt_lengths, fused.shape[1], cfg.image_tokens)
-    choice = jnp.argmax(gate_logits(params, image, fused, asked), axis=-1).astype(jnp.int32)
-    candidates = compress_all(cfg, params, image)
-    return jnp.take_along_axis(candidates, choice[None, :, None, None], axis=0)[0], choice
+    choice = jnp.argmax(gate_logits(params, image, fused, asked), axis=-1)
+    return jnp.take_along_axis(compress_all(cfg, params, image), choice[None, :, None, None], axis=0)[0]
 
 
 def compact(span: ImageSpan, kept: int, compressed: jax.Array, fused: jax.Array,

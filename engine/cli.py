@@ -143,9 +143,13 @@ def resolve_drafter_args(args) -> None:
 
 def is_tiny_vlm(args) -> bool:
     """Whether ``--model`` (resolved) is the shipped tiny vision-language model."""
-    from specjax.models.embedded import TINY_VLM, _ASSETS
+    from specjax.models.embedded import tiny_vlm_dir
+    from specjax.models.safetensors_io import CheckpointError
 
-    return args.model is not None and os.path.realpath(args.model) == os.path.realpath(os.path.join(_ASSETS, TINY_VLM))
+    try:
+        return args.model is not None and os.path.realpath(args.model) == os.path.realpath(tiny_vlm_dir())
+    except CheckpointError:  # not installed
+        return False
 
 
 def _load(args):

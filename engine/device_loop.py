@@ -20,8 +20,9 @@ runs the drafter's ``update`` on every emitted token, so its state (Token
 Recycling's table) stays valid across switches; a drafter with ``catch_up``
 (the draft model, an EAGLE-3 head) skips it in plain steps and is fed their
 tokens (a head also the target's features the plain steps kept,
-``LoopState.pending_hidden``) in one pass when the next speculative chunk starts. The programs share one loop state, so
-switching compiles nothing once each bucket has run; a bucket compiles when the
+``LoopState.pending_hidden``) in one pass when the next speculative chunk
+starts. The programs share one loop state, so switching compiles nothing once
+each bucket has run; a bucket compiles when the
 policy first picks it (plain steps and the smallest tree first, larger trees
 once the largest one run has paid and the claims say a bigger one would), so
 sizes never tried are never compiled.
@@ -236,9 +237,8 @@ def run_steps(params, dparams, loop: LoopState, steps: jax.Array, *, drafter: De
     """Up to ``steps`` (a runtime int: no recompile per value) device steps of tree size
     ``capacity`` (see ``device_step``), stopping early once every row has finished."""
 
-    reads_hidden = getattr(drafter, "catch_up_reads_hidden", False)
-    if capacity != 0 and hasattr(drafter, "catch_up") and (loop.pending_hidden is not None or not reads_hidden):
-        loop = catch_up(dparams, loop, drafter)  # (a fixed size feeds every step: nothing is pending)
+    if capacity != 0 and buckets and hasattr(drafter, "catch_up"):  # only the auto size's plain chunks leave
+        loop = catch_up(dparams, loop, drafter)  # a catch-up drafter behind (``buckets``: the auto size)
 
     def cond(carry):
         i, loop = carry

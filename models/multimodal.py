@@ -142,7 +142,7 @@ def _image_list(images: ImagesPerPrompt) -> list:
     return [images] if isinstance(images, (Image.Image, np.ndarray)) else list(images)
 
 
-def _placed_image_tokens(ids: list[int], num_images: int, cfg) -> list[int]:
+def placed_image_tokens(ids: list[int], num_images: int, cfg) -> list[int]:
     """``ids`` with each image's ``tokens_per_image`` tokens in place.
 
     A prompt holding one image token per image has them expanded; one holding none gets one
@@ -163,7 +163,7 @@ def encode_image_prompts(vlm: VisionLanguageModel, prompts: Sequence[Union[str, 
     embeddings out at the prompt width): ``images[i]`` is prompt i's image, list of images, or
     None. A text prompt is tokenized as the Engine tokenizes text (``tokenizer.encode(text).ids``);
     its image placeholders (``image_token_id``) are expanded, or put first when it has none
-    (``_placed_image_tokens``). Images are preprocessed with the model's image processor, and
+    (``placed_image_tokens``). Images are preprocessed with the model's image processor, and
     all prompts run through the tower and the merge in one batch. Tiled processors (Idefics3 /
     SmolVLM) write rows and columns into the prompt text and are not handled here.
     """
@@ -182,7 +182,7 @@ def encode_image_prompts(vlm: VisionLanguageModel, prompts: Sequence[Union[str, 
             if vlm.tokenizer is None:
                 raise ValueError(f"{vlm.path} has no tokenizer.json: pass token ids, not text")
             prompt = vlm.tokenizer.encode(prompt).ids
-        ids.append(_placed_image_tokens([int(t) for t in prompt], len(imgs), cfg))
+        ids.append(placed_image_tokens([int(t) for t in prompt], len(imgs), cfg))
     lengths = np.array([len(row) for row in ids], np.int32)
     width = int(-(-lengths.max() // 8) * 8)  # a few widths, a few compilations
     tokens = np.zeros((len(ids), width), np.int32)

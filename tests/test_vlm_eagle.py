@@ -85,7 +85,7 @@ def test_compact_shifts_the_text_after_the_image_and_keeps_each_pairing():
     tokens[1, :5] = [10, 11, 12, 13, 14]
     lengths = jnp.asarray([41, 5])
     fused = jnp.asarray(np.arange(2 * p, dtype=np.float32).reshape(2, p, 1) * np.ones(4, np.float32))
-    span = vc.image_span(CFG, jnp.asarray(tokens), lengths, "pool")
+    span = vc.image_span(CFG, jnp.asarray(tokens), lengths)
     assert span.start.tolist() == [2, p] and span.removed.tolist() == [27, 0]
     compressed = jnp.full((2, 9, 4), -1.0)
     shifted = jnp.asarray(np.roll(tokens, -1, axis=1))  # pair j holds token j + 1

@@ -93,14 +93,9 @@ def read_image_prompts_jsonl(path: str) -> tuple[list[str], list[np.ndarray]]:
 
 def encode_image_prompt_ids(vlm, texts: Sequence[str]) -> list[list[int]]:
     """Token ids with the image placeholder expanded (a prompt without one gets the image first)."""
-    from specjax.models.multimodal import expand_image_tokens
+    from specjax.models.multimodal import placed_image_tokens
 
-    cfg = vlm.config
-    out = []
-    for text in texts:
-        ids = vlm.tokenizer.encode(text).ids
-        out.append(expand_image_tokens(ids if cfg.image_token_id in ids else [cfg.image_token_id] + ids, cfg))
-    return out
+    return [placed_image_tokens(vlm.tokenizer.encode(text).ids, 1, vlm.config) for text in texts]
 
 
 def prompt_batch(prompts: Sequence[Sequence[int]], position: int, batch_size: int,
@@ -184,8 +179,8 @@ def train_drafter(target, kind: str, method: str, steps: int, out_dir: str, *,
     replicate = (lambda t: jax.device_put(t, NamedSharding(mesh, PartitionSpec()))) if mesh else (lambda t: t)
     tparams, params, frozen = replicate(tparams), replicate(params), replicate(frozen)
 
-    def embeds_of(position: int, tokens, plen):
-        """The rows' input embeddings with their images merged (None for a text target)."""
+    def prompt_embeds(position: int, tokens, plen):
+        """The rows' prompt embeddings with their images merged (None for a text target)."""
         if vlm is None:
             return None
         rows = (position + np.arange(opts.batch_size)) % len(prompts)
@@ -195,9 +190,11 @@ def train_drafter(target, kind: str, method: str, steps: int, out_dir: str, *,
     def continue_prompts(position: int, rkey):
         tokens, plen = prompt_batch(prompts, position, opts.batch_size, opts.seq_len)
         tokens, plen = place_batch(tokens), place_batch(plen)
-        tokens, valid = rollout_jit(tparams, tcfg, tokens, plen, rkey, temperature=temperature,
-                                    input_embeds=embeds_of(position, tokens, plen))
-        return tokens, valid, plen, embeds_of(position, tokens, plen)
+        embeds = prompt_embeds(position, tokens, plen)
+        tokens, valid = rollout_jit(tparams, tcfg, tokens, plen, rkey, temperature=temperature, input_embeds=embeds)
+        if embeds is not None:  # the continuation is text: its own token embeddings past the prompt
+            embeds = _with_continuation(embeds, tparams["embed"], tokens, plen)
+        return tokens, valid, plen, embeds
 
     pool = None
     if method == "sft":  # the fixed dataset: generated once (deterministically, so a resume rebuilds it)
@@ -312,6 +309,13 @@ def visual_compressor_for(vlm, factor: int) -> CompressorConfig:
 
 
 _image_embeddings = jax.jit(input_embeddings, static_argnames=("cfg",))
+
+
+@jax.jit
+def _with_continuation(prompt_embeds, embed_table, tokens, prompt_lengths):
+    """The prompt's embeddings (images merged) up to each row's prompt length, the tokens' after."""
+    in_prompt = jnp.arange(tokens.shape[1])[None, :, None] < prompt_lengths[:, None, None]
+    return jnp.where(in_prompt, prompt_embeds, embed_table[tokens].astype(prompt_embeds.dtype))
 
 
 def target_tokens_of_step(valid_lengths: np.ndarray, verified: int, first_use: bool) -> int:

@@ -192,31 +192,30 @@ def make_loss(kind: str, method: str, tcfg: ModelConfig, dcfg, opts: TrainOption
             per_row = per_row + opts.feature_weight * jnp.sum(weights * l1, axis=(0, 2))
         return per_row, jnp.sum(weights[0] > 0, axis=1), (match, valid, in_gen, weights)
 
+    def mean_loss(per_row, count):
+        return jnp.sum(per_row) / jnp.maximum(jnp.sum(count), 1)
+
     def compressed_terms(full, frozen, fused, tokens, teacher, valid_lengths, prompt_lengths):
         """SpecVLM's elastic compressor: the head trained on every operator's compacted sequence
         (and the uncompressed one), the gate on which operator served each prompt best."""
         comp = dcfg.compressor
-        span = vc.image_span(comp, tokens, prompt_lengths, "pool")
+        span = vc.image_span(comp, tokens, prompt_lengths)
         image = vc.image_features(comp, fused, span)
-        losses, row_losses, first = [], [], None
-        for compressed in [None, *vc.compress_all(comp, full["compressor"], image)]:
-            if compressed is None:
-                seq, removed = (fused, tokens, teacher), 0
-            else:
-                f, (t, te) = vc.compact(span, comp.kept, compressed, fused, [tokens, teacher])
-                seq, removed = (f, t, te), span.removed
-            per_row, count, aux = ttt_terms(full, frozen, *seq, valid_lengths - removed, prompt_lengths - removed)
-            if first is None:  # the metrics: the uncompressed sequence's
-                first = aux
-            losses.append(jnp.sum(per_row) / jnp.maximum(jnp.sum(count), 1))
+        per_row, count, uncompressed = ttt_terms(full, frozen, fused, tokens, teacher, valid_lengths, prompt_lengths)
+        losses, row_losses = [mean_loss(per_row, count)], []
+        for compressed in vc.compress_all(comp, full["compressor"], image):
+            f, (t, te) = vc.compact(span, comp.kept, compressed, fused, [tokens, teacher])
+            per_row, count, _ = ttt_terms(full, frozen, f, t, te, valid_lengths - span.removed,
+                                          prompt_lengths - span.removed)
+            losses.append(mean_loss(per_row, count))
             row_losses.append(per_row / jnp.maximum(count, 1))
-        best = jnp.argmin(jax.lax.stop_gradient(jnp.stack(row_losses[1:])), axis=0)
+        best = jnp.argmin(jax.lax.stop_gradient(jnp.stack(row_losses)), axis=0)
         asked = vc.question_mask(span, prompt_lengths, tokens.shape[1], comp.image_tokens)
         gate = vc.gate_logits(full["compressor"], jax.lax.stop_gradient(image), jax.lax.stop_gradient(fused), asked)
         gate_ce = -jnp.take_along_axis(jax.nn.log_softmax(gate, axis=-1), best[:, None], axis=1)[:, 0]
         has_image = (span.removed > 0).astype(jnp.float32)
         gate_loss = jnp.sum(gate_ce * has_image) / jnp.maximum(jnp.sum(has_image), 1.0)
-        return sum(losses) / len(losses) + gate_loss, first
+        return sum(losses) / len(losses) + gate_loss, uncompressed  # the metrics: the uncompressed sequence's
 
     def eagle3_loss(params, frozen, tparams, tokens, valid_lengths, prompt_lengths, input_embeds=None):
         b, s = tokens.shape
@@ -234,7 +233,7 @@ def make_loss(kind: str, method: str, tcfg: ModelConfig, dcfg, opts: TrainOption
             return loss, (*_metrics(match, valid, in_gen), jnp.zeros((), jnp.int32))
         per_row, count, (match, valid, in_gen, weights) = ttt_terms(full, frozen, fused, tokens, teacher,
                                                                     valid_lengths, prompt_lengths)
-        loss = jnp.sum(per_row) / jnp.maximum(jnp.sum(count), 1)
+        loss = mean_loss(per_row, count)
         verified = jnp.zeros((), jnp.int32)
         if method == "opd":  # Draft-OPD: replay the drafter's own chains from the roots the loop visits
             draft_ids = jnp.arange(dcfg.draft_vocab_size) + frozen["d2t"]
