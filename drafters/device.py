@@ -235,8 +235,15 @@ def bucket_proposer(drafter, bucket: int):
     nodes of the full tree lie inside it (each is among the best ``bucket`` of its level, at depth
     at most ``bucket``), so the cut is the same while a small bucket no longer pays for the full
     tree's levels; the extra half keeps the auto policy's claims for the next bucket up. Drafters
-    with a ``TreeShape`` (``shape``) only; the state it returns has the drafter's own layout."""
-    if not hasattr(drafter, "shape") or not 0 < bucket < drafter.capacity:
+    with a ``TreeShape`` (``shape``), or that cut their own tree (``best_nodes_proposer``: Token
+    Recycling's template nodes that can rank among the best 2T); the state it returns has the
+    drafter's own layout."""
+    if not 0 < bucket < drafter.capacity:
+        return drafter
+    if hasattr(drafter, "best_nodes_proposer"):
+        proposer = drafter.best_nodes_proposer(2 * bucket)
+        return proposer if proposer.capacity >= bucket else drafter
+    if not hasattr(drafter, "shape"):
         return drafter
     size = min(drafter.capacity, 2 * bucket)
     if size == drafter.capacity and drafter.shape.depth <= size and drafter.shape.topk <= size:

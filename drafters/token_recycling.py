@@ -46,6 +46,11 @@ PAPER_TREE: tuple[tuple[int, ...], ...] = (
 )
 
 
+def sorted_paths(paths: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Template paths in their slot order: breadth first, then by rank (a ``TreeTemplate``'s)."""
+    return sorted((tuple(p) for p in paths), key=lambda p: (len(p), p))
+
+
 @dataclasses.dataclass(frozen=True)
 class TreeTemplate:
     """A static tree: ``parents[i]`` (-1 = child of the root, else an earlier node),
@@ -57,7 +62,7 @@ class TreeTemplate:
 
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]]) -> "TreeTemplate":
-        paths = sorted((tuple(p) for p in paths), key=lambda p: (len(p), p))
+        paths = sorted_paths(paths)
         index = {p: i for i, p in enumerate(paths)}
         missing = [p for p in paths if len(p) > 1 and p[:-1] not in index]
         if missing or any(len(p) == 0 for p in paths):
@@ -72,6 +77,15 @@ class TreeTemplate:
 
     def __len__(self) -> int:
         return len(self.parents)
+
+
+def dominators(path: tuple[int, ...], present: set) -> int:
+    """How many template nodes (``present``) are at least as probable as ``path``'s node and sit in an
+    earlier slot, whatever the table: its ancestors, and each ancestor's (or its own) lower-rank
+    siblings (a table row's successors are sorted by probability, so a lower rank is never less
+    probable, and path probabilities never rise along a path)."""
+    siblings = sum((path[:i] + (j,)) in present for i in range(len(path)) for j in range(path[i]))
+    return len(path) - 1 + siblings
 
 
 @jax.tree_util.register_dataclass
@@ -110,6 +124,17 @@ class TokenRecyclingDrafter(KeyedByConfig):
             raise ValueError(f"k = {self.k} exceeds the vocabulary ({self.vocab_size})")
         self.template = template.truncated(self.capacity)
 
+    def best_nodes_proposer(self, size: int) -> "TokenRecyclingDrafter":
+        """This drafter over the template nodes that can be among its ``size`` most probable for any
+        table (fewer than ``size`` dominators, see ``dominators``): the auto size's small buckets walk
+        a few nodes, not the whole template, and keep the same best nodes (ties go to the lower slot)."""
+        kept = sorted_paths(self.paths)[: self.capacity]
+        present = set(kept)
+        paths = tuple(p for p in kept if dominators(p, present) < size)
+        if len(paths) >= self.capacity:
+            return self
+        return dataclasses.replace(self, paths=paths, capacity=len(paths))
+
     def reset(self) -> None:
         """Forget every recycled successor (a cold start)."""
         self.table = self.table_probs = None
@@ -144,7 +169,15 @@ class TokenRecyclingDrafter(KeyedByConfig):
         parents[:t] = self.template.parents
         tree = DraftTree(tokens=tokens[:, 1:], parents=jnp.broadcast_to(jnp.asarray(parents), (b, self.capacity)),
                          valid=valid[:, 1:], draft_probs=jnp.where(valid, probs, 0.0)[:, 1:])
-        return tree, dataclasses.replace(dstate, tree_tokens=tokens, tree_valid=valid)
+        n = self.capacity + 1  # a ``best_nodes_proposer`` fills the front of the state's own (wider) tree
+        return tree, dataclasses.replace(dstate, tree_tokens=dstate.tree_tokens.at[:, :n].set(tokens),
+                                         tree_valid=jnp.zeros_like(dstate.tree_valid).at[:, :n].set(valid))
+
+    def first_guess(self, params, dstate: RecyclingState, root_tokens) -> tuple[jax.Array, jax.Array]:
+        """Each row's one-node draft (the root's top recycled successor) and whether it has one: the
+        auto size checks it against plain steps' tokens, T = 1's acceptance at no verifying cost."""
+        successor = dstate.table[root_tokens.astype(jnp.int32), 0]
+        return jnp.maximum(successor, 0), successor >= 0
 
     def restrict(self, dstate: RecyclingState, kept: jax.Array, valid: jax.Array) -> RecyclingState:
         """Only the proposal's nodes ``kept`` [B, t] (``valid`` [B, t]) were verified (a smaller

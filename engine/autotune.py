@@ -252,7 +252,17 @@ class ChunkPolicy:
     ``max_probe_every`` chunks), and the wait is never so short that probes
     would cost more than ``probe_share`` of the plain chunks' time (a drafter
     whose smallest tree costs ten plain steps, like a deep draft-model tree,
-    is probed rarely).
+    is probed rarely). A lazy drafter's prefill (the draft model reads a
+    batch's prompts before its first tree, ``setup_per_step``) counts in the
+    probes' spacing and, until the batch's first tree, in every tree's cost:
+    the first tree of a batch must pay for it within its chunk, so a tree that
+    gains a few percent never starts one. A drafter whose one-node draft is free to look at
+    (``first_guess``: Token Recycling's table) is never probed: each plain
+    chunk reports how often that draft was the emitted token (``shadow``, T =
+    1's acceptance measured without verifying, smoothed over chunks weighed by
+    their row-steps), and the next chunk leaves plain steps for the smallest
+    tree as soon as that acceptance pays for it; each batch starts with a
+    plain chunk (its own guesses, not the last batch's long tail rows).
     """
 
     costs: dict[int, float]
@@ -267,8 +277,18 @@ class ChunkPolicy:
     probe_share: float = 0.05  # ... or more: probes' extra time at most this share of the plain chunks'
     max_cost_jump: float = 2.0  # one chunk's step time counts as at most this many times the estimate
     history: list = dataclasses.field(default_factory=list)  # (T, fused steps) per chunk, in order
+    shadow: Optional[float] = None  # first guesses right per plain row-step, smoothed (drafters with ``first_guess``)
+    warmed: set = dataclasses.field(default_factory=set)  # buckets whose first (untimed) chunk has run
+    setup_per_step: float = 0.0  # a lazy drafter's prefill before a batch's first tree, per step of its chunk
     _plain_left: int = 0
     _probe_next: bool = False
+    _batch_start: bool = False
+    _setup_pending: bool = False
+
+    def start_batch(self) -> None:
+        """A new batch begins: a drafter with first guesses starts it with plain steps, and a lazy
+        drafter has yet to read its prompts (a tree must pay for that prefill within its chunk)."""
+        self._batch_start, self._setup_pending = True, self.setup_per_step > 0
 
     def unmeasured(self) -> list[int]:
         return [t for t in self.buckets if t not in self.costs]
@@ -284,18 +304,30 @@ class ChunkPolicy:
         if self._probe_next:
             self._probe_next = False
             return self.buckets[1]
+        if self.shadow is not None and self._batch_start:  # a new batch's own guesses first: the last
+            self._batch_start = False  # batch's tail (a few long rows) says little about its head
+            return 0
+        if self.shadow is not None and self.history[-1][0] == 0:
+            return self._shadow_choice()
         best = self.best_bucket()
-        if best == 0:
+        if best == 0 and self.shadow is None:
             self._plain_left, self._probe_next = max(self.probe_every, self._affordable_wait()) - 1, True
             self.probe_every = min(2 * self.probe_every, self.max_probe_every)
-        else:
+        elif best > 0:
             self.probe_every = ChunkPolicy.probe_every
         return best
 
+    def _shadow_choice(self) -> int:
+        """After a plain chunk of a drafter with first guesses: the smallest tree if the acceptance
+        those guesses showed pays for its cost, else plain steps again."""
+        smallest, costs = self.buckets[1], _costs_to_frontier(self.costs, self.buckets)  # never below plain
+        pays = (1.0 + self.shadow) / costs[smallest] > self.min_gain / costs[0]
+        return smallest if pays else 0
+
     def _affordable_wait(self) -> int:
         """Plain chunks per probe for the probes' extra time to stay within ``probe_share`` of theirs
-        (a probe runs as many fused steps as a plain chunk)."""
-        extra = self.costs[self.buckets[1]] - self.costs[0]
+        (a probe runs as many fused steps as a plain chunk, and may first pay a lazy drafter's prefill)."""
+        extra = self.costs[self.buckets[1]] - self.costs[0] + self.setup_per_step
         return math.ceil(extra / (self.probe_share * self.costs[0]))
 
     def best_bucket(self) -> int:
@@ -305,8 +337,9 @@ class ChunkPolicy:
         if self.unmeasured() and not self._frontier_earned(costs):
             costs.pop(max(costs))
         best_t, best_rate = 0, self.min_gain / costs[0]
+        setup = self.setup_per_step if self._setup_pending else 0.0  # its first chunk pays the prefill
         for t in list(costs)[1:]:
-            rate = (1.0 + self.calibration * self.claimed.get(t, 0.0)) / costs[t]
+            rate = (1.0 + self.calibration * self.claimed.get(t, 0.0)) / (costs[t] + setup)
             if rate > best_rate:
                 best_t, best_rate = t, rate
         return best_t
@@ -319,15 +352,29 @@ class ChunkPolicy:
         return (1.0 + self.observed.get(top, 0.0)) / costs[top] > self.min_gain / costs[0]
 
     def record(self, capacity: int, seconds: float, steps: int, row_steps: int, claimed: Sequence[float],
-               accepted: int) -> None:
+               accepted: int, shadow: Optional[tuple[int, int]] = None, setup_s: float = 0.0) -> None:
         """Fold one chunk into the estimates: its time over ``steps`` fused steps and, for a
         speculative chunk, the drafter's claims per bucket (``claimed[i]`` for ``buckets[i]``,
-        summed over ``row_steps`` active row-steps) and the draft tokens accepted."""
+        summed over ``row_steps`` active row-steps) and the draft tokens accepted; for a plain
+        chunk, ``shadow``: (first guesses that were the emitted token, row-steps guessed).
+        ``setup_s``: the drafter's prefill the chunk needed first (a lazy drafter's, before a
+        batch's first tree), which spaces the probes further."""
         self.history.append((capacity, steps))
+        if setup_s > 0 and steps > 0:
+            self.setup_per_step = setup_s / steps
+        if capacity > 0:
+            self._setup_pending = False
+        if shadow is not None and shadow[1] > 0:  # first guesses stand in for probes from now on
+            self._plain_left, self._probe_next = 0, False
+            rate = shadow[0] / shadow[1]  # weighted as shadow[1] / 8 chunks of one row: one lucky chunk
+            a = 1 - (1 - self.smoothing) ** (shadow[1] / 8)  # of a single row does not switch alone
+            self.shadow = rate if self.shadow is None else (1 - a) * self.shadow + a * rate
         if steps <= 0:
             return
         per_step = seconds / steps
-        if capacity not in self.costs:
+        if capacity not in self.warmed:  # a program's first run pays one-time costs (a CPU's kernels
+            self.warmed.add(capacity)  # set up on first call: 2-4x a step): its second chunk is timed
+        elif capacity not in self.costs:
             self.costs[capacity] = per_step
         else:  # timing noise on a shared host only adds time: follow drops fast, rises slowly
             per_step = min(per_step, self.max_cost_jump * self.costs[capacity])

@@ -21,8 +21,11 @@ Recycling's table) stays valid across switches; a drafter with ``catch_up``
 (the draft model, an EAGLE-3 head) skips it in plain steps and is fed their
 tokens (a head also the target's features the plain steps kept,
 ``LoopState.pending_hidden``) in one pass when the next speculative chunk
-starts. The programs share one loop state, so switching compiles nothing once
-each bucket has run; a bucket compiles when the
+starts. A drafter with ``first_guess`` (Token Recycling) has each plain step
+check its one-node draft against the emitted token (``LoopState.shadow``),
+which tells the policy T = 1's acceptance without probing. The programs share
+one loop state, so switching compiles nothing once each bucket has run; a
+bucket compiles when the
 policy first picks it (plain steps and the smallest tree first, larger trees
 once the largest one run has paid and the claims say a bigger one would), so
 sizes never tried are never compiled.
@@ -75,6 +78,9 @@ class LoopState:
     # [L, B, max_new_tokens, H]: for a catch-up drafter that reads the target's features (EAGLE-3), those
     # of the position before each output token, written by plain steps until ``catch_up`` feeds them
     pending_hidden: Optional[jax.Array] = None
+    # int32[2] for a drafter with ``first_guess`` under the auto size: (plain row-steps whose emitted
+    # token was the drafter's first guess, plain row-steps): T = 1's acceptance, seen without verifying
+    shadow: Optional[jax.Array] = None
 
     @classmethod
     def start(cls, state: DecodeState, dstate: Any, width: int, *, n_buckets: int = 0,
@@ -168,8 +174,11 @@ def device_step(params, dparams, loop: LoopState, *, drafter: DeviceDrafter, cfg
     capacity = drafter.capacity if capacity is None else capacity
     claimed, row_steps, dstate = loop.claimed, loop.row_steps, loop.dstate
     lazy = capacity == 0 and hasattr(drafter, "catch_up")  # fed later, in one pass (see ``catch_up``)
+    guess = None
     if capacity == 0:
         tree = _plain_tree(active.shape[0])
+        if loop.shadow is not None:  # the drafter's one-node draft, checked against the plain step's token
+            guess, known = drafter.first_guess(dparams, dstate, state.last_tokens)
     else:
         proposer = bucket_proposer(drafter, capacity)  # a small bucket: a short tree, not the full one cut
         tree, dstate = proposer.propose(dparams, dstate, state.last_tokens, state.lengths, state.sampling,
@@ -191,6 +200,10 @@ def device_step(params, dparams, loop: LoopState, *, drafter: DeviceDrafter, cfg
         slot = jnp.where(active, loop.out_len, pending_hidden.shape[2])
         pending_hidden = pending_hidden.at[:, jnp.arange(active.shape[0]), slot].set(
             aux.hidden[:, :, 0].astype(pending_hidden.dtype), mode="drop")
+    shadow = loop.shadow
+    if guess is not None:
+        hits = active & known & (acc.num > 0) & (acc.tokens[:, 0] == guess)
+        shadow = shadow + jnp.stack([jnp.sum(hits, dtype=jnp.int32), jnp.sum(active, dtype=jnp.int32)])
     b, n = acc.tokens.shape
     width = loop.out_tokens.shape[1]
     slots = loop.out_len[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
@@ -203,7 +216,7 @@ def device_step(params, dparams, loop: LoopState, *, drafter: DeviceDrafter, cfg
         jnp.stack([acc.num, acc.num_draft_accepted], axis=-1), mode="drop")
     return LoopState(state, dstate, out, loop.out_len + acc.num, loop.passes + active.astype(jnp.int32),
                      loop.accepted + acc.num_draft_accepted, claimed, row_steps, loop.steps + 1,
-                     loop.fed if lazy else loop.out_len + acc.num, step_log, out_logprobs, pending_hidden)
+                     loop.fed if lazy else loop.out_len + acc.num, step_log, out_logprobs, pending_hidden, shadow)
 
 
 CATCH_UP_WIDTH = 8  # tokens per catch-up pass
@@ -385,6 +398,8 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
                                  tuple(drafter.hidden_layers), seeds, return_logits=logprobs)
     rows, state, first = batch.rows, batch.state, batch.first
     policy = chunk_policy(engine, drafter, rows, batch.max_len, with_q, max_capacity) if auto else None
+    if policy is not None:
+        policy.start_batch()
     buckets = policy.buckets if policy is not None else ()
     prompt_unread, lazy_prompt = True, policy is not None and hasattr(drafter, "catch_up")
 
@@ -407,6 +422,8 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
         layers, hidden_size = len(drafter.hidden_layers), cfg.hidden_size
         loop = dataclasses.replace(loop, pending_hidden=jnp.zeros((layers, rows, max_new_tokens, hidden_size),
                                                                   batch.hidden.dtype))
+    if policy is not None and hasattr(drafter, "first_guess"):
+        loop = dataclasses.replace(loop, shadow=jnp.zeros(2, jnp.int32))
     loop = feed_prompt(loop, 0)
     counters = _start_counters(rows, len(buckets)) if policy is not None else None
     chunks, fused_steps = [], 0  # chunks: (T, seconds, fused steps, passes per row after it), for the traces
@@ -467,14 +484,16 @@ def chunk_traces(chunks: list, step_log: np.ndarray, row: int) -> list[TraceStep
 
 
 def _counters(loop: LoopState) -> tuple:
-    """What the policy reads after a chunk: claims, row-steps, fused steps, accepted, passes."""
-    return loop.claimed, loop.row_steps, loop.steps, loop.accepted, loop.passes
+    """What the policy reads after a chunk: claims, row-steps, fused steps, accepted, passes, and the
+    plain steps' first-guess hits and row-steps."""
+    shadow = np.zeros(2, np.int32) if loop.shadow is None else loop.shadow  # host zeros: no device op per chunk
+    return loop.claimed, loop.row_steps, loop.steps, loop.accepted, loop.passes, shadow
 
 
 def _start_counters(rows: int, n_buckets: int) -> tuple:
     """``_counters`` of ``LoopState.start``, known on the host without a device round trip."""
     return (np.zeros(n_buckets, np.float32), np.int32(0), np.int32(0), np.zeros(rows, np.int32),
-            np.ones(rows, np.int32))
+            np.ones(rows, np.int32), np.zeros(2, np.int32))
 
 
 def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int, feed_prompt, before: tuple):
@@ -486,14 +505,18 @@ def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int, feed_pro
     for the traces, and the counters after it (``before``: those of the chunk's start; one host sync
     per chunk). ``feed_prompt(loop, T)``: the drafter's prefill if a chunk at T needs it now."""
     capacity = policy.choose()
+    s0 = time.perf_counter()
     loop = feed_prompt(loop, capacity)
+    setup = time.perf_counter() - s0
     if capacity in policy.unmeasured():  # compiled on first use (a zero-step call), outside the timing
         loop = run(loop, jnp.int32(0), capacity=capacity)
     t0 = time.perf_counter()
     loop = run(loop, jnp.int32(steps), capacity=capacity)
     out, after = jax.device_get(((loop.out_tokens, loop.out_len, loop.state.finished), _counters(loop)))
     seconds = time.perf_counter() - t0
-    claimed, row_steps, n_steps, accepted, passes = after
+    claimed, row_steps, n_steps, accepted, passes, shadow = after
+    hits, guessed = (int(x) for x in shadow - before[5])
     policy.record(capacity, seconds, int(n_steps - before[2]), int(row_steps - before[1]), claimed - before[0],
-                  int((accepted - before[3]).sum()))
+                  int((accepted - before[3]).sum()), shadow=(hits, guessed) if guessed else None,
+                  setup_s=setup if capacity else 0.0)
     return loop, out, (capacity, seconds, int(n_steps - before[2]), passes), after

@@ -172,12 +172,12 @@ def test_drafting_time_counts_against_speculation():
 def test_chunk_policy_grows_to_the_fastest_bucket():
     policy = ChunkPolicy(costs={}, buckets=(0, 1, 2, 4))
     measured = []
-    for _ in range(4):
+    for _ in range(8):
         t = policy.choose()
         measured.append(t)
         policy.record(t, 8 * COSTS[t], steps=8, row_steps=8, claimed=[0.0, 8 * 0.9, 8 * 1.7, 8 * 3.0],
                       accepted=int(8 * 0.9 * (t == 1)) + int(8 * 1.7 * (t == 2)) + int(8 * 3.0 * (t == 4)))
-    assert measured == [0, 1, 2, 4]
+    assert measured == [0, 0, 1, 1, 2, 2, 4, 4]  # each bucket's first chunk warms it, its second is timed
     # (1 + 3.0) / 1.2 = 3.3 tokens per unit of time at T=4, against 2.45 at T=2 and 1 for plain steps.
     assert policy.choose() == 4
     policy.calibration = 0.2  # (1 + 0.6) / 1.2 = 1.33 still beats 1.05 ...
@@ -201,18 +201,20 @@ def test_chunk_policy_probes_less_often_while_plain_stays_best():
     assert policy.calibration < 0.01  # eight steps of nothing per probe: calibrated down at once
 
 
-@pytest.mark.parametrize("probe_cost", [4.0, 10.0])
-def test_chunk_probes_cost_at_most_their_share_of_plain_time(probe_cost):
+@pytest.mark.parametrize("probe_cost,setup", [(4.0, 0.0), (10.0, 0.0), (1.5, 24.0)])
+def test_chunk_probes_cost_at_most_their_share_of_plain_time(probe_cost, setup):
     """A smallest tree costing several plain steps (a deep draft-model tree on a CPU) that never
-    pays: over a long run, the probes' extra time stays within ``probe_share`` of the plain time."""
+    pays: over a long run, the probes' extra time stays within ``probe_share`` of the plain time,
+    a lazy drafter's prefill before each probe (``setup``, in plain steps' time) included."""
 
-    def extra_share(policy) -> float:
+    def extra_share(policy, told_setup: bool = True) -> float:
         plain = extra = 0.0
         for _ in range(400):
             t = policy.choose()
             cost = probe_cost if t else 1.0
-            plain, extra = plain + 8.0, extra + 8.0 * (cost - 1.0)
-            policy.record(t, 8.0 * cost, 8, 8 * (t > 0), [0.0, 0.8, 1.6], accepted=0)
+            plain, extra = plain + 8.0, extra + 8.0 * (cost - 1.0) + setup * (t > 0)
+            policy.record(t, 8.0 * cost, 8, 8 * (t > 0), [0.0, 0.8, 1.6], accepted=0,
+                          setup_s=setup * (t > 0) * told_setup)
         return extra / plain
 
     budgeted = ChunkPolicy(costs={0: 1.0, 1: probe_cost, 2: 2 * probe_cost}, buckets=(0, 1, 2))
@@ -220,6 +222,83 @@ def test_chunk_probes_cost_at_most_their_share_of_plain_time(probe_cost):
     # Control: the doubling schedule alone (up to 16 chunks) spends more than that on probes.
     doubling = ChunkPolicy(costs={0: 1.0, 1: probe_cost, 2: 2 * probe_cost}, buckets=(0, 1, 2), probe_share=1e9)
     assert extra_share(doubling) > budgeted.probe_share * 1.1
+    if setup:  # Control: spacing probes by the tree's cost alone, the prefills overspend the budget.
+        untold = ChunkPolicy(costs={0: 1.0, 1: probe_cost, 2: 2 * probe_cost}, buckets=(0, 1, 2))
+        assert extra_share(untold, told_setup=False) > budgeted.probe_share * 1.1
+
+
+def test_a_bucket_is_timed_on_its_second_chunk_not_its_first():
+    """A program's first run pays one-time costs (on a CPU, 2-4x a step); timing it would overstate
+    the bucket for good, since a bucket the policy then avoids is seldom timed again."""
+    policy = ChunkPolicy(costs={}, buckets=(0, 1, 2))
+    for t, seconds in [(0, 8 * 3.0), (0, 8 * 1.0), (1, 8 * 4.0), (1, 8 * 1.2)]:
+        assert policy.choose() == t
+        policy.record(t, seconds, 8, 8 * (t > 0), [0.0, 0.0, 0.0], accepted=0)
+    assert policy.costs == {0: pytest.approx(1.0), 1: pytest.approx(1.2)}
+    # Control: timing the first chunk (and smoothing the second into it) keeps most of the 3x.
+    first_timed = ChunkPolicy(costs={0: 3.0}, buckets=(0, 1, 2), warmed={0})
+    first_timed.record(0, 8 * 1.0, 8, 0, [0.0, 0.0, 0.0], accepted=0)
+    assert first_timed.costs[0] > 2.0
+
+
+def plain_chunks_with_first_guesses(policy: ChunkPolicy, right_per_step: float, chunks: int,
+                                    guesses: bool = True) -> list[int]:
+    """The policy's choices while each plain chunk reports first guesses right ``right_per_step`` of
+    its 8 row-steps (none reported without ``guesses``); a speculative chunk accepts nothing."""
+    choices = []
+    for _ in range(chunks):
+        t = policy.choose()
+        choices.append(t)
+        shadow = (round(8 * right_per_step), 8) if t == 0 and guesses else None
+        policy.record(t, 8 * COSTS[t] * (1.2 if t else 1.0), 8, 8 * (t > 0), [0.0, 0.8, 1.6], accepted=0,
+                      shadow=shadow)
+    return choices
+
+
+def test_first_guesses_replace_probes_and_switch_to_trees_only_when_they_pay():
+    """A drafter with a free one-node guess (Token Recycling) is never probed: plain chunks say how
+    often the guess was the emitted token, and the smallest tree runs once that pays for its cost."""
+    costs = {0: 1.0, 1: 1.2 * COSTS[1], 2: 1.2 * COSTS[2]}
+    never = ChunkPolicy(costs=dict(costs), buckets=(0, 1, 2), warmed={0, 1, 2})
+    assert plain_chunks_with_first_guesses(never, 0.0, 24) == [0] * 24
+    # Control: the same drafter without first guesses is probed (waits of 2, 4, 8 chunks).
+    probed = ChunkPolicy(costs=dict(costs), buckets=(0, 1, 2), warmed={0, 1, 2})
+    assert sum(t > 0 for t in plain_chunks_with_first_guesses(probed, 0.0, 24, guesses=False)) >= 3
+    # T = 1 costs 1.26 plain steps: a guess right 25% of the time gives 1.25 / 1.26 (plain stays) ...
+    quarter = ChunkPolicy(costs=dict(costs), buckets=(0, 1, 2), warmed={0, 1, 2})
+    assert plain_chunks_with_first_guesses(quarter, 0.25, 6) == [0] * 6
+    # ... 7 of 8 gives 1.875 / 1.26 = 1.49 tokens per plain step's time: the next chunk speculates.
+    assert plain_chunks_with_first_guesses(quarter, 7 / 8, 1) == [0] and quarter.choose() == 1
+    # A chunk of one row is weighed as one: after guesses that were never right, 5 of 8 right in a
+    # row's chunk (a burst) keeps plain steps (a rule reading the last chunk alone would switch) ...
+    burst = ChunkPolicy(costs=dict(costs), buckets=(0, 1, 2), warmed={0, 1, 2})
+    plain_chunks_with_first_guesses(burst, 0.0, 6)
+    burst.record(0, 8.0, 8, 0, [0.0, 0.0, 0.0], accepted=0, shadow=(5, 8))
+    assert burst.choose() == 0 and (1 + 5 / 8) / costs[1] > burst.min_gain / costs[0]
+    # ... while 80 of 128 row-steps (16 rows) are evidence enough to switch at once.
+    burst.record(0, 8.0, 8, 0, [0.0, 0.0, 0.0], accepted=0, shadow=(80, 128))
+    assert burst.choose() == 1
+    # A new batch starts with a plain chunk of its own guesses, whatever the last batch's tail showed.
+    burst.start_batch()
+    assert burst.choose() == 0
+    burst.record(0, 8.0, 8, 0, [0.0, 0.0, 0.0], accepted=0, shadow=(80, 128))
+    assert burst.choose() == 1
+
+
+def test_a_batch_speculates_only_if_its_first_tree_pays_for_the_drafters_prefill():
+    """A lazy drafter (the draft model) reads a batch's prompts before its first tree. T = 1 gaining 14%
+    per step does not cover a prefill costing half a step per step of the chunk; once a tree has run
+    in the batch (the prefill paid), the same claims speculate."""
+    policy = ChunkPolicy(costs={0: 1.0, 1: 1.1}, buckets=(0, 1), claimed={1: 0.25}, warmed={0, 1})
+    assert policy.best_bucket() == 1  # (1 + 0.25) / 1.1 = 1.14 > 1.05
+    policy.record(1, 8 * 1.1, 8, 8, [0.0, 8 * 0.25], accepted=2, setup_s=4.0)  # a tree that paid 4.0
+    policy.start_batch()
+    assert policy.best_bucket() == 0  # 1.25 / (1.1 + 0.5) = 0.78
+    policy.record(1, 8 * 1.1, 8, 8, [0.0, 8 * 0.25], accepted=2)  # this batch's first tree (a probe)
+    assert policy.best_bucket() == 1
+    # Control: the prefill counted on every tree, paid or not, would keep plain steps.
+    always = ChunkPolicy(costs={0: 1.0, 1: 1.1 + 0.5}, buckets=(0, 1), claimed={1: 0.25}, warmed={0, 1})
+    assert always.best_bucket() == 0
 
 
 def test_chunk_calibration_counts_a_chunk_as_its_steps():

@@ -3,6 +3,8 @@ chosen from measured step costs and calibrated drafter claims. Lossless whatever
 no recompiles of a bucket that has run, and a drafter that never pays speculates rarely."""
 
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,7 +72,7 @@ def test_a_draft_model_reads_the_prompt_only_when_a_batch_speculates(monkeypatch
     real_prefill = device_loop._drafter_prefill
     monkeypatch.setattr(device_loop, "_drafter_prefill", lambda *a, **k: prefills.append(1) or real_prefill(*a, **k))
     engine = Engine(TARGET, DraftModelDrafter(TARGET, V, capacity=2), max_draft_capacity=2, attention="xla")
-    engine.generate(PROMPTS, 16)  # measures plain steps and T=1: one prefill, before the T=1 chunk
+    engine.generate(PROMPTS, 40)  # measures plain steps and T=1 (two chunks each): one prefill, before T=1's
     assert len(prefills) == 1
     (policy,) = engine._chunk_policies.values()
     policy._plain_left = 10 ** 6  # plain chunks only from now on
@@ -127,7 +129,7 @@ def test_token_recycling_keeps_learning_through_plain_chunks():
     drafter.reset()
     engine = Engine(TARGET, drafter, max_draft_capacity=2, attention="xla")
     policy = ChunkPolicy(costs={t: 1.0 for t in (0, 1, 2)}, buckets=(0, 1, 2))
-    policy._plain_left = 10 ** 6  # plain chunks only
+    policy.choose = lambda: 0  # plain chunks only
     engine._chunk_policies = {(drafter, 4, 128, False, 2): policy}
     results = engine.generate(PROMPTS, 24)
     assert all(t == 0 for t, _ in policy.history)
@@ -199,6 +201,100 @@ def test_a_small_bucket_proposes_a_short_tree_with_the_same_best_nodes():
         differs |= any(_paths(keep_best(propose(short), 4)[0], r) != _paths(keep_best(full, 4)[0], r)
                        for r in range(rows))
     assert differs
+
+
+def recycling_tables(seed: int, vocab: int = V, k: int = 8) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """A table as ``update`` leaves it: each token's k distinct successors, most probable first."""
+    rng = np.random.default_rng(seed)
+    table = np.stack([rng.permutation(vocab)[:k] for _ in range(vocab)]).astype(np.int32)
+    probs = -np.sort(-rng.dirichlet(np.full(vocab, 0.05), size=vocab)[:, :k], axis=1)
+    return jnp.asarray(table), jnp.asarray(probs, jnp.float32)
+
+
+def test_token_recycling_small_buckets_walk_only_the_template_nodes_that_can_win():
+    """``bucket_proposer`` for Token Recycling: bucket T walks the template nodes with fewer than 2T
+    more probable nodes ahead of them (3 of 80 for T = 1, 15 for T = 2), keeps the same T nodes as the
+    whole template's cut, and claims the same for sizes up to 2T; the drafter's state keeps its own
+    layout. Control: the template's first 2T nodes (breadth first) keep other nodes."""
+    import jax
+
+    from specjax.drafters.device import bucket_proposer
+    from specjax.engine.device_loop import claims_by_size
+    from specjax.engine.sampling import SamplingParams
+
+    rows = 6
+    roots = jnp.asarray(np.random.default_rng(1).integers(0, V, rows), jnp.int32)
+    differs = False
+    for seed in range(4):
+        table, probs = recycling_tables(seed)
+        drafter = TokenRecyclingDrafter(V, capacity=80, table=table, table_probs=probs)
+        state = drafter.init_state(rows)
+
+        def propose(d):
+            return d.propose(None, state, roots, None, SamplingParams.make(rows), jax.random.key(0))
+
+        full, _ = propose(drafter)
+        for bucket, walked in ((1, 3), (2, 15), (4, None)):
+            small = bucket_proposer(drafter, bucket)
+            assert walked is None or small.capacity == walked
+            tree, small_state = propose(small)
+            assert jax.tree.map(jnp.shape, small_state) == jax.tree.map(jnp.shape, state)
+            want = keep_best(full, bucket)[0]
+            assert all(_paths(keep_best(tree, bucket)[0], r) == _paths(want, r) for r in range(rows))
+            sizes = tuple(t for t in (1, 2, 4, 8) if t <= 2 * bucket)
+            active = jnp.ones(rows, bool)
+            np.testing.assert_allclose(claims_by_size(tree, active, sizes), claims_by_size(full, active, sizes),
+                                       rtol=1e-6)
+        first_nodes = TokenRecyclingDrafter(V, capacity=4, table=table, table_probs=probs)  # the control
+        differs |= any(_paths(keep_best(propose(first_nodes)[0], 2)[0], r) != _paths(keep_best(full, 2)[0], r)
+                       for r in range(rows))
+    assert differs
+
+
+def test_plain_steps_count_how_often_the_recycled_guess_was_the_emitted_token():
+    """Under the auto size each plain step checks Token Recycling's one-node draft (the root's top
+    successor in the table *before* the step) against the token the step emitted, in the device loop.
+    Recomputed on the host step by step. Control: the table after the step nearly always agrees (a
+    greedy row writes its emitted token as the root's top successor), so it would overclaim."""
+    drafter = TokenRecyclingDrafter(V, capacity=24)
+    engine = Engine(TARGET, drafter, max_draft_capacity=2, attention="xla")
+    engine.generate(PROMPTS[:2], 12)  # a table that knows part of what follows
+    greedy = {"temperature": np.zeros(len(PROMPTS)), "top_k": np.zeros(len(PROMPTS), np.int32),
+              "top_p": np.ones(len(PROMPTS))}
+    batch = device_loop.prepare_device_batch(engine, PROMPTS, 24, greedy, 2, (), 0)
+    dstate = drafter.prefill(None, drafter.init_state(batch.rows, batch.max_len), None, None, batch.first)
+    loop = device_loop.LoopState.start(batch.state, dstate, 24, n_buckets=3, first=batch.first)
+    loop = dataclasses.replace(loop, shadow=jnp.zeros(2, jnp.int32))
+    hits = after_hits = guessed = 0
+    for _ in range(12):
+        table, roots = np.asarray(loop.dstate.table), np.asarray(loop.state.last_tokens)
+        active, before = ~np.asarray(loop.state.finished), np.asarray(loop.out_len)
+        loop = device_loop.run_steps(TARGET.params, None, loop, jnp.int32(1), drafter=drafter, cfg=TARGET.config,
+                                     attention="xla", with_q=False, capacity=0, buckets=(0, 1, 2))
+        emitted = np.asarray(loop.out_tokens)[np.arange(batch.rows), np.minimum(before, 23)]
+        guess, after = table[roots, 0], np.asarray(loop.dstate.table)[roots, 0]
+        hits += int(np.sum(active & (guess >= 0) & (guess == emitted)))
+        after_hits += int(np.sum(active & (after == emitted)))
+        guessed += int(active.sum())
+    assert np.asarray(loop.shadow).tolist() == [hits, guessed]
+    assert 0 < hits < guessed and after_hits > hits
+
+
+class WrongGuesses(WrongDrafter):
+    """The always-wrong drafter with a free first guess (the token plain decoding never emits)."""
+
+    def first_guess(self, params, dstate, root_tokens):
+        return jnp.full(root_tokens.shape, self.never, jnp.int32), jnp.ones(root_tokens.shape, bool)
+
+
+def test_a_drafter_whose_first_guesses_are_always_wrong_never_probes():
+    engine = Engine(TARGET, WrongGuesses(NEVER), max_draft_capacity=2, attention="xla")
+    first = engine.generate(PROMPTS, 64)  # measures plain steps and the smallest tree
+    (policy,) = engine._chunk_policies.values()
+    measured = len(policy.history)
+    second = engine.generate(PROMPTS, 64)
+    assert [r.token_ids for r in first] == [r.token_ids for r in second] == EXPECTED
+    assert policy.shadow == 0.0 and speculative_share(policy.history[measured:]) == 0.0
 
 
 def test_eagle3_catches_up_on_plain_chunks_as_if_fed_step_by_step(monkeypatch, tmp_path):

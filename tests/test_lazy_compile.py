@@ -49,7 +49,7 @@ def test_the_host_policy_never_compiles_a_size_that_cannot_pay():
 
 
 def test_the_chunk_policy_measures_plain_and_the_smallest_tree_then_grows():
-    policy = ChunkPolicy(costs={}, buckets=(0, 1, 2, 4, 8))
+    policy = ChunkPolicy(costs={}, buckets=(0, 1, 2, 4, 8), warmed={0, 1, 2, 4, 8})  # each chunk timed
     chosen = []
     for _ in range(4):
         t = policy.choose()
@@ -68,7 +68,7 @@ def test_the_chunk_policy_opens_a_bigger_tree_only_after_accepted_tokens():
     claims = [0.0] + [8 * sum(0.95 ** k for k in range(1, t + 1)) for t in (1, 2, 4, 8)]
 
     def run(accepted_at_one: int, evidence: bool = True) -> list[int]:
-        policy = ChunkPolicy(costs={}, buckets=(0, 1, 2, 4, 8))
+        policy = ChunkPolicy(costs={}, buckets=(0, 1, 2, 4, 8), warmed={0, 1, 2, 4, 8})
         if not evidence:  # claims and calibration only
             policy._frontier_earned = lambda costs: True
         chosen = []
