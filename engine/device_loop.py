@@ -403,17 +403,20 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
     buckets = policy.buckets if policy is not None else ()
     prompt_unread, lazy_prompt = True, policy is not None and hasattr(drafter, "catch_up")
 
-    def feed_prompt(loop: LoopState, capacity: int) -> LoopState:
+    def feed_prompt(loop: LoopState, capacity: int) -> tuple[LoopState, float]:
         """The drafter reads the prompt. Under the auto size a catch-up drafter (the draft model:
         plain steps leave it alone) reads it only before the batch's first speculative chunk, so a
-        batch that runs plain throughout never pays for its prefill."""
+        batch that runs plain throughout never pays for its prefill. Returns the loop and the
+        seconds the prefill took (0.0 when nothing was read)."""
         nonlocal prompt_unread
         if not prompt_unread or (capacity == 0 and lazy_prompt):
-            return loop
+            return loop, 0.0
         prompt_unread = False
+        start = time.perf_counter()
         dstate = _drafter_prefill(drafter.params, loop.dstate, jnp.asarray(batch.tokens), jnp.asarray(batch.lengths),
                                   first, batch.hidden, drafter=drafter)
-        return dataclasses.replace(loop, dstate=jax.block_until_ready(dstate))  # not in the next chunk's timing
+        dstate = jax.block_until_ready(dstate)  # not in the next chunk's timing
+        return dataclasses.replace(loop, dstate=dstate), time.perf_counter() - start
 
     dstate = drafter.init_state(rows, batch.max_len)
     loop = LoopState.start(state, dstate, max_new_tokens, n_buckets=len(buckets), first=first,
@@ -424,7 +427,7 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
                                                                   batch.hidden.dtype))
     if policy is not None and hasattr(drafter, "first_guess"):
         loop = dataclasses.replace(loop, shadow=jnp.zeros(2, jnp.int32))
-    loop = feed_prompt(loop, 0)
+    loop, _ = feed_prompt(loop, 0)
     counters = _start_counters(rows, len(buckets)) if policy is not None else None
     chunks, fused_steps = [], 0  # chunks: (T, seconds, fused steps, passes per row after it), for the traces
     reported = n_req
@@ -503,11 +506,10 @@ def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int, feed_pro
     bucket's cost per step, and the policy spaces probes by what they cost. Returns the loop,
     (tokens, lengths, finished) and the chunk's record (T, seconds, fused steps, passes per row)
     for the traces, and the counters after it (``before``: those of the chunk's start; one host sync
-    per chunk). ``feed_prompt(loop, T)``: the drafter's prefill if a chunk at T needs it now."""
+    per chunk). ``feed_prompt(loop, T)``: the drafter's prefill if a chunk at T needs it now, and
+    its seconds."""
     capacity = policy.choose()
-    s0 = time.perf_counter()
-    loop = feed_prompt(loop, capacity)
-    setup = time.perf_counter() - s0
+    loop, setup = feed_prompt(loop, capacity)
     if capacity in policy.unmeasured():  # compiled on first use (a zero-step call), outside the timing
         loop = run(loop, jnp.int32(0), capacity=capacity)
     t0 = time.perf_counter()
@@ -517,6 +519,5 @@ def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int, feed_pro
     claimed, row_steps, n_steps, accepted, passes, shadow = after
     hits, guessed = (int(x) for x in shadow - before[5])
     policy.record(capacity, seconds, int(n_steps - before[2]), int(row_steps - before[1]), claimed - before[0],
-                  int((accepted - before[3]).sum()), shadow=(hits, guessed) if guessed else None,
-                  setup_s=setup if capacity else 0.0)
+                  int((accepted - before[3]).sum()), shadow=(hits, guessed) if guessed else None, setup_s=setup)
     return loop, out, (capacity, seconds, int(n_steps - before[2]), passes), after

@@ -85,6 +85,31 @@ def test_a_draft_model_reads_the_prompt_only_when_a_batch_speculates(monkeypatch
     assert len(prefills) == 2
 
 
+def test_the_policy_keeps_the_draft_models_prefill_time_past_later_trees(monkeypatch):
+    """The prefill a batch's first tree needed (here slowed to 0.2 s) is what spaces the probes and
+    what the next batch's first tree must pay for; later trees of the batch read no prompt, so they
+    must not overwrite it with nothing (a timer around every chunk's prompt check would)."""
+    import time
+
+    real_prefill = device_loop._drafter_prefill
+    monkeypatch.setattr(device_loop, "_drafter_prefill", lambda *a, **k: time.sleep(0.2) or real_prefill(*a, **k))
+    real_policy = device_loop.chunk_policy
+
+    def trees_after_measuring(*args):
+        policy = real_policy(*args)
+        schedule = [0, 0, 1, 1, 1]  # two plain chunks, then trees: the first reads the prompt
+        policy.choose = lambda: schedule.pop(0) if schedule else 0
+        return policy
+
+    monkeypatch.setattr(device_loop, "chunk_policy", trees_after_measuring)
+    engine = Engine(TARGET, DraftModelDrafter(TARGET, V, capacity=2), max_draft_capacity=2, attention="xla")
+    results = engine.generate(PROMPTS, 56)
+    (policy,) = engine._chunk_policies.values()
+    assert [t for t, _ in policy.history][:5] == [0, 0, 1, 1, 1]
+    assert policy.setup_per_step >= 0.2 / 8  # the prefill over the 8 steps of its chunk
+    assert [r.token_ids for r in results] == greedy_generate(TARGET, PROMPTS, 56)
+
+
 RECYCLING = TokenRecyclingDrafter(V, capacity=24)  # one instance: its compiled programs serve two tests
 
 
