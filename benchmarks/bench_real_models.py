@@ -165,11 +165,8 @@ def load(spec: str, quantize: Optional[str] = None):
     import jax.numpy as jnp
 
     from specjax.models.loading import load_model
-    from specjax.models.pull import resolve_model
-    from specjax.models.quant import QuantSpec
 
-    spec_q = QuantSpec.parse(quantize) if quantize in ("int8", "int4") else quantize
-    return load_model(resolve_model(spec), dtype=jnp.float32, quantize=spec_q)
+    return load_model(spec, dtype=jnp.float32, quantize=quantize)  # it pulls registry names and parses "int8"
 
 
 def load_average() -> list[float]:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from specjax.engine.sampling import position_keys, row_keys
+from specjax.engine.sampling import position_keys, row_keys, vocab_top_k
 from specjax.engine.tree import DraftTree
 from specjax.tpu_kernels.tree_attention import blockwise_attention
 
@@ -272,13 +272,13 @@ def _children(keys, positions, logits: jax.Array, temperature: jax.Array, k: int
     close to p it is the first child, or among the k (the Gumbel coupling), and acceptance keeps it.
     """
     greedy_logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    top_logp, top_ids = lax.top_k(greedy_logp, k)
+    top_logp, top_ids = vocab_top_k(greedy_logp, k)
     if not with_q:
         return top_ids.astype(jnp.int32), top_logp, None
     temp = jnp.where(temperature > 0, temperature, 1.0)[:, None, None]
     logq = jax.nn.log_softmax(logits.astype(jnp.float32) / temp, axis=-1)
     shared = jax.vmap(lambda key: jax.random.gumbel(key, (target_vocab,)))(position_keys(keys, positions))
-    drawn = lax.top_k(logq + shared[:, None, target_ids], k)[1].astype(jnp.int32)  # [B, K, k]
+    drawn = vocab_top_k(logq + shared[:, None, target_ids], k)[1].astype(jnp.int32)  # [B, K, k]
     drawn_logq = jnp.take_along_axis(logq, drawn, axis=-1)
     sampled = (temperature > 0)[:, None, None]
     return (jnp.where(sampled, drawn, top_ids.astype(jnp.int32)), jnp.where(sampled, drawn_logq, top_logp),

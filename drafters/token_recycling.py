@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.drafters.device import KeyedByConfig
+from specjax.engine.sampling import vocab_top_k
 from specjax.engine.tree import DraftTree
 
 # The paper's default tree (its code's template "2.2.2"): 80 nodes in 6 levels
@@ -196,7 +197,7 @@ class TokenRecyclingDrafter(KeyedByConfig):
         nodes): w = 1 for a plain step."""
         logits = aux.logits.astype(jnp.float32)
         w = logits.shape[1]
-        top, succ = jax.lax.top_k(logits, self.k)  # [B, w, k]
+        top, succ = vocab_top_k(logits, self.k)  # [B, w, k]
         probs = jnp.exp(top - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
         live = dstate.tree_valid[:, :w] & (accepted.num > 0)[:, None]
         rows = jnp.where(live, dstate.tree_tokens[:, :w], self.vocab_size).reshape(-1)  # out of range -> dropped

@@ -15,6 +15,7 @@ the final normalization divides.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence, Union
 
 import jax
@@ -26,6 +27,40 @@ PerRow = Union[float, int, Sequence[float], Sequence[int], np.ndarray]
 
 # Bisection over uint32 keys: each step halves the candidate range, which starts below 2**32.
 _BISECTION_STEPS = 32
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """int32 ``jnp.argmax(x, axis=-1)``, bit for bit (the first index on ties; the first NaN where a
+    row has one), as a max and a min over the indices that reach it: XLA:CPU runs ``argmax`` as a
+    reduction over (value, index) pairs that does not vectorize, about 6x slower over a vocabulary
+    (0.88 ms against 0.15 ms for 8 rows of 49,152), and every greedy step takes one."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    reaches = (x == top) | jnp.isnan(x)  # a NaN row's max is NaN, equal to nothing: its first NaN
+    return jnp.min(jnp.where(reaches, index, x.shape[-1]), axis=-1)
+
+
+def vocab_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k(x, k)`` over a vocabulary (the last axis), the same values and indices in the same
+    order (ties to the lower index), faster on XLA:CPU, whose top-k sorts: a drafter's successors or
+    children take one per step (0.45 ms for 8 rows of 49,152 against 0.06 ms here). k = 1 is
+    ``first_argmax``. Otherwise the vocabulary splits into groups of about sqrt(V / k) entries: each
+    of the k best entries lies in one of the k groups with the best maxima (every group ranked above
+    its group holds an entry ranked above it), so the exact top-k reads those k groups alone, in
+    index order."""
+    vocab = x.shape[-1]
+    if k == 1:
+        ids = first_argmax(x)[..., None]
+        return jnp.take_along_axis(x, ids, axis=-1), ids
+    # a power of two near sqrt(V / k), dividing V (at most V's largest power-of-two factor)
+    group = min(1 << max(math.isqrt(max(vocab // k, 1)) - 1, 0).bit_length(), vocab & -vocab)
+    if group < 8 or vocab // group <= k:  # nothing to gain
+        return lax.top_k(x, k)
+    grouped = x.reshape(x.shape[:-1] + (vocab // group, group))
+    best_groups = jnp.sort(lax.top_k(jnp.max(grouped, axis=-1), k)[1], axis=-1)  # [..., k], index order
+    candidates = jnp.take_along_axis(grouped, best_groups[..., None], axis=-2).reshape(x.shape[:-1] + (k * group,))
+    values, at = lax.top_k(candidates, k)
+    return values, jnp.take_along_axis(best_groups, at // group, axis=-1) * group + at % group
 
 
 @jax.tree_util.register_dataclass
@@ -113,7 +148,7 @@ def target_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
                       lambda: jnp.ones(keys.shape, bool))
     weights = jnp.where(keep_p, weights, 0.0)
     probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    one_hot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), vocab, dtype=jnp.float32)
+    one_hot = jax.nn.one_hot(first_argmax(flat), vocab, dtype=jnp.float32)
     return jnp.where(greedy[:, None], one_hot, probs).reshape(shape)
 
 
@@ -122,7 +157,7 @@ def sample_or_argmax(key: jax.Array, logits: jax.Array, sp: SamplingParams) -> j
     from ``target_probs`` (``gumbel_argmax``; ``key`` is one key or one per row, e.g. the
     ``position_keys`` of each row's next token). An all-greedy batch skips the filters and the draw."""
     greedy = _per_node(sp.temperature, logits.shape[:-1]).reshape(logits.shape[:-1]) <= 0
-    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    argmax = first_argmax(logits)
 
     def draw():
         return jnp.where(greedy, argmax, gumbel_argmax(key, jnp.log(target_probs(logits, sp))))
@@ -184,7 +219,7 @@ def gumbel_argmax(key: jax.Array, logp: jax.Array) -> jax.Array:
         noise = jax.random.gumbel(key, logp.shape)
     else:
         noise = jax.vmap(lambda k: jax.random.gumbel(k, logp.shape[1:]))(key)
-    return jnp.argmax(logp + noise, axis=-1).astype(jnp.int32)
+    return first_argmax(logp + noise)
 
 
 def _per_node(row_values: jax.Array, lead_shape: tuple[int, ...]) -> jax.Array:

@@ -334,18 +334,19 @@ class Scheduler:
         decoding = [run for run in self._running.values() if run.decoding]
         proposals = [self._propose(run) for run in decoding]
         keep = [len(p) for p in proposals]
+        probs = [np.clip(p.probs, 0.0, 1.0) for p in proposals]
         if self.policy is not None:
-            gains = [np.clip(p.probs, 0.0, 1.0) * self.policy.calibration(run.claimed, self.results[run.rid].accepted)
-                     for run, p in zip(decoding, proposals)]
+            gains = [p * self.policy.calibration(run.claimed, self.results[run.rid].accepted)
+                     for run, p in zip(decoding, probs)]
             keep = self.policy.cut(len(decoding) + prefill_rows, len(decoding), gains)
         works, claims = [], {}
-        for run, proposal, n in zip(decoding, proposals, keep):
+        for run, proposal, node_probs, n in zip(decoding, proposals, probs, keep):
             tokens, parents = proposal.tokens[:n].astype(np.int32), proposal.parents[:n].astype(np.int32)
             cached = self.allocator.length(run.rid)
             self.allocator.reserve(run.rid, cached + 1 + n)
             works.append(Work(run.slot, np.concatenate([[run.root], tokens]).astype(np.int32), parents, cached,
                               emits=True))
-            claims[run.slot] = float(np.clip(proposal.probs[:n], 0.0, 1.0).sum())
+            claims[run.slot] = float(node_probs[:n].sum())
         return works, claims
 
     def _propose(self, run: _Running) -> Proposal:

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from specjax.engine.sampling import (SamplingParams, gumbel_argmax, position_keys, row_keys, sample_or_argmax,
-                                     target_probs)
+from specjax.engine.sampling import (SamplingParams, first_argmax, gumbel_argmax, position_keys, row_keys,
+                                     sample_or_argmax, target_probs)
 from specjax.engine.state import DecodeState
 from specjax.engine.tree import DraftTree, ancestor_mask, depths, parents_with_root
 from specjax.models.config import ModelConfig
@@ -309,7 +309,7 @@ def verify(params, state: DecodeState, tree: DraftTree, *, cfg: ModelConfig, att
 
 def _greedy_path(tokens, parents, valid, anc, depth, logits):
     """Deepest node whose whole path agrees with the target's argmax, and the bonus token."""
-    choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N]
+    choice = first_argmax(logits)  # [B, N]
     agrees = valid & (tokens == jnp.take_along_axis(choice, parents, axis=1))
     agrees = agrees.at[:, 0].set(True)
     whole_path_agrees = ~jnp.any(anc & ~agrees[:, None, :], axis=-1)

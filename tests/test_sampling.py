@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from specjax.engine.sampling import SamplingParams, sample_or_argmax
+from specjax.engine.sampling import SamplingParams, first_argmax, sample_or_argmax, vocab_top_k
 from specjax.engine.sampling import target_probs as eager_target_probs
 
 target_probs = jax.jit(eager_target_probs)  # one compile per shape instead of op-by-op dispatch
@@ -124,6 +124,94 @@ def test_greedy_rows_are_the_first_argmax_and_ignore_filters():
     sp = SamplingParams.make(2, temperature=0.0, top_k=[1, 3], top_p=[0.2, 0.5])
     np.testing.assert_array_equal(target_probs(logits, sp), [[0, 1, 0, 0], [1, 0, 0, 0]])
     np.testing.assert_array_equal(sample_or_argmax(jax.random.key(0), logits, sp), [1, 0])
+
+
+def _last_index_argmax(x):  # wrong: ties go to the last index
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.max(jnp.where(x == top, index, -1), axis=-1)
+
+
+def _nan_blind_argmax(x):  # wrong: a row holding a NaN matches nothing (an id past the vocabulary)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
+
+
+def _argmax_cases() -> np.ndarray:
+    """Random rows, and rows made to hit the edge cases: ties (two, all equal), infinities, NaNs."""
+    x = np.random.default_rng(0).standard_normal((6, 5, 300)).astype(np.float32)
+    x[0, 0, [7, 250]] = 9.0  # a tie between two maxima
+    x[0, 1] = 1.5  # every entry tied
+    x[0, 2, 40] = np.inf
+    x[0, 3] = -np.inf
+    x[0, 4, [3, 90]] = np.nan  # NaN wins, as in jnp.argmax: its first one
+    x[1, 0, 5], x[1, 0, 200] = np.inf, np.inf
+    x[1, 1, 299] = 50.0  # the last index
+    x[1, 2, [0, 1]] = np.float32(-0.0), 30.0
+    x[1, 3] = np.round(x[1, 3])  # many ties below and at the max
+    return x
+
+
+@pytest.mark.parametrize("candidate, right", [(first_argmax, True), (_last_index_argmax, False),
+                                              (_nan_blind_argmax, False)])
+def test_first_argmax_is_jnp_argmax_bit_for_bit(candidate, right):
+    """The fast argmax every greedy step takes equals ``jnp.argmax`` on ties, infinities and NaNs;
+    the negative controls (ties to the last index, NaN rows unmatched) are told apart."""
+    x = jnp.asarray(_argmax_cases())
+    want = np.asarray(jnp.argmax(x, axis=-1))
+    got = np.asarray(jax.jit(candidate)(x))
+    assert got.dtype == np.int32 and got.shape == want.shape
+    assert np.array_equal(got, want) == right
+
+
+def _groups_by_rank_top_k(x, k, group=16):  # wrong: candidate groups read best first, not in index order
+    grouped = x.reshape(x.shape[:-1] + (x.shape[-1] // group, group))
+    best_groups = jax.lax.top_k(jnp.max(grouped, axis=-1), k)[1]
+    candidates = jnp.take_along_axis(grouped, best_groups[..., None], axis=-2).reshape(x.shape[:-1] + (k * group,))
+    values, at = jax.lax.top_k(candidates, k)
+    return values, jnp.take_along_axis(best_groups, at // group, axis=-1) * group + at % group
+
+
+def _too_few_groups_top_k(x, k, group=16):  # wrong: k / 2 groups (enough when the best k spread out)
+    grouped = x.reshape(x.shape[:-1] + (x.shape[-1] // group, group))
+    best_groups = jnp.sort(jax.lax.top_k(jnp.max(grouped, axis=-1), k // 2)[1], axis=-1)
+    candidates = jnp.take_along_axis(grouped, best_groups[..., None], axis=-2).reshape(x.shape[:-1] + (k // 2 * group,))
+    values, at = jax.lax.top_k(candidates, k)
+    return values, jnp.take_along_axis(best_groups, at // group, axis=-1) * group + at % group
+
+
+def _top_k_cases(vocab: int) -> np.ndarray:
+    """Random rows, rows of few distinct values (ties across groups), and rows whose best entries
+    crowd into one group or sit among -inf."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 3, vocab)).astype(np.float32)
+    x[1] = np.round(x[1] * 2)  # many ties, inside and across groups
+    x[2, 0, 16:24] = 10.0 + np.arange(8)  # the whole top 8 in one group of 16
+    x[2, 1] = -np.inf
+    x[2, 1, [3, 700 % vocab, vocab - 1]] = 1.0
+    x[3, 0] = 0.0  # every entry tied
+    x[4, 0] = -5.0  # a tie between groups whose maxima rank them the other way round
+    x[4, 0, [32, 80, 81]] = 1.0, 3.0, 1.0
+    return x
+
+
+@pytest.mark.parametrize("vocab, k", [(1024, 8), (1024, 3), (1024, 1), (49152, 8), (4000, 5), (999, 8)])
+def test_vocab_top_k_is_lax_top_k_bit_for_bit(vocab, k):
+    """Same values and indices, in the same order, as ``lax.top_k`` (ties to the lower index), on the
+    grouped path (1024, 49152, 4000 = 125 x 32), k = 1's argmax and the fallback (999 is odd)."""
+    x = jnp.asarray(_top_k_cases(vocab))
+    got, want = jax.jit(vocab_top_k, static_argnums=1)(x, k), jax.lax.top_k(x, k)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert got[1].dtype == want[1].dtype
+
+
+@pytest.mark.parametrize("wrong", [_groups_by_rank_top_k, _too_few_groups_top_k])
+def test_vocab_top_k_cases_reject_plausible_wrong_groupings(wrong):
+    x = jnp.asarray(_top_k_cases(1024))
+    got, want = wrong(x, 8), jax.lax.top_k(x, 8)
+    assert not all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(got, want))
 
 
 def test_ties_at_the_thresholds_are_all_kept():
