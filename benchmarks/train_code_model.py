@@ -247,6 +247,8 @@ def write_checkpoint_dir(out: str, params, cfg: ModelConfig, tok, eos_id: int, p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from specjax.models.training import add_decoder_args, add_optimizer_args
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     here = os.path.dirname(os.path.abspath(__file__))
     p.add_argument("--out", default=os.path.join(here, "..", "models", "assets", "stdlib-code"))
@@ -256,18 +258,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"], help="the corpus root")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--hidden-size", type=int, default=192)
-    p.add_argument("--intermediate-size", type=int, default=512)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=6)
-    p.add_argument("--num-kv-heads", type=int, default=2)
+    add_decoder_args(p, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6, num_kv_heads=2)
     p.add_argument("--max-position-embeddings", type=int, default=2048)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=360)
-    p.add_argument("--lr", type=float, default=2.5e-3)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    add_optimizer_args(p, steps=360, batch_size=8, lr=2.5e-3, warmup=30)
     p.add_argument("--save-every", type=int, default=40)
     p.add_argument("--sample-tokens", type=int, default=64)
     return p.parse_args(argv)

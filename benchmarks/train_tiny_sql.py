@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import KVCache, causal_mask, forward, init_params
 from specjax.models.embedded.toy_corpus import held_out_examples, sql_examples
-from specjax.models.training import export_llama, llama_hf_config, save_tokenizer_files
+from specjax.models.training import (add_decoder_args, add_optimizer_args, export_llama, llama_hf_config,
+                                     save_tokenizer_files)
 from specjax.tpu_kernels.tree_attention import new_tokens_attention
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -193,17 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-examples", type=int, default=20000)
     p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--intermediate-size", type=int, default=384)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--num-kv-heads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch-size", type=int, default=8, help="packed sequences per step")
+    add_decoder_args(p, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2)
+    add_optimizer_args(p, steps=800, batch_size=8, lr=3e-3, warmup=50, batch_help="packed sequences per step")
     p.add_argument("--pack", type=int, default=4, help="examples per training sequence (one schema block)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--eval-examples", type=int, default=32)
     p.add_argument("--evaluate-only", action="store_true",
                    help="only report the held-out loss and exact match of the checkpoint in --out")

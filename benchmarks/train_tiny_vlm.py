@@ -50,8 +50,8 @@ from specjax.models.decoder import init_params as init_text_params
 from specjax.models.embedded import shape_scenes as S
 from specjax.models.image_processing import ImageProcessorConfig, preprocess
 from specjax.models.multimodal import expand_image_tokens, sequence_logits
-from specjax.models.training import (TrainCheckpointer, TrainState, check_run_args, llama_hf_tensors,
-                                     make_optimizer, save_hf_checkpoint, to_bf16)
+from specjax.models.training import (TrainCheckpointer, TrainState, add_decoder_args, add_optimizer_args,
+                                     check_run_args, llama_hf_tensors, make_optimizer, save_hf_checkpoint, to_bf16)
 
 PROCESSOR = ImageProcessorConfig(shortest_edge=S.IMAGE_SIZE, crop_size=(S.IMAGE_SIZE, S.IMAGE_SIZE),
                                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
@@ -292,18 +292,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-scenes", type=int, default=8000)
     p.add_argument("--held-out-scenes", type=int, default=200)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--intermediate-size", type=int, default=256)
-    p.add_argument("--num-layers", type=int, default=3)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--num-kv-heads", type=int, default=2)
+    add_decoder_args(p, hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2)
     p.add_argument("--vision-hidden-size", type=int, default=64)
     p.add_argument("--vision-layers", type=int, default=3)
-    p.add_argument("--steps", type=int, default=1800)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    add_optimizer_args(p, steps=1800, batch_size=64, lr=1e-3, warmup=100)
     p.add_argument("--save-every", type=int, default=250)
     return p.parse_args(argv)
 

@@ -242,6 +242,24 @@ def plot_curves(path_png: str, history: Mapping[str, Sequence[float]], x_key: st
     return True
 
 
+def add_decoder_args(parser, *, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
+                     num_kv_heads: int) -> None:
+    """The Llama shape flags of a training script (defaults: the shape of the checkpoint it ships)."""
+    for flag, default in (("--hidden-size", hidden_size), ("--intermediate-size", intermediate_size),
+                          ("--num-layers", num_layers), ("--num-heads", num_heads), ("--num-kv-heads", num_kv_heads)):
+        parser.add_argument(flag, type=int, default=default)
+
+
+def add_optimizer_args(parser, *, steps: int, batch_size: int, lr: float, warmup: int, weight_decay: float = 0.01,
+                       batch_help: Optional[str] = None) -> None:
+    """A training script's ``make_optimizer`` and batch flags (defaults: the shipped checkpoint's run)."""
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--weight-decay", type=float, default=weight_decay)
+
+
 def check_run_args(checkpoint_dir: str, run_args: dict, resume: bool) -> None:
     """A resumed run must use the arguments it started with; a fresh one must not reuse a directory."""
     path = os.path.join(checkpoint_dir, "run_args.json")

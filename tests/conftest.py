@@ -26,3 +26,17 @@ def _free_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture
+def wrong_sampler(monkeypatch):
+    """The negative control of the sampling tests: acceptance walks the tree with one noise for
+    every depth (``test_lossless_sampling.wrong_walk("same_noise")``), which is not plain sampling's."""
+    import specjax.engine.steps as steps
+    from test_lossless_sampling import wrong_walk
+
+    monkeypatch.setattr(steps, "_sampled_walk", wrong_walk("same_noise"))
+    steps.step.clear_cache()
+    yield
+    monkeypatch.undo()
+    steps.step.clear_cache()

@@ -393,18 +393,6 @@ def _sampled_pairs(seed: int) -> np.ndarray:
     return np.array([r.token_ids[1:3] for r in results])
 
 
-@pytest.fixture
-def wrong_sampler(monkeypatch):
-    import specjax.engine.steps as steps
-    from test_lossless_sampling import wrong_walk
-
-    monkeypatch.setattr(steps, "_sampled_walk", wrong_walk("same_noise"))
-    steps.step.clear_cache()
-    yield
-    monkeypatch.undo()
-    steps.step.clear_cache()
-
-
 def test_quant_int4_sampling_keeps_the_distribution():
     pairs = _sampled_pairs(seed=0)
     assert chi_square_p(pairs, exact_pair_distribution(SAMPLED, SAMPLE_PROMPT, 1.0)) > 1e-4

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from engine_helpers import chi_square_p, exact_pair_distribution  # noqa: E402
-from test_lossless_sampling import LikelyTokensDrafter, wrong_walk  # noqa: E402
+from test_lossless_sampling import LikelyTokensDrafter  # noqa: E402
 from test_vlm import SMALL_IMAGES, build_hf_llava, random_images  # noqa: E402
 from specjax.drafters.prompt_lookup import PromptLookupDrafter  # noqa: E402
 from specjax.drafters.token_recycling import TokenRecyclingDrafter  # noqa: E402
@@ -174,16 +174,9 @@ def test_sampling_with_images_keeps_the_targets_distribution(vlm_pair, image_tab
     assert chi_square_p(pairs, exact_pair_distribution(vlm.text_model(), ids, TEMPERATURE)) < 1e-6
 
 
-def test_sampling_with_images_control_with_a_wrong_acceptance_rule_is_rejected(vlm_pair, image_tables, monkeypatch):
-    import specjax.engine.steps as steps
-
+def test_sampling_with_images_control_with_a_wrong_acceptance_rule_is_rejected(vlm_pair, image_tables,
+                                                                               wrong_sampler):
     _, vlm = vlm_pair
     image, tables, _ = image_tables
-    monkeypatch.setattr(steps, "_sampled_walk", wrong_walk("same_noise"))
-    steps.step.clear_cache()
-    try:
-        pairs = sampled_pairs(vlm, tables, image)
-    finally:
-        monkeypatch.undo()
-        steps.step.clear_cache()
+    pairs = sampled_pairs(vlm, tables, image)
     assert chi_square_p(pairs, np.einsum("a,ab,abc->bc", *tables)) < 1e-6
