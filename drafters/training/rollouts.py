@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from specjax.drafters.eagle3 import Eagle3Config, _finish, _qkv, draft_logits
+from specjax.engine.sampling import first_argmax
 from specjax.models.config import ModelConfig
 from specjax.models.decoder import (KVCache, causal_mask, forward, linear, lm_head, mlp_block, qkv_projection,
                                     rms_norm)
@@ -48,7 +49,7 @@ def rollout(params, cfg: ModelConfig, tokens: jax.Array, prompt_lengths: jax.Arr
 
     def pick(key, logits):
         if temperature == 0.0:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return first_argmax(logits)
         return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
     def cond(carry):
@@ -130,7 +131,7 @@ def unroll_own_chain(cfg: Eagle3Config, params, fused: jax.Array, tokens: jax.Ar
 
 def _draft_to_target_ids(params, logits: jax.Array) -> jax.Array:
     """Greedy proposals as target-vocabulary ids (EAGLE-3's d2t offsets)."""
-    a = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    a = first_argmax(logits)
     return jax.lax.stop_gradient(a + params["d2t"][a])
 
 
