@@ -43,6 +43,24 @@ CHAT = ["Write a short poem about the sea.", "Explain what a hash table is in tw
         "Write a Python function that reverses a string.", "Why is the sky blue?"]
 
 
+def bench_prompts(model, kind: str, n: int, sql_seed: int) -> list:
+    """``n`` requests: the chat tasks (``CHAT``, cycled, rendered with the model's chat template) or
+    the embedded model's demo SQL prompts of ``sql_seed``."""
+    if kind == "chat":
+        chat = Engine(model, None)
+        return [chat.encode_chat([{"role": "user", "content": c}]) for c in itertools.islice(itertools.cycle(CHAT), n)]
+    return sql_prompts(n, seed=sql_seed)
+
+
+def write_results(args, rows: list) -> None:
+    """``rows`` with the backend, device and arguments, as JSON at ``args.out``."""
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "args": vars(args),
+                   "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
 def drafter_options(model_dir, max_capacity: int) -> dict:
     """What ``specjax generate`` passes to ``load_drafter`` for an auto-sized drafter."""
     shipped = embedded_drafter_dir() if model_dir is None else None
@@ -110,12 +128,7 @@ def main() -> None:
         p.error("--drafters draft-model runs on the embedded model only (its shipped draft model)")
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     model = load_model(args.model or default_model_dir(), dtype=dtype)
-    if args.prompts == "chat":
-        chat = Engine(model, None)
-        prompts = [chat.encode_chat([{"role": "user", "content": c}])
-                   for c in itertools.islice(itertools.cycle(CHAT), args.requests)]
-    else:
-        prompts = sql_prompts(args.requests, seed=1)
+    prompts = bench_prompts(model, args.prompts, args.requests, sql_seed=1)
     rows = []
     print(f"backend: {jax.default_backend()}  model: {args.model or 'embedded tiny-sql'}  requests: "
           f"{args.requests}  max_new_tokens: {args.max_new_tokens}  median of {args.repeat}")
@@ -128,11 +141,7 @@ def main() -> None:
             print(f"{r['drafter']:<17}{r['kind']:>7}{r['batch']:>6}{r['tokens_per_pass']:>10.2f}{r['wall_s']:>8.2f}"
                   f"{r['plain_wall_s']:>9.2f}{r['speedup']:>9.2f}{str(r['identical_to_plain']):>10}  "
                   f"{r['chosen_T_share']}", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "args": vars(args),
-                   "rows": rows}, f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args, rows)
 
 
 if __name__ == "__main__":

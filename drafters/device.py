@@ -77,6 +77,10 @@ class DeviceDrafter(Protocol):
         """Keep what should outlive the batch (Token Recycling's table); a no-op for models."""
         ...
 
+    # Optional: ``take_rows(dstate, index) -> dstate``, the state of batch rows ``index`` (int32[B'])
+    # alone. The device loop shrinks a batch to the rows still decoding once half have finished
+    # (``device_loop.live_rows``) only for a drafter that has it.
+
 
 def is_device_drafter(drafter) -> bool:
     """True for drafters that follow ``DeviceDrafter`` (the engine runs them in the device loop)."""

@@ -222,3 +222,8 @@ class DraftModelDrafter(KeyedByConfig):
 
     def end_batch(self, dstate) -> None:
         return None
+
+    def take_rows(self, dstate: DraftModelState, index: jax.Array) -> DraftModelState:
+        """The draft's cache and roots of batch rows ``index``."""
+        return DraftModelState(dstate.cache.take_rows(index), dstate.lengths[index], dstate.root_logits[index],
+                               dstate.scratch_tokens[index])

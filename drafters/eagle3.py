@@ -348,6 +348,10 @@ class Eagle3Drafter(KeyedByConfig):
     def end_batch(self, dstate) -> None:
         return None
 
+    def take_rows(self, dstate: Eagle3State, index: jax.Array) -> Eagle3State:
+        """The head's cache and root features of batch rows ``index``."""
+        return Eagle3State(dstate.cache.take_rows(index), dstate.lengths[index], dstate.root_hidden[index])
+
 
 # ------------------------------------------------------------------ loading
 

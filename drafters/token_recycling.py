@@ -211,6 +211,10 @@ class TokenRecyclingDrafter(KeyedByConfig):
     def end_batch(self, dstate: RecyclingState) -> None:
         self.table, self.table_probs = dstate.table, dstate.table_probs
 
+    def take_rows(self, dstate: RecyclingState, index: jax.Array) -> RecyclingState:
+        """Rows ``index``' trees; the table is shared by every row and kept whole."""
+        return dataclasses.replace(dstate, tree_tokens=dstate.tree_tokens[index], tree_valid=dstate.tree_valid[index])
+
 
 def _with_root(dstate: RecyclingState, root: jax.Array, valid: jax.Array) -> RecyclingState:
     """The state between steps: each row's tree is its root alone."""

@@ -280,6 +280,8 @@ class ChunkPolicy:
     shadow: Optional[float] = None  # first guesses right per plain row-step, smoothed (drafters with ``first_guess``)
     warmed: set = dataclasses.field(default_factory=set)  # buckets whose first (untimed) chunk has run
     setup_per_step: float = 0.0  # a lazy drafter's prefill before a batch's first tree, per step of its chunk
+    # cost per step over a plain step's, of trees measured only at a bigger batch (``continue_batch``)
+    prior: dict[int, float] = dataclasses.field(default_factory=dict)
     _plain_left: int = 0
     _probe_next: bool = False
     _batch_start: bool = False
@@ -290,12 +292,36 @@ class ChunkPolicy:
         drafter has yet to read its prompts (a tree must pay for that prefill within its chunk)."""
         self._batch_start, self._setup_pending = True, self.setup_per_step > 0
 
+    def continue_batch(self, other: "ChunkPolicy") -> None:
+        """The batch ``other`` was choosing for goes on with fewer rows (the device loop shrinks it):
+        what ``other`` learned of its drafts (claims, acceptance, calibration, first guesses,
+        whether a lazy drafter's prefill is still due) and its probe schedule carry over; the
+        step costs are this row count's own."""
+        self.claimed, self.observed = dict(other.claimed), dict(other.observed)
+        self.calibration, self.shadow = other.calibration, other.shadow
+        self._batch_start, self._setup_pending = False, other._setup_pending
+        # the probes go on as scheduled: each row count backing off afresh would probe far more often
+        self.probe_every, self._plain_left, self._probe_next = other.probe_every, other._plain_left, other._probe_next
+        self.setup_per_step = self.setup_per_step or other.setup_per_step
+        known = other.estimated_costs()
+        if 0 in known:  # a tree's cost over plain's, taken as is: it is smaller at fewer rows, if anything
+            self.prior = {t: c / known[0] for t, c in known.items() if t > 0}
+
+    def estimated_costs(self) -> dict[int, float]:
+        """Cost per step of each bucket known here, in bucket order: measured, or for a tree measured
+        only at a bigger batch, its cost ratio there (``prior``) times this batch's plain step. A
+        shrunk batch then tries a tree only where the bigger batch's costs say it could pay, instead
+        of timing every size again while its few rows finish."""
+        plain = self.costs.get(0)
+        return {t: self.costs[t] if t in self.costs else plain * self.prior[t] for t in self.buckets
+                if t in self.costs or (plain is not None and t in self.prior)}
+
     def unmeasured(self) -> list[int]:
         return [t for t in self.buckets if t not in self.costs]
 
     def choose(self) -> int:
         """T for the next chunk (0 = plain steps)."""
-        first = [t for t in self.buckets[:2] if t not in self.costs]
+        first = [t for t in self.buckets[:2] if t not in self.costs and t not in self.prior]
         if first:
             return first[0]
         if self._plain_left > 0:
@@ -320,21 +346,23 @@ class ChunkPolicy:
     def _shadow_choice(self) -> int:
         """After a plain chunk of a drafter with first guesses: the smallest tree if the acceptance
         those guesses showed pays for its cost, else plain steps again."""
-        smallest, costs = self.buckets[1], _costs_to_frontier(self.costs, self.buckets)  # never below plain
+        smallest, costs = self.buckets[1], _costs_to_frontier(self.estimated_costs(), self.buckets)  # >= plain
         pays = (1.0 + self.shadow) / costs[smallest] > self.min_gain / costs[0]
         return smallest if pays else 0
 
     def _affordable_wait(self) -> int:
         """Plain chunks per probe for the probes' extra time to stay within ``probe_share`` of theirs
         (a probe runs as many fused steps as a plain chunk, and may first pay a lazy drafter's prefill)."""
-        extra = self.costs[self.buckets[1]] - self.costs[0] + self.setup_per_step
-        return math.ceil(extra / (self.probe_share * self.costs[0]))
+        costs = self.estimated_costs()
+        extra = costs[self.buckets[1]] - costs[0] + self.setup_per_step
+        return math.ceil(extra / (self.probe_share * costs[0]))
 
     def best_bucket(self) -> int:
         """The bucket with the most expected tokens per second (per active row: the batch's rows
         step together, so row counts cancel), among the measured ones and the frontier."""
-        costs = _costs_to_frontier(self.costs, self.buckets)  # a bigger tree never costs less
-        if self.unmeasured() and not self._frontier_earned(costs):
+        known = self.estimated_costs()
+        costs = _costs_to_frontier(known, self.buckets)  # a bigger tree never costs less
+        if len(known) < len(self.buckets) and not self._frontier_earned(costs):
             costs.pop(max(costs))
         best_t, best_rate = 0, self.min_gain / costs[0]
         setup = self.setup_per_step if self._setup_pending else 0.0  # its first chunk pays the prefill

@@ -29,6 +29,13 @@ bucket compiles when the
 policy first picks it (plain steps and the smallest tree first, larger trees
 once the largest one run has paid and the claims say a bigger one would), so
 sizes never tried are never compiled.
+
+Once half of a batch's rows have finished, the rest run as a batch of the next
+power of two above their count (``live_rows``, ``LoopState.take_rows``): every
+step computes every row, so a long tail row would otherwise pay for the whole
+batch. The host keeps the dropped rows' results (``_RowBook``); under the auto
+size the smaller batch gets its own ``ChunkPolicy`` (its own step costs), told
+what the bigger one learned of the drafts (``ChunkPolicy.continue_batch``).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import numpy as np
 
 from specjax.drafters.device import DeviceDrafter, bucket_proposer
 from specjax.engine.autotune import ChunkPolicy, capacity_buckets
+from specjax.engine.compile_cache import CompileClock
 from specjax.engine.engine import MIN_CACHE_BUCKET, GenerationResult, next_power_of_two, report_progress
 from specjax.engine.image_prompts import batch_input_embeds
 from specjax.engine.plain import pad_prompts
@@ -103,6 +111,35 @@ class LoopState:
                    jnp.zeros(n_buckets, jnp.float32), jnp.int32(0), jnp.int32(0), fed,
                    jnp.zeros((rows, width, 2), jnp.int32), out_logprobs)
 
+    def take_rows(self, index: jax.Array, drafter: DeviceDrafter) -> "LoopState":
+        """The loop of batch rows ``index`` alone (``live_rows``); the counters summed over the
+        batch (claims, row-steps, fused steps, first-guess hits) carry over."""
+        rows = lambda x: None if x is None else x[index]
+        pending = None if self.pending_hidden is None else self.pending_hidden[:, index]
+        dstate = drafter.take_rows(self.dstate, index)
+        return dataclasses.replace(self, state=self.state.take_rows(index), dstate=dstate,
+                                   out_tokens=rows(self.out_tokens), out_len=rows(self.out_len),
+                                   passes=rows(self.passes), accepted=rows(self.accepted), fed=rows(self.fed),
+                                   step_log=rows(self.step_log), out_logprobs=rows(self.out_logprobs),
+                                   pending_hidden=pending)
+
+
+def live_rows(finished: np.ndarray) -> Optional[np.ndarray]:
+    """int32 rows to keep once at least half of a batch has finished: the live ones, then copies of
+    a finished one up to a power of two (a batch size that compiles once). None while more than
+    half still decode, or none do. Every step computes every row, finished or not, so a long tail
+    row otherwise pays for a whole batch."""
+    live = np.flatnonzero(~finished)
+    rows = next_power_of_two(len(live))
+    if not len(live) or rows > len(finished) // 2:
+        return None
+    return np.concatenate([live, np.full(rows - len(live), np.flatnonzero(finished)[0])]).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("drafter",))
+def _take_loop_rows(loop: LoopState, index: jax.Array, *, drafter: DeviceDrafter) -> LoopState:
+    return loop.take_rows(index, drafter)
+
 
 def keep_best(tree: DraftTree, capacity: int) -> tuple[DraftTree, jax.Array]:
     """The ``capacity`` most probable nodes of each row's tree, and their slots in it [B, capacity].
@@ -158,6 +195,9 @@ class NoDrafter:
         return None
 
     def end_batch(self, dstate) -> None:
+        return None
+
+    def take_rows(self, dstate, index) -> None:
         return None
 
 
@@ -385,6 +425,53 @@ def prepare_device_batch(engine, prompts: Sequence[Sequence[int]], max_new_token
     return DeviceBatch(rows, tokens, lengths, max_len, sp, state, first, hidden, first_logprobs)
 
 
+class _RowBook:
+    """The host's view of a batch that shrinks (``live_rows``): the batch row each loop row holds
+    (-1 for a padding copy) and the results of the rows dropped once finished."""
+
+    def __init__(self, rows: int, n_req: int):
+        self.ids = np.arange(rows)
+        self.n_req = n_req
+        self.kept: dict[int, tuple] = {}  # batch row -> (tokens, passes, accepted, step log, logprobs)
+        self.all_passes = np.ones(rows, np.int32)  # per batch row, for the traces
+
+    def passes(self, passes: np.ndarray) -> np.ndarray:
+        """Passes per batch row after a chunk, from the loop rows' ``passes``."""
+        held = self.ids >= 0
+        self.all_passes[self.ids[held]] = passes[held]
+        return self.all_passes.copy()
+
+    def outputs(self, buf: np.ndarray, out_len: np.ndarray) -> list[list[int]]:
+        """Every request's tokens so far, in request order."""
+        out = {row: kept[0] for row, kept in self.kept.items()}
+        out.update({int(row): buf[j, : out_len[j]].tolist() for j, row in enumerate(self.ids)
+                    if 0 <= row < self.n_req})
+        return [out[i] for i in range(self.n_req)]
+
+    def by_loop_row(self, per_request: np.ndarray) -> np.ndarray:
+        """bool per loop row of a per-request flag (False for padding rows)."""
+        real = (self.ids >= 0) & (self.ids < self.n_req)
+        return np.where(real, np.asarray(per_request, bool)[np.where(real, self.ids, 0)], False)
+
+    def keep(self, rows: tuple, which: np.ndarray) -> None:
+        """Store the results of the loop rows ``which`` (bool) from the per-row arrays ``rows``:
+        (tokens, lengths, passes, accepted, step log, logprobs or None)."""
+        buf, out_len, passes, accepted, step_log, logprobs = rows
+        for j in np.flatnonzero(which & (self.ids >= 0) & (self.ids < self.n_req)):
+            self.kept[int(self.ids[j])] = (buf[j, : out_len[j]].tolist(), int(passes[j]), int(accepted[j]),
+                                           step_log[j], None if logprobs is None else logprobs[j])
+
+    def shrink(self, index: np.ndarray, finished: np.ndarray) -> None:
+        """The loop now holds rows ``index`` of the old one; the finished among them are padding."""
+        self.ids = np.where(finished[index], -1, self.ids[index])
+
+
+def _row_results(loop: LoopState) -> tuple:
+    """The per-row arrays results are read from, on the host (one sync)."""
+    return jax.device_get((loop.out_tokens, loop.out_len, loop.passes, loop.accepted, loop.step_log,
+                           loop.out_logprobs))
+
+
 def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sampling: dict, seeds, stop,
                     progress, steps_per_sync, auto=False, max_capacity=None, logprobs=False):
     cfg, params = engine.target.config, engine.target.params
@@ -402,6 +489,7 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
         policy.start_batch()
     buckets = policy.buckets if policy is not None else ()
     prompt_unread, lazy_prompt = True, policy is not None and hasattr(drafter, "catch_up")
+    prompt = (batch.tokens, batch.lengths, first, batch.hidden)  # per loop row: taken along when it shrinks
 
     def feed_prompt(loop: LoopState, capacity: int) -> tuple[LoopState, float]:
         """The drafter reads the prompt. Under the auto size a catch-up drafter (the draft model:
@@ -412,13 +500,14 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
         if not prompt_unread or (capacity == 0 and lazy_prompt):
             return loop, 0.0
         prompt_unread = False
-        start = time.perf_counter()
-        dstate = _drafter_prefill(drafter.params, loop.dstate, batch.tokens, batch.lengths, first, batch.hidden,
-                                  drafter=drafter)
         if not lazy_prompt:  # read with the batch's setup, before any chunk: nothing to time, no sync
-            return dataclasses.replace(loop, dstate=dstate), 0.0
-        dstate = jax.block_until_ready(dstate)  # the policy's setup cost, not in the next chunk's timing
-        return dataclasses.replace(loop, dstate=dstate), time.perf_counter() - start
+            return dataclasses.replace(loop, dstate=_drafter_prefill(drafter.params, loop.dstate, *prompt,
+                                                                     drafter=drafter)), 0.0
+        with CompileClock() as compiling:  # a new prompt shape compiles the prefill: not a per-batch cost
+            start = time.perf_counter()
+            dstate = _drafter_prefill(drafter.params, loop.dstate, *prompt, drafter=drafter)
+            dstate = jax.block_until_ready(dstate)  # the policy's setup cost, not in the next chunk's timing
+        return dataclasses.replace(loop, dstate=dstate), time.perf_counter() - start - compiling.seconds
 
     dstate = drafter.init_state(rows, batch.max_len)
     loop = LoopState.start(state, dstate, max_new_tokens, n_buckets=len(buckets), first=first,
@@ -431,49 +520,70 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
         loop = dataclasses.replace(loop, shadow=jnp.zeros(2, jnp.int32))
     loop, _ = feed_prompt(loop, 0)
     counters = _start_counters(rows, len(buckets)) if policy is not None else None
-    chunks, fused_steps = [], 0  # chunks: (T, seconds, fused steps, passes per row after it), for the traces
+    chunks, fused_steps = [], 0  # chunks: (T, seconds, fused steps, passes per batch row after it), for the traces
+    book = _RowBook(rows, n_req)
+    shrinks = engine.shrink_batches and engine.mesh is None and hasattr(drafter, "take_rows")
     reported = n_req
     report_progress(progress, n_req)
     finished = np.asarray(loop.state.finished)
     run = functools.partial(run_steps, params, drafter.params, drafter=drafter, cfg=cfg, attention=engine.attention,
                             with_q=with_q, buckets=buckets)
-    if policy is not None and not engine.lazy_compile and not policy.history:  # its first batch: every
-        for capacity in policy.unmeasured():  # bucket's program now (zero-step calls), once per policy
-            loop = run(loop, np.int32(0), capacity=capacity)
+
+    def compile_buckets(loop: LoopState) -> LoopState:
+        """With eager compiling, a policy's first batch runs every bucket's program once (zero steps)."""
+        if policy is not None and not engine.lazy_compile and not policy.history:
+            for capacity in policy.unmeasured():
+                loop = run(loop, np.int32(0), capacity=capacity)
+        return loop
+
+    loop = compile_buckets(loop)
     while not finished.all():
         if policy is None:
             c0 = time.perf_counter()
             loop = run(loop, np.int32(steps_per_sync))
             buf, out_len, finished, passes, n_steps = jax.device_get(
                 (loop.out_tokens, loop.out_len, loop.state.finished, loop.passes, loop.steps))
-            chunks.append((drafter.capacity, time.perf_counter() - c0, int(n_steps) - fused_steps, passes))
+            chunks.append((drafter.capacity, time.perf_counter() - c0, int(n_steps) - fused_steps,
+                           book.passes(passes)))
             fused_steps = int(n_steps)
         else:
             loop, (buf, out_len, finished), chunk, counters = _timed_chunk(run, loop, policy, steps_per_sync,
                                                                            feed_prompt, counters)
-            chunks.append(chunk)
-        outputs = [buf[i, : out_len[i]].tolist() for i in range(n_req)]
-        total = int(out_len[:n_req].sum())
+            chunks.append(chunk[:3] + (book.passes(chunk[3]),))
+        outputs = book.outputs(buf, out_len)
+        total = sum(map(len, outputs))
         report_progress(progress, total - reported)
         reported = total
-        stopped = np.zeros(rows, bool)
-        stopped[:n_req] = engine.stop_string_hits(outputs, stop)
+        stopped = book.by_loop_row(engine.stop_string_hits(outputs, stop))
         if stopped.any() and not (finished | stopped).all():
             loop = dataclasses.replace(loop, state=loop.state.replace(finished=loop.state.finished | stopped))
         finished = finished | stopped
+        index = live_rows(finished) if shrinks else None
+        if index is not None:  # half the rows have finished: the rest run as a smaller batch
+            book.keep(_row_results(loop), finished)
+            book.shrink(index, finished)
+            loop = _take_loop_rows(loop, jnp.asarray(index), drafter=drafter)
+            tokens, lengths, first, hidden = prompt
+            prompt = (tokens[index], lengths[index], first[index], None if hidden is None else hidden[:, index])
+            finished = finished[index]
+            if policy is not None:
+                smaller = chunk_policy(engine, drafter, len(index), batch.max_len, with_q, max_capacity)
+                smaller.continue_batch(policy)
+                policy = smaller
+                counters = (*counters[:3], counters[3][index], counters[4][index], counters[5])
+                loop = compile_buckets(loop)
     drafter.end_batch(loop.dstate)
-    buf, out_len, passes, accepted, step_log, out_logprobs = jax.device_get(
-        (loop.out_tokens, loop.out_len, loop.passes, loop.accepted, loop.step_log, loop.out_logprobs))
+    book.keep(_row_results(loop), np.ones(len(book.ids), bool))
     wall = time.perf_counter() - t0
-    outputs = [buf[i, : out_len[i]].tolist() for i in range(n_req)]
-    texts = [engine.decode(o) for o in outputs]
-    outputs, texts = engine.cut_stops(outputs, texts, stop)
+    kept = [book.kept[i] for i in range(n_req)]
+    texts = [engine.decode(k[0]) for k in kept]
+    outputs, texts = engine.cut_stops([k[0] for k in kept], texts, stop)
     # Drafting is fused into the device step: all of the loop's time is device (and sync) time.
-    return [GenerationResult(token_ids=o, text=t, target_passes=int(passes[i]),
-                             accepted_draft_tokens=int(accepted[i]), draft_s=0.0, verify_s=wall / n_req, wall_s=wall,
-                             trace=chunk_traces(chunks, step_log[i], i),
-                             logprobs=None if out_logprobs is None else out_logprobs[i, : len(o)].tolist())
-            for i, (o, t) in enumerate(zip(outputs, texts))]
+    return [GenerationResult(token_ids=o, text=t, target_passes=passes, accepted_draft_tokens=accepted,
+                             draft_s=0.0, verify_s=wall / n_req, wall_s=wall,
+                             trace=chunk_traces(chunks, step_log, i),
+                             logprobs=None if row_logprobs is None else row_logprobs[: len(o)].tolist())
+            for i, (o, t, (_, passes, accepted, step_log, row_logprobs)) in enumerate(zip(outputs, texts, kept))]
 
 
 def chunk_traces(chunks: list, step_log: np.ndarray, row: int) -> list[TraceStep]:

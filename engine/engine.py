@@ -198,12 +198,17 @@ class Engine:
       lazy_compile: with ``"auto"``, compile a tree size when the policy first picks it (a
         first call pays only for the sizes it uses); False compiles every size when a batch
         shape is first seen, so later calls never compile (benchmarks that time them).
+      shrink_batches: in the on-device loop (device drafters, and plain decoding without a
+        drafter), once half of a batch's rows have finished, run the rest as a batch of the next
+        power of two above their count (``device_loop.live_rows``): a batch's long tail rows
+        stop paying for the finished ones' compute. Each smaller batch compiles its own programs.
     """
 
     def __init__(self, target: Model, drafter: Optional[HostDrafter] = None, *,
                  draft_capacity: Union[int, str] = AUTO, max_draft_capacity: int = 16, attention: str = "auto",
                  max_batch_size: int = 16, mesh: Optional[Mesh] = None, prefill_chunk: int = PREFILL_CHUNK,
-                 pipeline: Union[bool, str] = AUTO, share_drafter_state: bool = False, lazy_compile: bool = True):
+                 pipeline: Union[bool, str] = AUTO, share_drafter_state: bool = False, lazy_compile: bool = True,
+                 shrink_batches: bool = True):
         if draft_capacity != AUTO and (not isinstance(draft_capacity, int) or draft_capacity < 0):
             raise ValueError(f"draft_capacity must be 'auto' or an int >= 0, got {draft_capacity!r}")
         if max_draft_capacity < 1:
@@ -246,6 +251,7 @@ class Engine:
         self._plain_chunks_compiled: set = set()
         self.pipeline = pipeline
         self.lazy_compile = lazy_compile
+        self.shrink_batches = shrink_batches
         self._draft_s_per_row: Optional[float] = None  # running host drafting seconds per drafted row
         self._steps_share_host_cores = jax.default_backend() == "cpu"  # then overlap is not free
 

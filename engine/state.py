@@ -36,6 +36,14 @@ class DecodeState:
     def replace(self, **changes) -> "DecodeState":
         return dataclasses.replace(self, **changes)
 
+    def take_rows(self, index: jax.Array) -> "DecodeState":
+        """The state of batch rows ``index`` (a batch shrunk to the rows still decoding)."""
+        rows = lambda x: x[index]
+        return self.replace(cache=self.cache.take_rows(index), lengths=rows(self.lengths),
+                            last_tokens=rows(self.last_tokens), remaining=rows(self.remaining),
+                            finished=rows(self.finished), rng=self.rng if self.rng.ndim == 0 else rows(self.rng),
+                            sampling=jax.tree_util.tree_map(rows, self.sampling))
+
 
 def fork(state: DecodeState) -> DecodeState:
     """A copy of the state in new buffers (every array leaf copied, on the device, no sync).

@@ -49,6 +49,10 @@ class KVCache:
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
+    def take_rows(self, index: jax.Array) -> "KVCache":
+        """The cache of batch rows ``index`` (a batch shrunk to the rows still decoding)."""
+        return KVCache(self.k[:, index], self.v[:, index])
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """draft_capacity="auto": T per step from measured costs and calibrated drafter confidence."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -283,6 +285,49 @@ def test_first_guesses_replace_probes_and_switch_to_trees_only_when_they_pay():
     assert burst.choose() == 0
     burst.record(0, 8.0, 8, 0, [0.0, 0.0, 0.0], accepted=0, shadow=(80, 128))
     assert burst.choose() == 1
+
+
+def shrunk(big: ChunkPolicy, plain_cost: float) -> ChunkPolicy:
+    """The policy of a batch shrunk from ``big``'s, once it has timed its own plain step."""
+    small = ChunkPolicy(costs={}, buckets=big.buckets)
+    small.continue_batch(big)
+    assert small.choose() == 0  # its own plain cost first
+    small.costs, small.warmed = {0: plain_cost}, {0}
+    small.record(0, 8 * plain_cost, 8, 0, [0.0] * len(big.buckets), accepted=0)
+    return small
+
+
+def test_a_shrunk_batch_keeps_what_was_learned_of_its_drafts_and_times_only_trees_that_could_pay():
+    """The device loop shrinks a batch to its live rows (a new row count, a new policy): the drafts'
+    claims, calibration and first-guess rate carry over, a tree's cost over a plain step's stands in
+    until the smaller batch times it, and the batch goes on where it was (no batch-start plain chunk)."""
+    big = ChunkPolicy(costs={0: 4.0, 1: 4.8}, buckets=(0, 1, 2), claimed={1: 0.5, 2: 0.9}, observed={1: 0.4},
+                      calibration=0.7, shadow=0.6, setup_per_step=0.3, warmed={0, 1})
+    big.start_batch()
+    small = shrunk(big, 1.0)
+    assert (small.claimed, small.observed, small.calibration, small.shadow) == (big.claimed, big.observed, 0.7, 0.6)
+    assert small.unmeasured() == [1, 2] and small.estimated_costs() == {0: 1.0, 1: pytest.approx(1.2)}
+    big.claimed[1] = 5.0
+    assert small.claimed[1] == 0.5  # a copy: the bigger batch's policy goes on for the next batch
+    assert small.choose() == 1  # (1 + 0.6) / 1.2 > 1.05 / 1.0, from the guesses the bigger batch counted
+    # Control: a policy that starts the batch afresh runs a plain chunk of first guesses first.
+    fresh = ChunkPolicy(costs={0: 1.0, 1: 1.2}, buckets=(0, 1, 2), shadow=0.6, warmed={0, 1})
+    fresh.start_batch()
+    fresh.record(0, 8.0, 8, 0, [0.0, 0.0, 0.0], accepted=0)
+    assert fresh.choose() == 0
+    # Guesses right 10% of the time do not pay for a tree costing 1.2 plain steps: the shrunk batch
+    # stays plain without timing one (a fresh policy times T = 1 on its second and third chunks).
+    wrong = dataclasses.replace(big, shadow=0.1)
+    small = shrunk(wrong, 1.0)
+    assert [small.choose() for _ in range(4)] == [0] * 4 and small.unmeasured() == [1, 2]
+    unknown = ChunkPolicy(costs={0: 1.0}, buckets=(0, 1, 2), shadow=0.1, warmed={0})
+    assert unknown.choose() == 1
+    # A drafter without first guesses keeps the bigger batch's probe schedule (3 plain chunks to go,
+    # then a probe; waits of 8 since): every row count backing off from 2 would probe far more often.
+    probed = ChunkPolicy(costs={0: 4.0, 1: 4.8}, buckets=(0, 1, 2), probe_every=8, _plain_left=3, _probe_next=True,
+                         warmed={0, 1})
+    small = shrunk(probed, 1.0)
+    assert [small.choose() for _ in range(4)] == [0, 0, 0, 1] and small.probe_every == 8
 
 
 def test_a_batch_speculates_only_if_its_first_tree_pays_for_the_drafters_prefill():
