@@ -563,8 +563,9 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
             book.keep(_row_results(loop), finished)
             book.shrink(index, finished)
             loop = _take_loop_rows(loop, jnp.asarray(index), drafter=drafter)
-            tokens, lengths, first, hidden = prompt
-            prompt = (tokens[index], lengths[index], first[index], None if hidden is None else hidden[:, index])
+            if prompt_unread:  # a lazy drafter reads the prompts of the rows left, when it first drafts
+                tokens, lengths, first, hidden = prompt
+                prompt = (tokens[index], lengths[index], first[index], None if hidden is None else hidden[:, index])
             finished = finished[index]
             if policy is not None:
                 smaller = chunk_policy(engine, drafter, len(index), batch.max_len, with_q, max_capacity)
