@@ -7,7 +7,10 @@ requests with ``draft_capacity="auto"`` and with plain decoding, interleaved
 measurement excluded), and reports tokens per target pass, the chosen T over
 time (share of host steps / device chunks per T, and the run-length timeline),
 the speedup of median wall times, and whether greedy outputs are identical.
-Prints a table and writes JSON.
+The row ``none`` is the control: a second plain engine timed against the
+first the same way, so its "speedup" is what this machine's noise alone makes
+of two identical runs (read the drafters' rows against it). Prints a table and
+writes JSON.
 
     python benchmarks/bench_auto_size.py                              # embedded tiny SQL model
     python benchmarks/bench_auto_size.py --batch-sizes 1 --requests 4 --max-new-tokens 96 \\
@@ -37,6 +40,7 @@ from specjax.models.loading import load_model
 from specjax.models.embedded.toy_corpus import sql_prompts
 
 HOST, DEVICE = ("prompt-lookup", "suffix"), ("token-recycling", "draft-model")
+CONTROL = "none"  # plain decoding timed against plain decoding: the noise floor of a speedup
 CHAT = ["Write a short poem about the sea.", "Explain what a hash table is in two sentences.",
         "List three tips for staying focused while studying.", "What is the capital of France? Answer briefly.",
         "Give me a recipe for a simple tomato salad.", "Summarize the plot of Romeo and Juliet in three lines.",
@@ -76,7 +80,8 @@ def chosen_sizes(engine: Engine, collected: list) -> list[int]:
 
 def measure(model, prompts, name: str, batch: int, args) -> dict:
     options = drafter_options(args.model, args.max_capacity)
-    engine = Engine(model, load_drafter(name, model, **options), max_draft_capacity=args.max_capacity,
+    drafter = None if name == CONTROL else load_drafter(name, model, **options)
+    engine = Engine(model, drafter, max_draft_capacity=args.max_capacity,
                     max_batch_size=batch, lazy_compile=False)  # no timed run compiles a size the warm-up missed
     plain = Engine(model, None, max_batch_size=batch)
     collected: list = []
@@ -91,7 +96,7 @@ def measure(model, prompts, name: str, batch: int, args) -> dict:
     for _ in range(args.repeat):  # interleaved: a noisy stretch of the machine hits both alike
         if engine.on_device and hasattr(engine.drafter, "reset"):
             engine.drafter.reset()  # Token Recycling forgets the warm-up's table
-        elif not engine.on_device:
+        elif not engine.on_device and name != CONTROL:
             engine.drafter = load_drafter(name, model, **options)
         t0 = time.perf_counter()
         results = engine.generate(prompts, **kwargs)
@@ -103,7 +108,8 @@ def measure(model, prompts, name: str, batch: int, args) -> dict:
     share = {str(t): round(n / max(len(sizes), 1), 3) for t, n in sorted(Counter(sizes).items())}
     timeline = [[t, len(list(g))] for t, g in itertools.groupby(sizes)]
     tokens = sum(len(r.token_ids) for r in results)
-    return {"drafter": name, "kind": "device" if engine.on_device else "host", "batch": batch,
+    kind = "control" if name == CONTROL else "device" if engine.on_device else "host"
+    return {"drafter": name, "kind": kind, "batch": batch,
             "tokens_per_pass": tokens / sum(r.target_passes for r in results),
             "wall_s": float(np.median(walls)), "plain_wall_s": float(np.median(plain_walls)),
             "speedup": float(np.median(plain_walls) / np.median(walls)), "wall_s_runs": walls,
@@ -121,7 +127,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--max-capacity", type=int, default=8, help="the largest T 'auto' may choose")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--drafters", nargs="+", default=list(HOST + DEVICE), choices=list(HOST + DEVICE))
+    p.add_argument("--drafters", nargs="+", default=[CONTROL, *HOST, *DEVICE], choices=[CONTROL, *HOST, *DEVICE],
+                   help=f"{CONTROL!r}: plain decoding against itself, the control")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "auto_size.json"))
     args = p.parse_args()
     if args.model is not None and "draft-model" in args.drafters:

@@ -382,10 +382,10 @@ def generate_main(args) -> int:
         prompts, shown = _prompts(args, model)
     spec = _TimedRuns(model, args.drafter, prompts, args, images)
     base = _TimedRuns(model, "none", prompts, args, images) if args.compare_baseline else None
-    for i in range(args.repeat):  # interleaved, so a noisy stretch of the machine hits both alike
-        spec.run(show_progress=i == 0 and not args.json)
-        if base is not None:
-            base.run(show_progress=i == 0 and not args.json)
+    for i in range(args.repeat):  # interleaved, so a noisy stretch of the machine hits both alike, and
+        for runs in ((spec, base) if i % 2 == 0 else (base, spec)):  # each side first in turn
+            if runs is not None:
+                runs.run(show_progress=i == 0 and not args.json)
     if args.save_suffix_history:
         _save_suffix_history(spec.engine.drafter, model, args.save_suffix_history)
     results = spec.results

@@ -21,7 +21,10 @@ Recycling's table) stays valid across switches; a drafter with ``catch_up``
 (the draft model, an EAGLE-3 head) skips it in plain steps and is fed their
 tokens (a head also the target's features the plain steps kept,
 ``LoopState.pending_hidden``) in one pass when the next speculative chunk
-starts. A drafter with ``first_guess`` (Token Recycling) has each plain step
+starts. Its state is *parked* meanwhile: plain chunks run with
+``LoopState.dstate`` None, the program plain decoding runs, and a batch that
+never drafts never creates it (nor reads its prompts). A drafter with
+``first_guess`` (Token Recycling) has each plain step
 check its one-node draft against the emitted token (``LoopState.shadow``),
 which tells the policy T = 1's acceptance without probing. The programs share
 one loop state, so switching compiles nothing once each bucket has run; a
@@ -116,7 +119,7 @@ class LoopState:
         batch (claims, row-steps, fused steps, first-guess hits) carry over."""
         rows = lambda x: None if x is None else x[index]
         pending = None if self.pending_hidden is None else self.pending_hidden[:, index]
-        dstate = drafter.take_rows(self.dstate, index)
+        dstate = None if self.dstate is None else drafter.take_rows(self.dstate, index)  # None: parked
         return dataclasses.replace(self, state=self.state.take_rows(index), dstate=dstate,
                                    out_tokens=rows(self.out_tokens), out_len=rows(self.out_len),
                                    passes=rows(self.passes), accepted=rows(self.accepted), fed=rows(self.fed),
@@ -139,6 +142,11 @@ def live_rows(finished: np.ndarray) -> Optional[np.ndarray]:
 @functools.partial(jax.jit, static_argnames=("drafter",))
 def _take_loop_rows(loop: LoopState, index: jax.Array, *, drafter: DeviceDrafter) -> LoopState:
     return loop.take_rows(index, drafter)
+
+
+@functools.partial(jax.jit, static_argnames=("drafter",))
+def _take_drafter_rows(dstate, index: jax.Array, *, drafter: DeviceDrafter):
+    return drafter.take_rows(dstate, index)
 
 
 def keep_best(tree: DraftTree, capacity: int) -> tuple[DraftTree, jax.Array]:
@@ -490,14 +498,21 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
     buckets = policy.buckets if policy is not None else ()
     prompt_unread, lazy_prompt = True, policy is not None and hasattr(drafter, "catch_up")
     prompt = (batch.tokens, batch.lengths, first, batch.hidden)  # per loop row: taken along when it shrinks
+    parked = None  # a lazy drafter's state while plain chunks run without it (None until it first drafts)
 
-    def feed_prompt(loop: LoopState, capacity: int) -> tuple[LoopState, float]:
-        """The drafter reads the prompt. Under the auto size a catch-up drafter (the draft model:
-        plain steps leave it alone) reads it only before the batch's first speculative chunk, so a
-        batch that runs plain throughout never pays for its prefill. Returns the loop and the
-        seconds the prefill took (0.0 when nothing was read)."""
-        nonlocal prompt_unread
-        if not prompt_unread or (capacity == 0 and lazy_prompt):
+    def ready_drafter(loop: LoopState, capacity: int) -> tuple[LoopState, float]:
+        """The loop for a chunk at T, with its drafter's state where the chunk needs it. Under the
+        auto size a catch-up drafter (the draft model: plain steps leave it alone) is parked during
+        plain chunks, and created and fed the prompt only before the batch's first speculative
+        chunk, so a batch that runs plain throughout never pays for either. Returns the loop and the
+        seconds that setup took (0.0 when there was none)."""
+        nonlocal prompt_unread, parked
+        if lazy_prompt and capacity == 0:
+            parked = parked if loop.dstate is None else loop.dstate
+            return dataclasses.replace(loop, dstate=None), 0.0
+        if not prompt_unread:
+            if loop.dstate is None:  # the chunk donates it: nothing is parked any more
+                loop, parked = dataclasses.replace(loop, dstate=parked), None
             return loop, 0.0
         prompt_unread = False
         if not lazy_prompt:  # read with the batch's setup, before any chunk: nothing to time, no sync
@@ -505,11 +520,12 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
                                                                      drafter=drafter)), 0.0
         with CompileClock() as compiling:  # a new prompt shape compiles the prefill: not a per-batch cost
             start = time.perf_counter()
-            dstate = _drafter_prefill(drafter.params, loop.dstate, *prompt, drafter=drafter)
+            dstate = drafter.init_state(len(prompt[1]), batch.max_len)
+            dstate = _drafter_prefill(drafter.params, dstate, *prompt, drafter=drafter)
             dstate = jax.block_until_ready(dstate)  # the policy's setup cost, not in the next chunk's timing
         return dataclasses.replace(loop, dstate=dstate), time.perf_counter() - start - compiling.seconds
 
-    dstate = drafter.init_state(rows, batch.max_len)
+    dstate = None if lazy_prompt else drafter.init_state(rows, batch.max_len)
     loop = LoopState.start(state, dstate, max_new_tokens, n_buckets=len(buckets), first=first,
                            first_logprobs=batch.first_logprobs, logprobs=logprobs)
     if lazy_prompt and getattr(drafter, "catch_up_reads_hidden", False):
@@ -518,7 +534,7 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
                                                                   batch.hidden.dtype))
     if policy is not None and hasattr(drafter, "first_guess"):
         loop = dataclasses.replace(loop, shadow=jnp.zeros(2, jnp.int32))
-    loop, _ = feed_prompt(loop, 0)
+    loop, _ = ready_drafter(loop, 0)
     counters = _start_counters(rows, len(buckets)) if policy is not None else None
     chunks, fused_steps = [], 0  # chunks: (T, seconds, fused steps, passes per batch row after it), for the traces
     book = _RowBook(rows, n_req)
@@ -530,10 +546,16 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
                             with_q=with_q, buckets=buckets)
 
     def compile_buckets(loop: LoopState) -> LoopState:
-        """With eager compiling, a policy's first batch runs every bucket's program once (zero steps)."""
+        """With eager compiling, a policy's first batch runs every bucket's program once (zero steps);
+        a parked drafter's trees compile on a fresh state, dropped after."""
         if policy is not None and not engine.lazy_compile and not policy.history:
             for capacity in policy.unmeasured():
-                loop = run(loop, np.int32(0), capacity=capacity)
+                if capacity > 0 and loop.dstate is None:
+                    fresh = drafter.init_state(len(loop.out_len), batch.max_len)
+                    loop = dataclasses.replace(run(dataclasses.replace(loop, dstate=fresh), np.int32(0),
+                                                   capacity=capacity), dstate=None)
+                else:
+                    loop = run(loop, np.int32(0), capacity=capacity)
         return loop
 
     loop = compile_buckets(loop)
@@ -548,7 +570,7 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
             fused_steps = int(n_steps)
         else:
             loop, (buf, out_len, finished), chunk, counters = _timed_chunk(run, loop, policy, steps_per_sync,
-                                                                           feed_prompt, counters)
+                                                                           ready_drafter, counters)
             chunks.append(chunk[:3] + (book.passes(chunk[3]),))
         outputs = book.outputs(buf, out_len)
         total = sum(map(len, outputs))
@@ -563,6 +585,8 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
             book.keep(_row_results(loop), finished)
             book.shrink(index, finished)
             loop = _take_loop_rows(loop, jnp.asarray(index), drafter=drafter)
+            if parked is not None:
+                parked = _take_drafter_rows(parked, jnp.asarray(index), drafter=drafter)
             if prompt_unread:  # a lazy drafter reads the prompts of the rows left, when it first drafts
                 tokens, lengths, first, hidden = prompt
                 prompt = (tokens[index], lengths[index], first[index], None if hidden is None else hidden[:, index])
@@ -573,7 +597,7 @@ def _generate_batch(engine, drafter: DeviceDrafter, prompts, max_new_tokens, sam
                 policy = smaller
                 counters = (*counters[:3], counters[3][index], counters[4][index], counters[5])
                 loop = compile_buckets(loop)
-    drafter.end_batch(loop.dstate)
+    drafter.end_batch(parked if loop.dstate is None else loop.dstate)
     book.keep(_row_results(loop), np.ones(len(book.ids), bool))
     wall = time.perf_counter() - t0
     kept = [book.kept[i] for i in range(n_req)]
@@ -612,17 +636,17 @@ def _start_counters(rows: int, n_buckets: int) -> tuple:
             np.ones(rows, np.int32), np.zeros(2, np.int32))
 
 
-def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int, feed_prompt, before: tuple):
+def _timed_chunk(run, loop: LoopState, policy: ChunkPolicy, steps: int, ready_drafter, before: tuple):
     """One chunk at the policy's T, timed and folded into the policy. A bucket still unmeasured
     is compiled first, outside the timing. Every chunk runs ``steps`` fused steps, probes and
     first measurements too: a chunk's fixed cost (dispatch, sync) then weighs alike on every
     bucket's cost per step, and the policy spaces probes by what they cost. Returns the loop,
     (tokens, lengths, finished) and the chunk's record (T, seconds, fused steps, passes per row)
     for the traces, and the counters after it (``before``: those of the chunk's start; one host sync
-    per chunk). ``feed_prompt(loop, T)``: the drafter's prefill if a chunk at T needs it now, and
-    its seconds."""
+    per chunk). ``ready_drafter(loop, T)``: the loop with the drafter's state as a chunk at T needs
+    it, and the seconds its setup took (a lazy drafter's first state and prefill)."""
     capacity = policy.choose()
-    loop, setup = feed_prompt(loop, capacity)
+    loop, setup = ready_drafter(loop, capacity)
     if capacity in policy.unmeasured():  # compiled on first use (a zero-step call), outside the timing
         loop = run(loop, np.int32(0), capacity=capacity)
     t0 = time.perf_counter()

@@ -442,7 +442,9 @@ def _accept_impl(state: DecodeState, tree: DraftTree, logits: jax.Array, eos_ids
         tokens, parents, valid, anc, depth, logits, state.lengths, row_keys(state.rng, tokens.shape[0]),
         state.sampling, state.finished, state.remaining, eos_ids)
     remaining = state.remaining - num
-    cache = state.cache if n == 1 else _compact_cache(state.cache, state.lengths, path)
+    # A root with one node needs no move: an accepted node already sits after the root, and a
+    # rejected one past the new length, where the next pass writes.
+    cache = state.cache if n <= 2 else _compact_cache(state.cache, state.lengths, path)
     new_last = jnp.take_along_axis(emitted, jnp.maximum(num - 1, 0)[:, None], axis=1)[:, 0]
     new_state = state.replace(
         cache=cache,

@@ -65,24 +65,38 @@ def test_switching_buckets_compiles_nothing_new():
     assert [r.token_ids for r in results] == greedy_generate(TARGET, PROMPTS[::-1], 48)
 
 
-def test_a_draft_model_reads_the_prompt_only_when_a_batch_speculates(monkeypatch):
-    """Plain chunks leave a catch-up drafter alone, so under the auto size its prefill waits for the
-    batch's first speculative chunk: a batch that runs plain throughout never pays for it."""
-    prefills = []
-    real_prefill = device_loop._drafter_prefill
+def test_a_draft_model_is_created_and_reads_the_prompt_only_when_a_batch_speculates(monkeypatch):
+    """Plain chunks leave a catch-up drafter alone, so under the auto size its state is parked
+    (``LoopState.dstate`` None: plain chunks run plain decoding's program), and it is created and
+    prefilled only for the batch's first speculative chunk: a batch that runs plain throughout pays
+    for neither."""
+    prefills, created, chunks = [], [], []  # chunks: (T, whether the drafter's state was in the loop)
+    real_prefill, real_run = device_loop._drafter_prefill, device_loop.run_steps
     monkeypatch.setattr(device_loop, "_drafter_prefill", lambda *a, **k: prefills.append(1) or real_prefill(*a, **k))
+    real_init = DraftModelDrafter.init_state
+    monkeypatch.setattr(DraftModelDrafter, "init_state", lambda self, *a: created.append(a[0]) or real_init(self, *a))
+
+    def run_steps(params, dparams, loop, steps, **kwargs):
+        chunks.append((kwargs.get("capacity"), loop.dstate is not None))
+        return real_run(params, dparams, loop, steps, **kwargs)
+
+    monkeypatch.setattr(device_loop, "run_steps", run_steps)
     engine = Engine(TARGET, DraftModelDrafter(TARGET, V, capacity=2), max_draft_capacity=2, attention="xla")
     engine.generate(PROMPTS, 40)  # measures plain steps and T=1 (two chunks each): one prefill, before T=1's
-    assert len(prefills) == 1
+    assert len(prefills) == 1 and created == [4]
+    assert {t for t, _ in chunks} == {0, 1} and all(held == (t > 0) for t, held in chunks)
     (policy,) = engine._chunk_policies.values()
     policy._plain_left = 10 ** 6  # plain chunks only from now on
+    chunks.clear()
     results = engine.generate(PROMPTS, 24)
-    assert len(prefills) == 1 and all(t == 0 for t, _ in policy.history[-3:])
+    assert len(prefills) == 1 and created == [4] and all(t == 0 for t, _ in policy.history[-3:])
+    assert chunks and not any(held for _, held in chunks)
     assert [r.token_ids for r in results] == greedy_generate(TARGET, PROMPTS, 24)
     # Control: the fixed tree size speculates from the first step, so it reads the prompt at once.
     fixed = Engine(TARGET, DraftModelDrafter(TARGET, V, capacity=2), draft_capacity=2, attention="xla")
+    chunks.clear()
     fixed.generate(PROMPTS, 8)
-    assert len(prefills) == 2
+    assert len(prefills) == 2 and created == [4, 4] and all(held for _, held in chunks)
 
 
 @pytest.mark.parametrize("event, counted", [("/jax/core/compile/backend_compile_duration", False),
